@@ -1,0 +1,65 @@
+"""Settings, read once from the environment (prefix `POLICYCAST_`) and passed down explicitly.
+
+Nothing else in Policycast reads the environment: a process builds one `Settings` (manager, bridge) or
+`AgentSettings` (agent) at its entry point and hands it to what it starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fabric_core.topics import DEFAULT_PREFIX
+
+DEFAULT_HEARTBEAT_S = 300
+"""SEPM's default heartbeat: five minutes."""
+
+
+class Settings(BaseSettings):
+    """The manager's settings (api, bridge, CLI)."""
+
+    model_config = SettingsConfigDict(env_prefix="POLICYCAST_", extra="ignore")
+
+    data_dir: Path = Path(".policycast")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite file policycast.db in data_dir"
+    )
+    bootstrap_admin_key: SecretStr | None = Field(
+        default=None, description="An admin API key accepted from the first start"
+    )
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="Base64 Ed25519 seed; default: data_dir/signing_key (created on first start). "
+        "Every api replica must use the same key.",
+    )
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_prefix: str = DEFAULT_PREFIX
+    heartbeat_jitter: float = Field(default=0.1, ge=0.0, le=0.5, description="+/- fraction of heartbeat_s")
+    heartbeat_flush_s: float = Field(default=2.0, gt=0, description="how often heartbeat bookkeeping is written")
+    cache_refresh_s: float = Field(default=1.0, gt=0, description="how often the document cache polls SQL")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="largest request body accepted")
+    max_log_entries: int = Field(default=1000, ge=1, description="largest log batch accepted")
+    enrollment_token_ttl_s: int = Field(default=7 * 86400, ge=60)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'policycast.db').resolve()}"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.data_dir / "signing_key"
+
+
+class AgentSettings(BaseSettings):
+    """The reference agent's settings."""
+
+    model_config = SettingsConfigDict(env_prefix="POLICYCAST_AGENT_", extra="ignore")
+
+    state_dir: Path = Path(".policycast-agent")
+    retry_min_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=300.0, gt=0)
+    request_timeout_s: float = Field(default=10.0, gt=0)

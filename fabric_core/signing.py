@@ -1,0 +1,140 @@
+"""Ed25519 signing of effective documents, and verification by agents.
+
+An envelope is `{"doc": {...}, "sig": base64, "kid": str}`, where `sig` signs the canonical bytes of
+`doc` (`fabric_core.canonical`). The key id is derived from the public key, so an agent that pinned a key
+at enrolment can tell at once whether an envelope was signed by it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from fabric_core.canonical import canonical_json
+from fabric_core.errors import BadSignature, InvalidDocument, UnknownSigningKey
+
+_SEED_BYTES = 32
+
+
+def key_id(public_raw: bytes) -> str:
+    return "ed25519:" + hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    """A pinned public key."""
+
+    kid: str
+    public: Ed25519PublicKey
+
+    @classmethod
+    def from_base64(cls, kid: str, public_key: str) -> VerifyKey:
+        try:
+            raw = base64.b64decode(public_key, validate=True)
+            public = Ed25519PublicKey.from_public_bytes(raw)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidDocument(f"not a base64 raw Ed25519 public key: {exc}") from exc
+        if key_id(raw) != kid:
+            raise InvalidDocument(f"key id {kid!r} does not match the public key")
+        return cls(kid, public)
+
+    @property
+    def public_base64(self) -> str:
+        return base64.b64encode(self.public.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """The manager's private key."""
+
+    private: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed_base64(cls, seed: str) -> SigningKey:
+        try:
+            raw = base64.b64decode(seed, validate=True)
+        except binascii.Error as exc:
+            raise ValueError("signing key is not base64") from exc
+        if len(raw) != _SEED_BYTES:
+            raise ValueError(f"signing key must be {_SEED_BYTES} bytes, got {len(raw)}")
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> SigningKey:
+        """Read the seed at `path`, creating it (mode 0600, atomically) on first use."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            candidate = cls.generate()
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another process won the race: use its key
+            else:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(candidate.seed_base64 + "\n")
+                return candidate
+        return cls.from_seed_base64(path.read_text().strip())
+
+    @property
+    def seed_base64(self) -> str:
+        from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+
+        raw = self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        return base64.b64encode(raw).decode()
+
+    @property
+    def verify_key(self) -> VerifyKey:
+        public = self.private.public_key()
+        return VerifyKey(key_id(public.public_bytes(Encoding.Raw, PublicFormat.Raw)), public)
+
+    def sign_envelope(self, doc: dict[str, Any]) -> bytes:
+        """The canonical bytes of the signed envelope around `doc`."""
+        signature = self.private.sign(canonical_json(doc))
+        return canonical_json(
+            {"doc": doc, "sig": base64.b64encode(signature).decode(), "kid": self.verify_key.kid}
+        )
+
+
+def open_envelope(payload: bytes | str | dict[str, Any], key: VerifyKey) -> dict[str, Any]:
+    """Verify an envelope against the pinned key and return its document.
+
+    Raises `InvalidDocument` when the payload is not an envelope, `UnknownSigningKey` when it names
+    another key, `BadSignature` when the signature does not match.
+    """
+    if isinstance(payload, dict):
+        envelope: Any = payload
+    else:
+        try:
+            envelope = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidDocument(f"envelope is not JSON: {exc}") from exc
+    if not isinstance(envelope, dict) or set(envelope) != {"doc", "sig", "kid"}:
+        raise InvalidDocument("envelope must be an object with exactly doc, sig and kid")
+    doc, sig, kid = envelope["doc"], envelope["sig"], envelope["kid"]
+    if not isinstance(doc, dict) or not isinstance(sig, str) or not isinstance(kid, str):
+        raise InvalidDocument("envelope doc must be an object, sig and kid strings")
+    if kid != key.kid:
+        raise UnknownSigningKey(f"envelope signed by {kid!r}, pinned key is {key.kid!r}")
+    try:
+        signature = base64.b64decode(sig, validate=True)
+    except binascii.Error as exc:
+        raise BadSignature("signature is not base64") from exc
+    try:
+        key.public.verify(signature, canonical_json(doc))
+    except InvalidSignature as exc:
+        raise BadSignature("signature does not match the document") from exc
+    return doc

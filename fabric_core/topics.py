@@ -1,0 +1,101 @@
+"""The MQTT topic scheme. Nothing else in Policycast formats or splits a topic.
+
+    {prefix}/v1/config/{group_id}/{location_id}   bridge -> agents of one (group, location), retained
+    {prefix}/v1/agents/{agent_id}/cmd             manager -> one agent (update now, ...)
+    {prefix}/v1/agents/{agent_id}/state           agent -> manager, retained, last will says offline
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from fabric_core.errors import InvalidIdentifier, InvalidTopic
+
+VERSION = "v1"
+DEFAULT_PREFIX = "policycast"
+_RESERVED = frozenset("/+#\x00")
+
+AgentChannel = Literal["cmd", "state"]
+
+
+def check_id(value: str | int, what: str = "id") -> str:
+    """An id as it appears in a topic: non-empty, no `/`, `+`, `#` or NUL."""
+    text = str(value)
+    if not text or any(ch in _RESERVED for ch in text):
+        raise InvalidIdentifier(f"{what} {text!r} is empty or holds one of / + # NUL")
+    return text
+
+
+def check_prefix(prefix: str) -> str:
+    if not prefix or any(ch in "+#\x00" for ch in prefix) or prefix.startswith("/") or prefix.endswith("/"):
+        raise InvalidTopic(f"topic prefix {prefix!r} must be non-empty, hold no wildcard, no edge '/'")
+    return prefix
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigTopic:
+    prefix: str
+    group_id: str
+    location_id: str
+
+    def __str__(self) -> str:
+        return config_topic(self.prefix, self.group_id, self.location_id)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentTopic:
+    prefix: str
+    agent_id: str
+    channel: AgentChannel
+
+    def __str__(self) -> str:
+        return agent_topic(self.prefix, self.agent_id, self.channel)
+
+
+def config_topic(prefix: str, group_id: str | int, location_id: str | int) -> str:
+    group = check_id(group_id, "group id")
+    location = check_id(location_id, "location id")
+    return f"{check_prefix(prefix)}/{VERSION}/config/{group}/{location}"
+
+
+def group_config_filter(prefix: str, group_id: str | int) -> str:
+    """The subscription filter for every location of one group (used by broker roles)."""
+    return f"{check_prefix(prefix)}/{VERSION}/config/{check_id(group_id, 'group id')}/#"
+
+
+def agent_topic(prefix: str, agent_id: str, channel: AgentChannel) -> str:
+    if channel not in ("cmd", "state"):
+        raise InvalidTopic(f"unknown agent channel {channel!r}")
+    return f"{check_prefix(prefix)}/{VERSION}/agents/{check_id(agent_id, 'agent id')}/{channel}"
+
+
+def cmd_topic(prefix: str, agent_id: str) -> str:
+    return agent_topic(prefix, agent_id, "cmd")
+
+
+def state_topic(prefix: str, agent_id: str) -> str:
+    return agent_topic(prefix, agent_id, "state")
+
+
+def all_states_filter(prefix: str) -> str:
+    """The subscription filter the bridge uses to ingest every agent's state."""
+    return f"{check_prefix(prefix)}/{VERSION}/agents/+/state"
+
+
+def parse_topic(prefix: str, topic: str) -> ConfigTopic | AgentTopic:
+    """Split a concrete topic of the scheme; raise `InvalidTopic` for anything else."""
+    head = f"{check_prefix(prefix)}/{VERSION}/"
+    if not topic.startswith(head):
+        raise InvalidTopic(f"topic {topic!r} is outside {head}")
+    parts = topic[len(head) :].split("/")
+    if len(parts) == 3 and parts[0] == "config" and all(parts[1:]):
+        if any(ch in "+#" for ch in topic):
+            raise InvalidTopic(f"topic {topic!r} holds a wildcard")
+        return ConfigTopic(prefix, parts[1], parts[2])
+    if len(parts) == 3 and parts[0] == "agents" and parts[1] and parts[2] in ("cmd", "state"):
+        if any(ch in "+#" for ch in parts[1]):
+            raise InvalidTopic(f"topic {topic!r} holds a wildcard")
+        channel: AgentChannel = "cmd" if parts[2] == "cmd" else "state"
+        return AgentTopic(prefix, parts[1], channel)
+    raise InvalidTopic(f"topic {topic!r} is not a config, cmd or state topic")
