@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_prefix: str = DEFAULT_PREFIX
     heartbeat_jitter: float = Field(default=0.1, ge=0.0, le=0.5, description="+/- fraction of heartbeat_s")
-    heartbeat_flush_s: float = Field(default=2.0, gt=0, description="how often heartbeat bookkeeping is written")
+    heartbeat_flush_s: float = Field(
+        default=2.0, gt=0, description="how often heartbeat bookkeeping is written"
+    )
     cache_refresh_s: float = Field(default=1.0, gt=0, description="how often the document cache polls SQL")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="largest request body accepted")
     max_log_entries: int = Field(default=1000, ge=1, description="largest log batch accepted")

@@ -1,8 +1,8 @@
 """The MQTT topic scheme. Nothing else in Policycast formats or splits a topic.
 
-    {prefix}/v1/config/{group_id}/{location_id}   bridge -> agents of one (group, location), retained
-    {prefix}/v1/agents/{agent_id}/cmd             manager -> one agent (update now, ...)
-    {prefix}/v1/agents/{agent_id}/state           agent -> manager, retained, last will says offline
+{prefix}/v1/config/{group_id}/{location_id}   bridge -> agents of one (group, location), retained
+{prefix}/v1/agents/{agent_id}/cmd             manager -> one agent (update now, ...)
+{prefix}/v1/agents/{agent_id}/state           agent -> manager, retained, last will says offline
 """
 
 from __future__ import annotations

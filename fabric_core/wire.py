@@ -6,10 +6,12 @@ an outside client sends forbid unknown fields, so that a typo is a clear 422 rat
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from fabric_core.errors import InvalidDocument
 
@@ -43,6 +45,87 @@ class Communication(_Strict):
     heartbeat_s: int = Field(default=300, ge=HEARTBEAT_MIN_S, le=HEARTBEAT_MAX_S)
     download_enabled: bool = True
     randomize_s: int = Field(default=0, ge=0, le=HEARTBEAT_MAX_S)
+
+
+# --- location conditions -----------------------------------------------------------------------------
+
+
+class _Condition(_Strict):
+    weight: int = Field(default=1, ge=1, le=1000, description="added to the location's score when matched")
+
+
+class IpRangeCondition(_Condition):
+    """One of the host's addresses lies in `cidr` (e.g. 10.1.0.0/16)."""
+
+    type: Literal["ip_range"]
+    cidr: str = Field(min_length=1, max_length=64)
+
+    @field_validator("cidr")
+    @classmethod
+    def _network(cls, value: str) -> str:
+        ipaddress.ip_network(value, strict=False)
+        return value
+
+
+class DnsServerCondition(_Condition):
+    type: Literal["dns_server"]
+    address: str = Field(min_length=1, max_length=64)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class GatewayCondition(_Condition):
+    type: Literal["gateway"]
+    address: str = Field(min_length=1, max_length=64)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class NetworkTypeCondition(_Condition):
+    type: Literal["network_type"]
+    value: Literal["ethernet", "wireless", "vpn"]
+
+
+class FactCondition(_Condition):
+    """A host fact equals `equals`, or matches the regular expression `matches`."""
+
+    type: Literal["fact"]
+    name: str = Field(min_length=1, max_length=64)
+    equals: str | None = None
+    matches: str | None = None
+
+    @model_validator(mode="after")
+    def _one_test(self) -> FactCondition:
+        if (self.equals is None) == (self.matches is None):
+            raise ValueError("a fact condition needs exactly one of equals or matches")
+        if self.matches is not None:
+            re.compile(self.matches)
+        return self
+
+
+class ManagerReachableCondition(_Condition):
+    """The manager answers. Alone, it sends every agent to this location when the manager is down."""
+
+    type: Literal["manager_reachable"]
+
+
+Condition = Annotated[
+    IpRangeCondition
+    | DnsServerCondition
+    | GatewayCondition
+    | NetworkTypeCondition
+    | FactCondition
+    | ManagerReachableCondition,
+    Field(discriminator="type"),
+]
 
 
 class LocationEntry(_Lenient):
@@ -154,3 +237,21 @@ class EnrollResponse(BaseModel):
     group_id: int
     signing_key: SigningKeyInfo
     mqtt: MqttCredentials | None = None
+
+
+def heartbeat_response_bytes(
+    *, changed: bool, serial: int, next_heartbeat_s: int, envelope: bytes | None
+) -> bytes:
+    """The JSON of a `HeartbeatResponse`, splicing in already-signed envelope bytes without re-encoding.
+
+    The hot path answers thousands of heartbeats a second: the envelope is signed and serialised once
+    when the document changes, and every heartbeat that needs it reuses those bytes.
+    """
+    head = b'{"changed":%s,"serial":%d,"next_heartbeat_s":%d' % (
+        b"true" if changed else b"false",
+        serial,
+        next_heartbeat_s,
+    )
+    if envelope is None:
+        return head + b"}"
+    return head + b',"config":' + envelope + b"}"

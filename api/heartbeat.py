@@ -1,0 +1,233 @@
+"""The heartbeat hot path: an in-memory view of documents and agents, and batched bookkeeping.
+
+`FabricView` answers "who is this secret?" and "what is the current document of (group, location)?"
+from memory. It polls the `fabric_counters` row every `cache_refresh_s`: every committed change bumps
+`generation`, so a process sees changes made by any other process within one poll, and its own at once
+(the change calls `refresh` after committing).
+
+`HeartbeatLedger` keeps what each heartbeat reports (last seen, serial held, location, mode, status) in
+memory and writes it in one batch every `heartbeat_flush_s`, so no heartbeat writes to the database
+(except for log uploads, which are the point of those requests).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Engine, bindparam, text
+
+from api.models import utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedDocument:
+    serial: int
+    heartbeat_s: int
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KnownAgent:
+    id: str
+    group_id: int
+    revoked: bool
+    update_requested: bool
+
+
+class FabricView:
+    """What the heartbeat needs, in memory, kept current by polling one counter row."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._generation = -1
+        self.documents: dict[tuple[int, int], CachedDocument] = {}
+        self.defaults: dict[int, int] = {}
+        self._agents: dict[str, KnownAgent] = {}  # by secret hash
+        self._hash_of: dict[str, str] = {}  # agent id -> secret hash
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def refresh(self) -> bool:
+        """Reload what changed since the last refresh; True if anything did. Runs in a worker thread."""
+        with self._lock, self._engine.connect() as connection:
+            generation = connection.execute(
+                text("SELECT generation FROM fabric_counters WHERE id = 1")
+            ).scalar_one()
+            if generation == self._generation:
+                return False
+            self._reload_documents(connection)
+            self._reload_agents(connection, since=self._generation)
+            self._generation = int(generation)
+            return True
+
+    def _reload_documents(self, connection: Any) -> None:
+        rows = connection.execute(
+            text("SELECT group_id, location_id, serial, heartbeat_s, is_default FROM effective_configs")
+        ).all()
+        old = self.documents
+        stale = [(g, loc, s) for g, loc, s, _, _ in rows if (g, loc) not in old or old[(g, loc)].serial != s]
+        envelopes: dict[int, bytes] = {}
+        if stale:
+            query = text(
+                "SELECT serial, envelope FROM effective_configs WHERE serial IN :serials"
+            ).bindparams(bindparam("serials", expanding=True))
+            for chunk_start in range(0, len(stale), 500):
+                chunk = [s for _, _, s in stale[chunk_start : chunk_start + 500]]
+                envelopes.update(
+                    (int(s), bytes(e)) for s, e in connection.execute(query, {"serials": chunk}).all()
+                )
+        documents: dict[tuple[int, int], CachedDocument] = {}
+        defaults: dict[int, int] = {}
+        for group_id, location_id, serial, heartbeat_s, is_default in rows:
+            key = (group_id, location_id)
+            envelope = envelopes.get(serial)
+            if envelope is None:
+                cached = old.get(key)
+                if cached is None or cached.serial != serial:
+                    continue  # replaced between the two reads; the next refresh picks it up
+                documents[key] = cached
+            else:
+                documents[key] = CachedDocument(int(serial), int(heartbeat_s), envelope)
+            if is_default:
+                defaults[group_id] = location_id
+        self.documents, self.defaults = documents, defaults
+
+    def _reload_agents(self, connection: Any, *, since: int) -> None:
+        if since < 0:
+            self._agents, self._hash_of = {}, {}
+            return  # first load: agents are read lazily, on their first heartbeat
+        rows = connection.execute(
+            text(
+                "SELECT id, secret_hash, group_id, revoked_at, update_requested FROM agents "
+                "WHERE generation > :g"
+            ),
+            {"g": since},
+        ).all()
+        agents, hash_of = dict(self._agents), dict(self._hash_of)
+        for agent_id, secret_hash, group_id, revoked_at, update_requested in rows:
+            if agent_id in hash_of or secret_hash in agents:
+                agents[secret_hash] = KnownAgent(
+                    agent_id, group_id, revoked_at is not None, bool(update_requested)
+                )
+                hash_of[agent_id] = secret_hash
+        self._agents, self._hash_of = agents, hash_of
+
+    def cached_agent(self, secret_hash: str) -> KnownAgent | None:
+        return self._agents.get(secret_hash)
+
+    def load_agent(self, secret_hash: str) -> KnownAgent | None:
+        """Read one agent from the database (a cache miss); None if no agent has this secret."""
+        with self._engine.connect() as connection:
+            row = connection.execute(
+                text("SELECT id, group_id, revoked_at, update_requested FROM agents WHERE secret_hash = :h"),
+                {"h": secret_hash},
+            ).first()
+        if row is None:
+            return None
+        agent = KnownAgent(row[0], row[1], row[2] is not None, bool(row[3]))
+        self._agents[secret_hash] = agent
+        self._hash_of[agent.id] = secret_hash
+        return agent
+
+    def served_update(self, secret_hash: str) -> None:
+        agent = self._agents.get(secret_hash)
+        if agent is not None:
+            self._agents[secret_hash] = replace(agent, update_requested=False)
+
+    def document_for(self, group_id: int, location_id: int | None) -> tuple[int, CachedDocument] | None:
+        """The document of (group, location), or of the group's Default when the location is not its."""
+        if location_id is not None:
+            document = self.documents.get((group_id, location_id))
+            if document is not None:
+                return location_id, document
+        default = self.defaults.get(group_id)
+        if default is None:
+            return None
+        return default, self.documents[(group_id, default)]
+
+
+def next_heartbeat_s(heartbeat_s: int, jitter: float) -> int:
+    """The interval with +/- `jitter` spread, so that a fleet does not heartbeat in step."""
+    if jitter <= 0:
+        return heartbeat_s
+    return max(1, round(heartbeat_s * random.uniform(1 - jitter, 1 + jitter)))
+
+
+@dataclass(slots=True)
+class Sighting:
+    last_seen: datetime
+    serial: int
+    location_id: int
+    mode: str
+    status: dict[str, Any]
+    served_update: bool
+
+
+class HeartbeatLedger:
+    """Heartbeat bookkeeping, held in memory and written in batches."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Sighting] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def record(
+        self,
+        agent_id: str,
+        *,
+        serial: int,
+        location_id: int,
+        mode: str,
+        status: dict[str, Any],
+        served_update: bool,
+    ) -> None:
+        previous = self._pending.get(agent_id)
+        served_update = served_update or (previous is not None and previous.served_update)
+        self._pending[agent_id] = Sighting(utcnow(), serial, location_id, mode, status, served_update)
+
+    def flush(self, engine: Engine) -> int:
+        """Write what was recorded since the last flush; return how many agents it touched."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            if not pending:
+                return 0
+            rows = [
+                {
+                    "id": agent_id,
+                    "last_seen": s.last_seen,
+                    "serial": s.serial,
+                    "location_id": s.location_id,
+                    "mode": s.mode,
+                    "status": s.status,
+                    "clear": s.served_update,
+                }
+                for agent_id, s in pending.items()
+            ]
+            statement = text(
+                "UPDATE agents SET last_seen = :last_seen, serial = :serial, location_id = :location_id, "
+                "mode = :mode, status = :status, "
+                "update_requested = CASE WHEN :clear THEN false ELSE update_requested END WHERE id = :id"
+            ).bindparams(bindparam("status", type_=JSON))
+            try:
+                with engine.begin() as connection:
+                    connection.execute(statement, rows)
+            except Exception:
+                log.exception(
+                    "heartbeat bookkeeping flush failed; keeping %d sightings for the next one", len(rows)
+                )
+                for agent_id, sighting in pending.items():
+                    self._pending.setdefault(agent_id, sighting)
+                raise
+            return len(rows)

@@ -1,0 +1,211 @@
+"""SQLModel tables: the manager's state. Every schema change goes through an Alembic migration.
+
+Groups form a tree. A group whose `inherit` flag is on owns nothing: its locations, assignments and
+communications settings are those of its nearest ancestor with `inherit` off (its *owner*). The root
+never inherits. Communications settings are columns of the group (location-independent) and of each
+location (used when `use_group_settings` is off).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from fabric_core.settings import DEFAULT_HEARTBEAT_S
+
+ROOT_GROUP_NAME = "My Company"
+DEFAULT_LOCATION_NAME = "Default"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class CommunicationColumns(SQLModel):
+    """Communications settings, shared by groups and locations."""
+
+    mode: str = Field(default="push", max_length=8)
+    heartbeat_s: int = Field(default=DEFAULT_HEARTBEAT_S)
+    download_enabled: bool = Field(default=True)
+    randomize_s: int = Field(default=0)
+
+
+class Group(CommunicationColumns, table=True):
+    __tablename__ = "groups"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128)
+    parent_id: int | None = Field(default=None, foreign_key="groups.id", index=True)
+    inherit: bool = Field(default=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class Location(CommunicationColumns, table=True):
+    __tablename__ = "locations"
+    __table_args__ = (UniqueConstraint("group_id", "name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    group_id: int = Field(foreign_key="groups.id", index=True)
+    name: str = Field(max_length=128)
+    is_default: bool = Field(default=False)
+    conditions: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    use_group_settings: bool = Field(default=True)
+
+
+class Policy(SQLModel, table=True):
+    __tablename__ = "policies"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128, unique=True)
+    type: str = Field(max_length=32, index=True)
+    body: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    version: int = Field(default=1)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class Assignment(SQLModel, table=True):
+    """A policy applied to a whole group (`location_id` null) or to one of its locations.
+
+    At most one per (group, location, type); the services keep that under the change lock, since a
+    unique constraint over a nullable column means different things on SQLite and PostgreSQL.
+    """
+
+    __tablename__ = "assignments"
+
+    id: int | None = Field(default=None, primary_key=True)
+    group_id: int = Field(foreign_key="groups.id", index=True)
+    location_id: int | None = Field(default=None, foreign_key="locations.id", index=True)
+    policy_type: str = Field(max_length=32)
+    policy_id: int = Field(foreign_key="policies.id", index=True)
+
+
+class Agent(SQLModel, table=True):
+    __tablename__ = "agents"
+
+    id: str = Field(primary_key=True, max_length=32)
+    hostname: str = Field(max_length=255)
+    group_id: int = Field(foreign_key="groups.id", index=True)
+    location_id: int | None = Field(default=None)
+    mode: str = Field(default="pull", max_length=8)
+    serial: int = Field(default=0, sa_type=BigInteger)
+    secret_hash: str = Field(max_length=64, unique=True)
+    facts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    enrolled_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    last_seen: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    revoked_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    update_requested: bool = Field(default=False)
+    generation: int = Field(default=0, sa_type=BigInteger, index=True)
+    """The change generation that last touched what the heartbeat cache holds of this agent."""
+
+
+class EnrollmentToken(SQLModel, table=True):
+    __tablename__ = "enrollment_tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(max_length=64, unique=True)
+    group_id: int = Field(foreign_key="groups.id", index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    expires_at: datetime = Field(sa_type=DateTime(timezone=True))
+    max_uses: int | None = Field(default=None)
+    uses: int = Field(default=0)
+
+
+class EffectiveConfig(SQLModel, table=True):
+    """The current signed document of one (group, location)."""
+
+    __tablename__ = "effective_configs"
+
+    group_id: int = Field(primary_key=True, foreign_key="groups.id")
+    location_id: int = Field(primary_key=True)
+    is_default: bool = Field(default=False)
+    serial: int = Field(sa_type=BigInteger, index=True)
+    body_sha256: str = Field(max_length=64)
+    """Hash of the document without serial and issued_at: equal hashes mean nothing changed."""
+    heartbeat_s: int
+    envelope: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class OutboxEntry(SQLModel, table=True):
+    """A changed document waiting to be published by a bridge (transactional outbox)."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "published_at", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    group_id: int
+    location_id: int
+    serial: int = Field(sa_type=BigInteger)
+    envelope: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    published_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class LogBatchReceipt(SQLModel, table=True):
+    """One row per uploaded batch: a batch retried after a lost response is stored once."""
+
+    __tablename__ = "log_batches"
+
+    agent_id: str = Field(primary_key=True, max_length=32)
+    batch_id: str = Field(primary_key=True, max_length=64)
+    entries: int
+    received_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class LogRecord(SQLModel, table=True):
+    __tablename__ = "log_entries"
+    __table_args__ = (Index("ix_log_entries_agent_ts", "agent_id", "ts"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    agent_id: str = Field(max_length=32)
+    group_id: int = Field(index=True)
+    batch_id: str = Field(max_length=64)
+    ts: datetime = Field(sa_type=DateTime(timezone=True))
+    received_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    level: str = Field(max_length=16)
+    category: str = Field(max_length=64)
+    message: str
+    data: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+class AuditEntry(SQLModel, table=True):
+    """Who changed what: one row per operator change, written in the change's own transaction."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    actor: str = Field(max_length=128)
+    action: str = Field(max_length=64)
+    target: str = Field(max_length=128)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128)
+    role: str = Field(max_length=16)
+    key_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    revoked_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class FabricCounters(SQLModel, table=True):
+    """A single row. `serial` is the global document counter; `generation` counts committed changes.
+
+    Every change transaction starts by bumping `generation`: that row lock serialises changes on
+    PostgreSQL and takes SQLite's write lock up front, and the new value tells the heartbeat caches of
+    every process that something changed.
+    """
+
+    __tablename__ = "fabric_counters"
+
+    id: int = Field(default=1, primary_key=True)
+    serial: int = Field(default=0, sa_type=BigInteger)
+    generation: int = Field(default=0, sa_type=BigInteger)

@@ -1,0 +1,143 @@
+"""Agents: enrolment tokens, enrolment, the operator's view, moves, revocation and update-now."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, overload
+
+from sqlmodel import Session, col, select
+
+from api.errors import Conflict, Invalid, NotFound, Unauthorized
+from api.models import Agent, EffectiveConfig, EnrollmentToken, utcnow
+from api.security import hash_secret, new_secret
+from api.services.change import Change
+from api.services.groups import get_group
+
+
+@overload
+def as_utc(moment: datetime) -> datetime: ...
+@overload
+def as_utc(moment: None) -> None: ...
+def as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def create_enrollment_token(
+    change: Change, *, group_id: int, expires_in_s: int, max_uses: int | None
+) -> tuple[str, EnrollmentToken]:
+    get_group(change.session, group_id=group_id)
+    token = new_secret("pcet")
+    row = EnrollmentToken(
+        token_hash=hash_secret(token),
+        group_id=group_id,
+        expires_at=utcnow() + timedelta(seconds=expires_in_s),
+        max_uses=max_uses,
+    )
+    change.session.add(row)
+    change.session.flush()
+    change.audit("token.create", f"group:{group_id}", token_id=row.id, expires_in_s=expires_in_s)
+    return token, row
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    agent: Agent
+    secret: str
+
+
+def enroll(change: Change, *, token: str, hostname: str, facts: dict[str, Any]) -> Enrolment:
+    row = change.session.exec(
+        select(EnrollmentToken).where(col(EnrollmentToken.token_hash) == hash_secret(token))
+    ).first()
+    if row is None:
+        raise Unauthorized("unknown enrollment token")
+    if as_utc(row.expires_at) <= utcnow():
+        raise Unauthorized("enrollment token expired")
+    if row.max_uses is not None and row.uses >= row.max_uses:
+        raise Unauthorized("enrollment token already used up")
+    row.uses += 1
+    secret = new_secret("pcas")
+    agent = Agent(
+        id=uuid.uuid4().hex,
+        hostname=hostname,
+        group_id=row.group_id,
+        secret_hash=hash_secret(secret),
+        facts=facts,
+        generation=change.generation,
+    )
+    change.session.add_all([row, agent])
+    change.audit("agent.enroll", f"agent:{agent.id}", group_id=row.group_id, hostname=hostname)
+    change.session.flush()
+    return Enrolment(agent=agent, secret=secret)
+
+
+def list_agents(session: Session, *, group_id: int | None, limit: int, offset: int) -> list[Agent]:
+    query = select(Agent).order_by(col(Agent.enrolled_at), col(Agent.id)).limit(limit).offset(offset)
+    if group_id is not None:
+        query = query.where(col(Agent.group_id) == group_id)
+    return list(session.exec(query).all())
+
+
+def get_agent(session: Session, *, agent_id: str) -> Agent:
+    agent = session.get(Agent, agent_id)
+    if agent is None:
+        raise NotFound(f"agent {agent_id} does not exist")
+    return agent
+
+
+def current_serials(session: Session, agents: list[Agent]) -> dict[str, int | None]:
+    """The serial each agent should hold: its (group, location) document, or its group's Default."""
+    group_ids = {agent.group_id for agent in agents}
+    rows = session.exec(select(EffectiveConfig).where(col(EffectiveConfig.group_id).in_(group_ids))).all()
+    by_key = {(row.group_id, row.location_id): row.serial for row in rows}
+    defaults = {row.group_id: row.serial for row in rows if row.is_default}
+    return {
+        agent.id: by_key.get((agent.group_id, agent.location_id or -1), defaults.get(agent.group_id))
+        for agent in agents
+    }
+
+
+def move_agent(change: Change, *, agent_id: str, group_id: int) -> Agent:
+    agent = _active(change.session, agent_id)
+    get_group(change.session, group_id=group_id)
+    change.audit("agent.move", f"agent:{agent_id}", old_group_id=agent.group_id, new_group_id=group_id)
+    agent.group_id = group_id
+    agent.location_id = None
+    agent.generation = change.generation
+    change.session.add(agent)
+    return agent
+
+
+def revoke_agent(change: Change, *, agent_id: str) -> Agent:
+    agent = _active(change.session, agent_id)
+    agent.revoked_at = utcnow()
+    agent.generation = change.generation
+    change.session.add(agent)
+    change.audit("agent.revoke", f"agent:{agent_id}")
+    return agent
+
+
+def request_update(change: Change, *, agent_id: str) -> Agent:
+    agent = _active(change.session, agent_id)
+    agent.update_requested = True
+    agent.generation = change.generation
+    change.session.add(agent)
+    change.audit("agent.update_now", f"agent:{agent_id}")
+    return agent
+
+
+def _active(session: Session, agent_id: str) -> Agent:
+    agent = get_agent(session, agent_id=agent_id)
+    if agent.revoked_at is not None:
+        raise Conflict(f"agent {agent_id} is revoked")
+    return agent
+
+
+def validate_page(limit: int, offset: int) -> None:
+    if not 1 <= limit <= 1000 or offset < 0:
+        raise Invalid("limit must be 1..1000 and offset >= 0")

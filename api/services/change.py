@@ -1,0 +1,37 @@
+"""The unit of operator change: one transaction, the change lock, an audit row, recomputed documents."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlmodel import Session
+
+from api.db import begin_change
+from api.models import AuditEntry
+from api.resolution import RefreshResult, refresh_documents
+from fabric_core.signing import SigningKey
+
+
+@dataclass
+class Change:
+    session: Session
+    actor: str
+    signing_key: SigningKey
+    after_commit: Callable[[], object] | None = None
+    generation: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generation = begin_change(self.session)
+
+    def refresh(self, group_ids: Iterable[int] | None) -> RefreshResult:
+        return refresh_documents(self.session, signing_key=self.signing_key, group_ids=group_ids)
+
+    def audit(self, action: str, target: str, **detail: Any) -> None:
+        self.session.add(AuditEntry(actor=self.actor, action=action, target=target, detail=detail))
+
+    def commit(self) -> None:
+        self.session.commit()
+        if self.after_commit is not None:
+            self.after_commit()

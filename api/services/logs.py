@@ -1,0 +1,63 @@
+"""Log batches uploaded with heartbeats: stored exactly once per (agent, batch id)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from api.models import LogBatchReceipt, LogRecord
+from fabric_core.wire import LogBatch
+
+
+def store_log_batch(session: Session, *, agent_id: str, group_id: int, batch: LogBatch) -> bool:
+    """Store a batch; False if this agent already uploaded a batch with this id (a retry)."""
+    if session.get(LogBatchReceipt, (agent_id, batch.batch_id)) is not None:
+        return False
+    session.add(LogBatchReceipt(agent_id=agent_id, batch_id=batch.batch_id, entries=len(batch.entries)))
+    session.add_all(
+        LogRecord(
+            agent_id=agent_id,
+            group_id=group_id,
+            batch_id=batch.batch_id,
+            ts=entry.ts,
+            level=entry.level,
+            category=entry.category,
+            message=entry.message,
+            data=entry.data,
+        )
+        for entry in batch.entries
+    )
+    try:
+        session.commit()
+    except IntegrityError:  # the same batch raced in through another request or replica
+        session.rollback()
+        return False
+    return True
+
+
+def query_logs(
+    session: Session,
+    *,
+    agent_id: str | None = None,
+    group_id: int | None = None,
+    level: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[LogRecord]:
+    query = select(LogRecord)
+    if agent_id is not None:
+        query = query.where(col(LogRecord.agent_id) == agent_id)
+    if group_id is not None:
+        query = query.where(col(LogRecord.group_id) == group_id)
+    if level is not None:
+        query = query.where(col(LogRecord.level) == level)
+    if since is not None:
+        query = query.where(col(LogRecord.ts) >= since)
+    if until is not None:
+        query = query.where(col(LogRecord.ts) < until)
+    query = query.order_by(col(LogRecord.ts).desc(), col(LogRecord.id).desc()).limit(limit).offset(offset)
+    return list(session.exec(query).all())

@@ -1,0 +1,100 @@
+"""Shared fixtures: a database per test on SQLite or a throw-away PostgreSQL database, and settings.
+
+PostgreSQL: the suite creates one database per run on POLICYCAST_TEST_POSTGRES_URL (default
+postgresql://postgres@127.0.0.1:5432/test, the development machines' server), empties it between tests,
+and drops it at the end. If no server answers, PostgreSQL tests fail with a message saying so; set
+POLICYCAST_TEST_POSTGRES=skip to skip them on purpose (the summary then lists them as skipped).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from api.db import make_engine, migrate
+from fabric_core.settings import Settings
+
+ADMIN_KEY = "pck_test-admin-key"
+POSTGRES_URL = os.environ.get("POLICYCAST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+TABLES = (
+    "outbox, effective_configs, log_entries, log_batches, audit_log, api_keys, enrollment_tokens, "
+    "assignments, agents, policies, locations, groups, fabric_counters"
+)
+
+
+def _psycopg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throw-away PostgreSQL database for this run, migrated once."""
+    if os.environ.get("POLICYCAST_TEST_POSTGRES") == "skip":
+        pytest.skip("PostgreSQL tests skipped on purpose: POLICYCAST_TEST_POSTGRES=skip")
+    admin_dsn = _psycopg_dsn(POSTGRES_URL)
+    name = f"policycast_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc}).\n"
+            "Start it, point POLICYCAST_TEST_POSTGRES_URL at one, or set POLICYCAST_TEST_POSTGRES=skip.",
+            pytrace=False,
+        )
+    url = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg", database=name)
+    rendered = url.render_as_string(hide_password=False)
+    engine = make_engine(rendered)
+    migrate(engine)
+    engine.dispose()
+    yield rendered
+    with psycopg.connect(admin_dsn, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file, copied for each test (faster than migrating each time)."""
+    path = tmp_path_factory.mktemp("template") / "policycast.db"
+    engine = make_engine(f"sqlite:///{path}")
+    migrate(engine)
+    with engine.connect() as connection:
+        connection.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> str:
+    """A fresh, migrated, empty database on each backend."""
+    if request.param == "sqlite":
+        path = tmp_path / "data" / "policycast.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sqlite_template, path)
+        return f"sqlite:///{path}"
+    url: str = request.getfixturevalue("postgres_url")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+        connection.execute(text("INSERT INTO fabric_counters (id, serial, generation) VALUES (1, 0, 0)"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        bootstrap_admin_key=ADMIN_KEY,  # type: ignore[arg-type]
+        heartbeat_flush_s=0.2,
+        cache_refresh_s=0.2,
+    )
