@@ -1,0 +1,177 @@
+"""The agent's apply logic, independent of any transport: verify, parse, check, keep.
+
+Every source of documents (a heartbeat response, `GET /config`, an MQTT message, the fleet simulator)
+hands the envelope to `AgentCore.offer`, which applies it only when it is signed by the pinned key, well
+formed, meant for the agent's group and strictly newer than what the agent holds (DESIGN.md §3). Bad
+input never raises: it comes back as an `ApplyOutcome`, so a hostile or broken payload cannot stop a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from agent_stub.state import AgentStatus, Identity, StateStore
+from fabric_core.canonical import canonical_json
+from fabric_core.errors import InvalidDocument, PolicycastError, StaleSerial
+from fabric_core.serials import NO_SERIAL, require_newer
+from fabric_core.settings import DEFAULT_HEARTBEAT_S
+from fabric_core.signing import VerifyKey, open_envelope
+from fabric_core.wire import EffectiveDocument, Mode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODE: Mode = "pull"
+"""What an agent does before it holds any document: it can only ask."""
+
+
+class NotEnrolledError(Exception):
+    """The state store holds no identity: the agent must enrol first."""
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"
+    STALE = "stale"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyOutcome:
+    """What became of one offered envelope."""
+
+    status: Outcome
+    source: str
+    serial: int | None = None
+    """The offered serial, when the document got far enough to tell."""
+    reason: str | None = None
+    document: EffectiveDocument | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.status is Outcome.APPLIED
+
+
+class AgentCore:
+    """One agent's identity, pinned key and current document; persists through a `StateStore`."""
+
+    def __init__(self, *, identity: Identity, store: StateStore) -> None:
+        self.identity = identity
+        self._store = store
+        # A bad pinned key is a broken identity, not bad input: let it raise at start-up.
+        self._key = VerifyKey.from_base64(identity.signing_key.kid, identity.signing_key.public_key)
+        self._document: EffectiveDocument | None = None
+        self._status = store.load_status() or AgentStatus()
+        self._load_current()
+
+    @classmethod
+    def from_store(cls, store: StateStore) -> AgentCore:
+        identity = store.load_identity()
+        if identity is None:
+            raise NotEnrolledError("this agent is not enrolled")
+        return cls(identity=identity, store=store)
+
+    # --- what the agent holds ----------------------------------------------------------------------
+
+    @property
+    def document(self) -> EffectiveDocument | None:
+        return self._document
+
+    @property
+    def serial(self) -> int:
+        return self._document.serial if self._document else NO_SERIAL
+
+    @property
+    def location_id(self) -> int | None:
+        return self._document.location_id if self._document else None
+
+    @property
+    def mode(self) -> Mode:
+        return self._document.communication.mode if self._document else DEFAULT_MODE
+
+    @property
+    def heartbeat_s(self) -> int:
+        return self._document.communication.heartbeat_s if self._document else DEFAULT_HEARTBEAT_S
+
+    @property
+    def status(self) -> AgentStatus:
+        return self._status.model_copy()
+
+    # --- applying documents ------------------------------------------------------------------------
+
+    def offer(self, envelope: bytes | str | dict[str, Any], source: str) -> ApplyOutcome:
+        """Apply `envelope` if it may replace the current document; never raises for bad input."""
+        try:
+            doc = self._verify(envelope)
+            require_newer(doc.serial, self.serial)
+        except StaleSerial as exc:
+            # Routine: retained MQTT messages and repeated heartbeats re-offer what we hold.
+            log.debug("ignored serial %d from %s: %s", exc.offered, source, exc)
+            return ApplyOutcome(Outcome.STALE, source, serial=exc.offered, reason=str(exc))
+        except (PolicycastError, TypeError, ValueError) as exc:
+            # TypeError: open_envelope lets orjson's encode errors through (ints beyond 64 bits, nesting).
+            log.warning("rejected a document from %s: %s", source, exc)
+            return ApplyOutcome(Outcome.REJECTED, source, reason=str(exc) or type(exc).__name__)
+        try:
+            self._store.save_current(_as_bytes(envelope))
+        except OSError as exc:
+            # Not applied: the serial held stays the old one, so the manager offers it again.
+            log.error("could not store serial %d from %s: %s", doc.serial, source, exc)
+            return ApplyOutcome(Outcome.REJECTED, source, serial=doc.serial, reason=f"not stored: {exc}")
+        self._document = doc
+        self._save_status(serial=doc.serial, location_id=doc.location_id, mode=doc.communication.mode)
+        log.info(
+            "applied serial %d (group %d, location %d) from %s",
+            doc.serial,
+            doc.group_id,
+            doc.location_id,
+            source,
+        )
+        return ApplyOutcome(Outcome.APPLIED, source, serial=doc.serial, document=doc)
+
+    def _verify(self, envelope: bytes | str | dict[str, Any]) -> EffectiveDocument:
+        doc = EffectiveDocument.parse(open_envelope(envelope, self._key))
+        if doc.group_id != self.identity.group_id:
+            raise InvalidDocument(
+                f"document is for group {doc.group_id}, agent is in {self.identity.group_id}"
+            )
+        return doc
+
+    def _load_current(self) -> None:
+        data = self._store.load_current()
+        if data is None:
+            return
+        try:
+            # Verified again: the file could have been edited or torn by something other than us.
+            self._document = self._verify(data)
+        except (PolicycastError, TypeError, ValueError) as exc:
+            log.warning("ignoring the stored document, starting from no serial: %s", exc)
+
+    # --- heartbeat bookkeeping ---------------------------------------------------------------------
+
+    def record_heartbeat(self, *, at: datetime, next_at: datetime) -> None:
+        """Note a successful heartbeat (clears the last error)."""
+        self._save_status(last_heartbeat_at=at, next_heartbeat_at=next_at, last_error=None)
+
+    def record_error(self, *, error: str, next_at: datetime) -> None:
+        """Note a failed exchange with the manager."""
+        self._save_status(last_error=error, next_heartbeat_at=next_at)
+
+    def _save_status(self, **changes: Any) -> None:
+        base = {"serial": self.serial, "location_id": self.location_id, "mode": self.mode}
+        self._status = self._status.model_copy(update={**base, **changes})
+        try:
+            self._store.save_status(self._status)
+        except OSError as exc:
+            # The status is informational; failing to write it must not stop the agent.
+            log.warning("could not store the agent status: %s", exc)
+
+
+def _as_bytes(envelope: bytes | str | dict[str, Any]) -> bytes:
+    if isinstance(envelope, bytes):
+        return envelope
+    if isinstance(envelope, str):
+        return envelope.encode()
+    return canonical_json(envelope)

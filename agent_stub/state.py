@@ -1,0 +1,221 @@
+"""Where an agent keeps what must survive a restart: its identity, the applied envelope and a status.
+
+`StateStore` is the one seam between the agent's logic and storage. `FileStateStore` is the real agent's
+(a private directory of small JSON files, each replaced atomically); `MemoryStateStore` serves tests and
+the fleet simulator, where thousands of agents share one process and must not block the event loop.
+
+Stores are synchronous on purpose: the files are tiny and written rarely (once per applied document and
+once per heartbeat), and a synchronous seam keeps `AgentCore` free of any transport or event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel, Field, ValidationError
+
+from fabric_core.serials import NO_SERIAL
+from fabric_core.wire import EnrollResponse, Mode, MqttCredentials, SigningKeyInfo
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.json"
+CURRENT_FILE = "current.json"
+STATUS_FILE = "status.json"
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+
+
+class CorruptStateError(Exception):
+    """A state file that exists but cannot be read back (raised for the identity only: no fallback)."""
+
+
+class Identity(BaseModel):
+    """Who the agent is and whom it trusts, as learnt at enrolment."""
+
+    agent_id: str
+    secret: str = Field(repr=False)
+    server: str
+    group_id: int
+    signing_key: SigningKeyInfo
+    mqtt: MqttCredentials | None = Field(default=None, repr=False)
+    hostname: str | None = None
+
+    @classmethod
+    def from_enrollment(cls, *, server: str, response: EnrollResponse, hostname: str) -> Identity:
+        return cls(
+            agent_id=response.agent_id,
+            secret=response.secret,
+            server=server,
+            group_id=response.group_id,
+            signing_key=response.signing_key,
+            mqtt=response.mqtt,
+            hostname=hostname,
+        )
+
+
+class AgentStatus(BaseModel):
+    """A small summary for operators on the host (`policycast-agent status`); never trusted as state."""
+
+    serial: int = NO_SERIAL
+    location_id: int | None = None
+    mode: Mode = "pull"
+    last_heartbeat_at: datetime | None = None
+    next_heartbeat_at: datetime | None = None
+    last_error: str | None = None
+
+
+class StateStore(Protocol):
+    """Persistence of one agent. `load_*` return None when nothing was stored yet."""
+
+    def load_identity(self) -> Identity | None: ...
+
+    def save_identity(self, identity: Identity) -> None: ...
+
+    def load_current(self) -> bytes | None:
+        """The raw envelope last applied; callers verify it again before trusting it."""
+        ...
+
+    def save_current(self, envelope: bytes) -> None: ...
+
+    def load_status(self) -> AgentStatus | None: ...
+
+    def save_status(self, status: AgentStatus) -> None: ...
+
+    def reset(self) -> None:
+        """Forget the applied document and the status (before a re-enrolment)."""
+        ...
+
+
+class MemoryStateStore:
+    """Keeps everything in memory: for tests and simulated agents."""
+
+    def __init__(self, identity: Identity | None = None) -> None:
+        self.identity = identity
+        self.current: bytes | None = None
+        self.status: AgentStatus | None = None
+
+    def load_identity(self) -> Identity | None:
+        return self.identity
+
+    def save_identity(self, identity: Identity) -> None:
+        self.identity = identity
+
+    def load_current(self) -> bytes | None:
+        return self.current
+
+    def save_current(self, envelope: bytes) -> None:
+        self.current = bytes(envelope)
+
+    def load_status(self) -> AgentStatus | None:
+        return self.status.model_copy() if self.status else None
+
+    def save_status(self, status: AgentStatus) -> None:
+        self.status = status.model_copy()
+
+    def reset(self) -> None:
+        self.current = None
+        self.status = None
+
+
+class FileStateStore:
+    """One private directory (0700) of JSON files (0600), each replaced atomically.
+
+    The directory is created on the first write, so that read-only commands (`status`) do not leave
+    an empty state directory behind.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+
+    # --- identity ----------------------------------------------------------------------------------
+
+    def load_identity(self) -> Identity | None:
+        data = self._read(IDENTITY_FILE)
+        if data is None:
+            return None
+        try:
+            return Identity.model_validate_json(data)
+        except ValidationError as exc:
+            raise CorruptStateError(
+                f"{self.state_dir / IDENTITY_FILE} is not a valid identity: {exc}"
+            ) from exc
+
+    def save_identity(self, identity: Identity) -> None:
+        self._write(IDENTITY_FILE, identity.model_dump_json(indent=2).encode())
+
+    # --- the applied envelope ----------------------------------------------------------------------
+
+    def load_current(self) -> bytes | None:
+        try:
+            return self._read(CURRENT_FILE)
+        except OSError as exc:
+            # The agent then runs as if it held nothing and fetches the current document again.
+            log.warning("cannot read %s, treating it as absent: %s", self.state_dir / CURRENT_FILE, exc)
+            return None
+
+    def save_current(self, envelope: bytes) -> None:
+        self._write(CURRENT_FILE, envelope)
+
+    # --- status ------------------------------------------------------------------------------------
+
+    def load_status(self) -> AgentStatus | None:
+        try:
+            data = self._read(STATUS_FILE)
+            return AgentStatus.model_validate_json(data) if data is not None else None
+        except (OSError, ValidationError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.state_dir / STATUS_FILE, exc)
+            return None
+
+    def save_status(self, status: AgentStatus) -> None:
+        self._write(STATUS_FILE, status.model_dump_json(indent=2).encode())
+
+    def reset(self) -> None:
+        for name in (CURRENT_FILE, STATUS_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / name).unlink()
+
+    # --- files -------------------------------------------------------------------------------------
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            return (self.state_dir / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _ensure_dir(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+        # The directory holds the agent's secret: tighten it even if it already existed.
+        os.chmod(self.state_dir, _DIR_MODE)
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Write `name` so that a reader sees the old bytes or the new ones, never a torn file."""
+        self._ensure_dir()
+        # mkstemp creates the file 0600, so the secret is never readable by others, not even briefly.
+        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, _FILE_MODE)
+            os.replace(tmp, self.state_dir / name)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._fsync_dir()
+
+    def _fsync_dir(self) -> None:
+        # Makes the rename itself durable across a power loss.
+        dir_fd = os.open(self.state_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,102 @@
+"""Helpers for agent tests: signed documents, an identity that pins the test key, tiny intervals."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent_stub.state import FileStateStore, Identity
+from fabric_core.settings import AgentSettings
+from fabric_core.signing import SigningKey
+from fabric_core.wire import SigningKeyInfo
+
+GROUP_ID = 3
+LOCATION_ID = 7
+
+
+def make_doc(
+    *,
+    serial: int = 1,
+    group_id: int = GROUP_ID,
+    location_id: int = LOCATION_ID,
+    mode: str = "pull",
+    heartbeat_s: int = 300,
+) -> dict[str, Any]:
+    """A valid effective document (DESIGN.md §5)."""
+    return {
+        "serial": serial,
+        "group_id": group_id,
+        "location_id": location_id,
+        "issued_at": "2024-05-01T12:00:00+00:00",
+        "communication": {
+            "mode": mode,
+            "heartbeat_s": heartbeat_s,
+            "download_enabled": True,
+            "randomize_s": 0,
+        },
+        "locations": [{"id": location_id, "name": "Default", "is_default": True, "conditions": []}],
+        "policies": {
+            "firewall": {
+                "id": 11,
+                "name": "Office firewall",
+                "version": 2,
+                "source_group_id": 1,
+                "scope": "group",
+                "body": {"rules": [{"allow": "tcp/443"}]},
+            }
+        },
+        "content": {},
+    }
+
+
+def make_identity(key: SigningKey, *, group_id: int = GROUP_ID) -> Identity:
+    verify = key.verify_key
+    return Identity(
+        agent_id="agent-1",
+        secret="s3cret",
+        server="http://manager.test",
+        group_id=group_id,
+        signing_key=SigningKeyInfo(kid=verify.kid, public_key=verify.public_base64),
+        hostname="host-1",
+    )
+
+
+@pytest.fixture
+def signing_key() -> SigningKey:
+    return SigningKey.generate()
+
+
+@pytest.fixture
+def identity(signing_key: SigningKey) -> Identity:
+    return make_identity(signing_key)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def file_store(state_dir: Path, identity: Identity) -> FileStateStore:
+    store = FileStateStore(state_dir)
+    store.save_identity(identity)
+    return store
+
+
+@pytest.fixture
+def settings(state_dir: Path) -> AgentSettings:
+    return AgentSettings(state_dir=state_dir, retry_min_s=0.01, retry_max_s=0.04, request_timeout_s=1.0)
+
+
+async def wait_until(predicate: Callable[[], bool], *, within: float = 1.0) -> None:
+    """Poll `predicate` until true; fail the test after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.002)
