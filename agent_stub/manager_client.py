@@ -1,0 +1,193 @@
+"""The agent's side of the Agent API (DESIGN.md §5), over one keep-alive `httpx.AsyncClient`.
+
+Errors raised here, so that loops can tell "try again later" from "the manager said no":
+
+    ManagerError                 anything that kept a request from giving a usable answer
+    ├── ManagerUnreachable       connect error, timeout, 5xx: transient, retry with back-off
+    │   └── ManagerBadResponse   a 2xx whose body is not what the contract promises
+    └── ManagerRejected          a 4xx: the manager refused the request (`status`, `detail`);
+                                 401/403 mean the agent's credentials are revoked or wrong
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from agent_stub import AGENT_VERSION
+from fabric_core.wire import EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse
+
+API_PREFIX = "/agent/v1"
+_JSON = "application/json"
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+class ManagerError(Exception):
+    """Base class of every failure to talk to the manager."""
+
+
+class ManagerUnreachable(ManagerError):
+    """The manager could not be reached or failed (connect error, timeout, 5xx)."""
+
+
+class ManagerBadResponse(ManagerUnreachable):
+    """The manager answered 2xx with a body that breaks the contract."""
+
+
+class ManagerRejected(ManagerError):
+    """The manager refused the request with a 4xx."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+    @property
+    def unauthorized(self) -> bool:
+        return self.status in (401, 403)
+
+
+def normalize_server(server: str) -> str:
+    """`https://host:port` with no trailing slash; raises ValueError for anything but http(s)."""
+    url = httpx.URL(server.strip())
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"server must be an http:// or https:// URL, got {server!r}")
+    return str(url).rstrip("/")
+
+
+def _headers() -> dict[str, str]:
+    return {"User-Agent": f"policycast-agent/{AGENT_VERSION}", "Accept": _JSON}
+
+
+class ManagerClient:
+    """Authenticated calls of one agent.
+
+    Pass `http` to share one connection pool among many agents (the fleet simulator); the client then
+    does not close it. Use `for_agent` to get a client that owns its pool.
+    """
+
+    def __init__(self, *, server: str, agent_id: str, secret: str, http: httpx.AsyncClient) -> None:
+        self.server = normalize_server(server)
+        self._http = http
+        self._owns_http = False
+        # Exactly `Bearer <agent_id>.<secret>`: the manager looks the agent up by id, then checks the secret.
+        self._auth = {"Authorization": f"Bearer {agent_id}.{secret}"}
+
+    @classmethod
+    def for_agent(
+        cls,
+        *,
+        server: str,
+        agent_id: str,
+        secret: str,
+        timeout_s: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> ManagerClient:
+        http = httpx.AsyncClient(timeout=timeout_s, transport=transport)
+        client = cls(server=server, agent_id=agent_id, secret=secret, http=http)
+        client._owns_http = True
+        return client
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # --- the Agent API -----------------------------------------------------------------------------
+
+    @staticmethod
+    async def enroll(
+        *,
+        server: str,
+        token: str,
+        hostname: str,
+        facts: dict[str, Any],
+        timeout_s: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> EnrollResponse:
+        """Trade an enrolment token for an identity (no authentication)."""
+        body = EnrollRequest(token=token, hostname=hostname, facts=facts)
+        url = f"{normalize_server(server)}{API_PREFIX}/enroll"
+        async with httpx.AsyncClient(timeout=timeout_s, transport=transport) as http:
+            response = await _send(http, "POST", url, content=_dump(body))
+        return _parse(EnrollResponse, response)
+
+    async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse:
+        url = f"{self.server}{API_PREFIX}/heartbeat"
+        response = await _send(self._http, "POST", url, content=_dump(request), headers=self._auth)
+        return _parse(HeartbeatResponse, response)
+
+    async def get_config(
+        self, etag: str | None, *, location_id: int | None = None
+    ) -> tuple[bytes | None, str | None]:
+        """The current envelope and its ETag, or `(None, etag)` when the manager says 304.
+
+        `location_id` picks one of the group's locations; without it the manager serves the Default one.
+        """
+        headers = dict(self._auth)
+        if etag:
+            headers["If-None-Match"] = etag
+        url = f"{self.server}{API_PREFIX}/config"
+        if location_id is not None:
+            url += f"?location_id={location_id}"
+        response = await _send(self._http, "GET", url, headers=headers)
+        if response.status_code == httpx.codes.NOT_MODIFIED:
+            return None, etag
+        return response.content, response.headers.get("ETag")
+
+
+def _dump(model: BaseModel) -> bytes:
+    return orjson.dumps(model.model_dump(mode="json", exclude_none=True))
+
+
+async def _send(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    content: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """One request, with transport failures and error statuses turned into `ManagerError`s."""
+    all_headers = {**_headers(), **(headers or {})}
+    if content is not None:
+        all_headers["Content-Type"] = _JSON
+    try:
+        response = await http.request(method, url, content=content, headers=all_headers)
+    except httpx.TransportError as exc:  # connect errors, timeouts, dropped connections
+        raise ManagerUnreachable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+    if response.status_code >= 500:
+        raise ManagerUnreachable(f"{method} {url}: HTTP {response.status_code}")
+    if response.status_code >= 400:
+        raise ManagerRejected(response.status_code, _detail(response))
+    return response
+
+
+def _detail(response: httpx.Response) -> str:
+    """The `detail` of a 4xx body (DESIGN.md §5), else a short excerpt of the body."""
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict) and "detail" in body:
+        detail = body["detail"]
+        return detail if isinstance(detail, str) else orjson.dumps(detail).decode()
+    return response.text[:200]
+
+
+def _parse(model: type[_Model], response: httpx.Response) -> _Model:
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise ManagerBadResponse(f"{response.request.url}: not a valid {model.__name__}: {exc}") from exc
