@@ -1,0 +1,153 @@
+"""Pull mode: heartbeat the manager, apply what it hands back, sleep, repeat.
+
+The first heartbeat goes out at once; then the loop sleeps as long as the manager says
+(`next_heartbeat_s`, which already carries the manager's jitter). When the manager cannot be reached or
+refuses the agent, the loop backs off exponentially with full jitter, never longer than one heartbeat
+interval, while the last good document stays in force (it is already on disk). `update_now()` cuts any
+sleep short ("Update policy now").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from agent_stub import AGENT_VERSION
+from agent_stub.core import AgentCore
+from agent_stub.manager_client import ManagerRejected, ManagerUnreachable
+from fabric_core.settings import AgentSettings
+from fabric_core.wire import HEARTBEAT_MAX_S, HeartbeatRequest, HeartbeatResponse
+
+log = logging.getLogger(__name__)
+
+_MAX_DOUBLINGS = 32  # 2**32 * retry_min_s is beyond any cap; avoids float overflow after a long outage
+
+
+class HeartbeatClient(Protocol):
+    """What the loop needs from a transport (`ManagerClient`, or a fake in the simulator)."""
+
+    async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse: ...
+
+
+class PullLoop:
+    """Drives one agent's heartbeats; many can share one event loop."""
+
+    def __init__(
+        self,
+        core: AgentCore,
+        client: HeartbeatClient,
+        settings: AgentSettings,
+        *,
+        hostname: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._core = core
+        self._client = client
+        self._retry_min_s = settings.retry_min_s
+        self._retry_max_s = settings.retry_max_s
+        self._hostname = hostname or core.identity.hostname or socket.gethostname()
+        self._rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._failures = 0
+        self._last_error: str | None = None
+        self.heartbeats = 0
+        """Successful heartbeats so far (for tests and the simulator's counters)."""
+
+    def update_now(self) -> None:
+        """Heartbeat at once instead of finishing the current sleep. Safe from a signal handler."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Heartbeat until `stop` is set; a heartbeat in flight is abandoned when it is."""
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                beat = asyncio.ensure_future(self.heartbeat_once())
+                await asyncio.wait({beat, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not beat.done():
+                    beat.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await beat
+                    break
+                await self._sleep(beat.result(), stopped)
+        finally:
+            stopped.cancel()
+
+    async def heartbeat_once(self) -> float:
+        """One heartbeat; returns how long to wait before the next one."""
+        # Cleared before sending: a request for an update made while this one is in flight still counts.
+        self._wake.clear()
+        try:
+            response = await self._client.heartbeat(self._request())
+        except ManagerUnreachable as exc:
+            return self._failed(f"manager unreachable: {exc}")
+        except ManagerRejected as exc:
+            if exc.unauthorized:
+                return self._failed(
+                    f"manager refused the agent's credentials ({exc}); "
+                    "the agent may have been revoked: re-enrol with `policycast-agent enroll --force`",
+                    level=logging.ERROR,
+                )
+            return self._failed(f"manager rejected the heartbeat: {exc}", level=logging.ERROR)
+        except Exception as exc:
+            # A bug must not end the loop: the agent keeps enforcing and keeps trying.
+            log.exception("heartbeat failed unexpectedly")
+            return self._failed(f"unexpected error: {exc!r}", level=logging.DEBUG)
+        return self._succeeded(response)
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    def _request(self) -> HeartbeatRequest:
+        return HeartbeatRequest(
+            serial=self._core.serial,
+            location_id=self._core.location_id,
+            mode=self._core.mode,
+            status={"hostname": self._hostname, "agent_version": AGENT_VERSION},
+        )
+
+    def _succeeded(self, response: HeartbeatResponse) -> float:
+        if self._failures:
+            log.info("manager reachable again after %d failed attempt(s)", self._failures)
+        self._failures = 0
+        self._last_error = None
+        self.heartbeats += 1
+        if response.changed and response.config is not None:
+            self._core.offer(response.config.model_dump(), source="heartbeat")
+        elif response.changed:
+            log.debug("manager reports serial %d without a document; nothing to apply", response.serial)
+        # Clamped so that a broken answer (0, negative, huge) can neither spin nor silence the agent.
+        delay = min(max(float(response.next_heartbeat_s), self._retry_min_s), float(HEARTBEAT_MAX_S))
+        now = datetime.now(UTC)
+        self._core.record_heartbeat(at=now, next_at=now + timedelta(seconds=delay))
+        return delay
+
+    def _failed(self, error: str, *, level: int = logging.WARNING) -> float:
+        self._failures += 1
+        delay = self._backoff_s()
+        # Said once per distinct error, not every retry, so a long outage does not flood the log.
+        log.log(level if error != self._last_error else logging.DEBUG, "%s; retrying in %.1f s", error, delay)
+        self._last_error = error
+        self._core.record_error(error=error, next_at=datetime.now(UTC) + timedelta(seconds=delay))
+        return delay
+
+    def _backoff_s(self) -> float:
+        """Exponential back-off with full jitter, between retry_min_s and min(retry_max_s, heartbeat_s)."""
+        cap = max(self._retry_min_s, min(self._retry_max_s, float(self._core.heartbeat_s)))
+        doublings = min(self._failures - 1, _MAX_DOUBLINGS)
+        ceiling = min(cap, self._retry_min_s * 2.0**doublings)
+        return self._rng.uniform(self._retry_min_s, ceiling)
+
+    async def _sleep(self, delay: float, stopped: asyncio.Future[Any]) -> None:
+        """Wait `delay` seconds, or less if stopped or asked to update now."""
+        if self._wake.is_set():
+            return
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({woken, stopped}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()

@@ -1,0 +1,282 @@
+"""PullLoop against a fake manager (httpx.MockTransport): timing, applying, back-off, update now."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from agent_stub.core import AgentCore
+from agent_stub.manager_client import ManagerClient
+from agent_stub.pull import PullLoop
+from agent_stub.state import FileStateStore
+from fabric_core.settings import AgentSettings
+from fabric_core.signing import SigningKey
+from tests.agent_stub.conftest import LOCATION_ID, make_doc, wait_until
+
+
+class FakeManager:
+    """Answers heartbeats like the manager: the current envelope when the agent's serial is behind."""
+
+    def __init__(self, key: SigningKey, *, serial: int = 5, next_heartbeat_s: int = 60) -> None:
+        self.envelope = key.sign_envelope(make_doc(serial=serial))
+        self.serial = serial
+        self.next_heartbeat_s = next_heartbeat_s
+        self.failures: list[Exception | int] = []
+        """Consumed one per heartbeat before answering normally: an exception raised or a status."""
+        self.requests: list[dict[str, Any]] = []
+        self.times: list[float] = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/agent/v1/heartbeat"
+        self.times.append(time.monotonic())
+        self.requests.append(orjson.loads(request.content))
+        if self.failures:
+            failure = self.failures.pop(0)
+            if isinstance(failure, Exception):
+                raise failure
+            return httpx.Response(failure, json={"detail": "agent revoked"})
+        changed = self.requests[-1]["serial"] < self.serial
+        body: dict[str, Any] = {
+            "changed": changed,
+            "serial": self.serial,
+            "next_heartbeat_s": self.next_heartbeat_s,
+        }
+        if changed:
+            body["config"] = orjson.loads(self.envelope)
+        return httpx.Response(200, json=body)
+
+
+class MaxRandom(random.Random):
+    """Always picks the top of the jitter range, to observe the back-off ceiling."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def _loop(
+    core: AgentCore, manager: FakeManager, settings: AgentSettings, **kwargs: Any
+) -> tuple[PullLoop, ManagerClient]:
+    client = ManagerClient.for_agent(
+        server="http://manager.test",
+        agent_id="agent-1",
+        secret="s3cret",
+        timeout_s=1.0,
+        transport=httpx.MockTransport(manager.handle),
+    )
+    return PullLoop(core, client, settings, **kwargs), client
+
+
+def _run(
+    core: AgentCore,
+    manager: FakeManager,
+    settings: AgentSettings,
+    scenario: Callable[[PullLoop], Awaitable[None]],
+) -> float:
+    """Run the loop while `scenario` drives it, stop it, and return how long stopping took."""
+
+    async def main() -> float:
+        loop, client = _loop(core, manager, settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(loop.run(stop))
+        try:
+            await scenario(loop)
+        finally:
+            stop.set()
+            started = time.monotonic()
+            await asyncio.wait_for(task, timeout=1.0)
+            await client.aclose()
+        return time.monotonic() - started
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def core(file_store: FileStateStore) -> AgentCore:
+    return AgentCore.from_store(file_store)
+
+
+@pytest.fixture
+def manager(signing_key: SigningKey) -> FakeManager:
+    return FakeManager(signing_key)
+
+
+def test_first_heartbeat_is_immediate_and_applies_the_document(
+    core: AgentCore, manager: FakeManager, settings: AgentSettings, file_store: FileStateStore
+) -> None:
+    started = time.monotonic()
+
+    async def scenario(loop: PullLoop) -> None:
+        await wait_until(lambda: core.serial == 5, within=0.5)
+        await asyncio.sleep(0.05)  # the loop now sleeps next_heartbeat_s (60 s): no second heartbeat
+
+    stop_took = _run(core, manager, settings, scenario)
+
+    assert manager.times[0] - started < 0.2
+    assert len(manager.requests) == 1
+    first = manager.requests[0]
+    assert first["serial"] == 0 and first["mode"] == "pull" and "location_id" not in first
+    assert set(first["status"]) == {"hostname", "agent_version"} and first["status"]["hostname"] == "host-1"
+    assert file_store.load_current() == manager.envelope
+    assert stop_took < 0.5  # stop cuts the 60 s sleep short
+    status = file_store.load_status()
+    assert status is not None and status.last_heartbeat_at is not None and status.last_error is None
+
+
+def test_update_now_cuts_the_sleep_short(
+    core: AgentCore, manager: FakeManager, settings: AgentSettings
+) -> None:
+    async def scenario(loop: PullLoop) -> None:
+        await wait_until(lambda: len(manager.requests) == 1)
+        await asyncio.sleep(0.02)
+        loop.update_now()
+        await wait_until(lambda: len(manager.requests) == 2, within=0.5)
+
+    _run(core, manager, settings, scenario)
+
+    # The second heartbeat reports what the first one applied, and learns nothing new.
+    second = manager.requests[1]
+    assert (second["serial"], second["location_id"]) == (5, LOCATION_ID)
+    assert core.serial == 5
+
+
+def test_connect_errors_back_off_and_keep_the_last_document(
+    core: AgentCore,
+    signing_key: SigningKey,
+    settings: AgentSettings,
+    file_store: FileStateStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    held = signing_key.sign_envelope(make_doc(serial=5))
+    assert core.offer(held, "test").applied
+    manager = FakeManager(signing_key, serial=6)
+    manager.failures = [httpx.ConnectError("refused")] * 3
+    seen_errors: list[str | None] = []
+
+    async def scenario(loop: PullLoop) -> None:
+        await wait_until(lambda: len(manager.requests) >= 1)
+        seen_errors.append(core.status.last_error)
+        # Throughout the outage the agent keeps the last good document, in memory and on disk.
+        assert core.serial == 5 and file_store.load_current() == held
+        await wait_until(lambda: core.serial == 6)
+
+    with caplog.at_level(logging.WARNING, logger="agent_stub.pull"):
+        _run(core, manager, settings, scenario)
+
+    assert len(manager.requests) == 4
+    assert all(request["serial"] == 5 for request in manager.requests)
+    gaps = [b - a for a, b in zip(manager.times, manager.times[1:], strict=False)]
+    assert all(gap >= settings.retry_min_s * 0.9 for gap in gaps)
+    assert seen_errors[0] is not None and "unreachable" in seen_errors[0]
+    assert core.status.last_error is None
+    # One warning for the outage, not one per retry.
+    assert sum("manager unreachable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_backoff_grows_exponentially_up_to_the_heartbeat_interval(
+    core: AgentCore, signing_key: SigningKey
+) -> None:
+    # heartbeat_s 1 s caps the back-off below retry_max_s.
+    assert core.offer(signing_key.sign_envelope(make_doc(serial=5, heartbeat_s=1)), "test").applied
+    settings = AgentSettings(retry_min_s=0.1, retry_max_s=30.0)
+    manager = FakeManager(signing_key)
+    manager.failures = [httpx.ConnectError("refused")] * 6
+
+    async def scenario() -> list[float]:
+        loop, client = _loop(core, manager, settings, rng=MaxRandom())
+        delays = [await loop.heartbeat_once() for _ in range(6)]
+        await client.aclose()
+        return delays
+
+    assert asyncio.run(scenario()) == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+
+
+def test_backoff_is_jittered_within_bounds(core: AgentCore, signing_key: SigningKey) -> None:
+    settings = AgentSettings(retry_min_s=0.5, retry_max_s=4.0)
+    manager = FakeManager(signing_key)
+    manager.failures = [httpx.ConnectError("refused")] * 40
+
+    async def scenario() -> list[float]:
+        loop, client = _loop(core, manager, settings, rng=random.Random(7))
+        delays = [await loop.heartbeat_once() for _ in range(40)]
+        await client.aclose()
+        return delays
+
+    delays = asyncio.run(scenario())
+    assert all(0.5 <= d <= 4.0 for d in delays)
+    assert delays[0] == 0.5  # the first ceiling is retry_min_s itself
+    assert len(set(delays[5:])) > 10  # jittered, not a fixed schedule
+
+
+def test_revoked_agent_logs_clearly_and_backs_off(
+    core: AgentCore,
+    manager: FakeManager,
+    settings: AgentSettings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manager.failures = [401]
+
+    async def scenario() -> float:
+        loop, client = _loop(core, manager, settings)
+        delay = await loop.heartbeat_once()
+        await client.aclose()
+        return delay
+
+    with caplog.at_level(logging.ERROR, logger="agent_stub.pull"):
+        delay = asyncio.run(scenario())
+
+    assert settings.retry_min_s <= delay <= settings.retry_max_s
+    assert core.serial == 0
+    assert "revoked" in caplog.text and "401" in caplog.text
+    assert "401" in (core.status.last_error or "")
+
+
+def test_update_now_during_back_off_retries_at_once(
+    core: AgentCore, manager: FakeManager, signing_key: SigningKey
+) -> None:
+    settings = AgentSettings(retry_min_s=30.0, retry_max_s=60.0)  # a long back-off...
+    manager.failures = [httpx.ConnectError("refused")]
+
+    async def scenario(loop: PullLoop) -> None:
+        await wait_until(lambda: len(manager.requests) == 1)
+        loop.update_now()  # ...cut short by the user
+        await wait_until(lambda: core.serial == 5, within=0.5)
+
+    _run(core, manager, settings, scenario)
+    assert len(manager.requests) == 2
+
+
+def test_a_rejected_document_is_not_applied_and_the_loop_goes_on(
+    core: AgentCore, settings: AgentSettings, file_store: FileStateStore
+) -> None:
+    manager = FakeManager(SigningKey.generate())  # signed by a key the agent did not pin
+
+    async def scenario(loop: PullLoop) -> None:
+        await wait_until(lambda: len(manager.requests) == 1)
+        loop.update_now()
+        await wait_until(lambda: len(manager.requests) == 2)
+
+    _run(core, manager, settings, scenario)
+    assert core.serial == 0
+    assert file_store.load_current() is None
+    assert [r["serial"] for r in manager.requests] == [0, 0]
+
+
+def test_a_broken_next_heartbeat_is_clamped(core: AgentCore, manager: FakeManager) -> None:
+    manager.next_heartbeat_s = 0
+    settings = AgentSettings(retry_min_s=0.25, retry_max_s=1.0)
+
+    async def scenario() -> float:
+        loop, client = _loop(core, manager, settings)
+        delay = await loop.heartbeat_once()
+        await client.aclose()
+        return delay
+
+    assert asyncio.run(scenario()) == 0.25
