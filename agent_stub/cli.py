@@ -1,0 +1,268 @@
+"""`policycast-agent`: enrol, run the pull loop, force an update, show the status.
+
+The one place of the agent that reads the environment: `AgentSettings` is built here once and passed
+down. Expected failures (manager down, token refused, not enrolled...) end with one line on stderr and
+a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import signal
+import socket
+from datetime import datetime
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from agent_stub import AGENT_VERSION, pidfile
+from agent_stub.core import AgentCore, NotEnrolledError
+from agent_stub.manager_client import (
+    ManagerBadResponse,
+    ManagerClient,
+    ManagerRejected,
+    ManagerUnreachable,
+    normalize_server,
+)
+from agent_stub.pull import PullLoop
+from agent_stub.state import CorruptStateError, FileStateStore, Identity
+from fabric_core.errors import InvalidDocument
+from fabric_core.settings import AgentSettings
+from fabric_core.signing import VerifyKey
+from fabric_core.wire import EnrollResponse
+
+log = logging.getLogger(__name__)
+
+# Locals are never shown: they would include the agent's secret.
+app = typer.Typer(
+    help="The Policycast reference agent.", no_args_is_help=True, pretty_exceptions_show_locals=False
+)
+
+STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="state directory [default: settings state_dir]")
+
+
+def main() -> None:
+    app()
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"policycast-agent: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _load_settings(ctx: typer.Context) -> None:
+    try:
+        ctx.obj = AgentSettings()
+    except ValidationError as exc:
+        _fail(f"invalid POLICYCAST_AGENT_* setting: {exc}", code=2)
+
+
+def _settings(ctx: typer.Context, state_dir: Path | None) -> AgentSettings:
+    settings: AgentSettings = ctx.obj
+    return settings.model_copy(update={"state_dir": state_dir}) if state_dir else settings
+
+
+def _load_core(store: FileStateStore) -> AgentCore:
+    try:
+        return AgentCore.from_store(store)
+    except NotEnrolledError:
+        _fail(f"not enrolled (no identity in {store.state_dir}); run `policycast-agent enroll` first")
+    except (CorruptStateError, InvalidDocument) as exc:
+        _fail(f"unusable identity in {store.state_dir}: {exc}; re-enrol with `enroll --force`")
+
+
+# --- enroll ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def enroll(
+    ctx: typer.Context,
+    *,
+    server: str = typer.Option(..., help="manager URL, e.g. http://127.0.0.1:8000"),
+    token: str = typer.Option(..., help="enrolment token of the group to join"),
+    hostname: str | None = typer.Option(None, help="name to report [default: this host's name]"),
+    state_dir: Path | None = STATE_DIR_OPTION,
+    force: bool = typer.Option(False, "--force", help="replace an existing identity"),
+) -> None:
+    """Enrol this agent with a manager and store its identity."""
+    settings = _settings(ctx, state_dir)
+    store = FileStateStore(settings.state_dir)
+    _refuse_reenrolment(store, force=force)
+    try:
+        server = normalize_server(server)
+    except ValueError as exc:
+        _fail(str(exc))
+    name = hostname or socket.gethostname()
+    response = _call_enroll(server=server, token=token, hostname=name, timeout_s=settings.request_timeout_s)
+    try:
+        VerifyKey.from_base64(response.signing_key.kid, response.signing_key.public_key)
+    except InvalidDocument as exc:
+        _fail(f"the manager sent an unusable signing key: {exc}")
+    identity = Identity.from_enrollment(server=server, response=response, hostname=name)
+    try:
+        store.reset()  # a document of the old identity must not be trusted under the new one
+        store.save_identity(identity)
+    except OSError as exc:
+        _fail(f"cannot write the identity to {settings.state_dir}: {exc}")
+    typer.echo(f"enrolled as agent {identity.agent_id} in group {identity.group_id} ({settings.state_dir})")
+
+
+def _refuse_reenrolment(store: FileStateStore, *, force: bool) -> None:
+    if force:
+        return
+    try:
+        existing = store.load_identity()
+    except CorruptStateError:
+        return  # nothing worth keeping
+    if existing is not None:
+        _fail(
+            f"already enrolled as agent {existing.agent_id} in {store.state_dir}; use --force to replace it"
+        )
+
+
+def _call_enroll(*, server: str, token: str, hostname: str, timeout_s: float) -> EnrollResponse:
+    facts = {
+        "os": platform.system(),
+        "os_release": platform.release(),
+        "arch": platform.machine(),
+        "agent_version": AGENT_VERSION,
+    }
+    try:
+        return asyncio.run(
+            ManagerClient.enroll(
+                server=server, token=token, hostname=hostname, facts=facts, timeout_s=timeout_s
+            )
+        )
+    except ValidationError as exc:
+        _fail(f"invalid enrolment request: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+    except ManagerBadResponse as exc:
+        _fail(f"unexpected answer from the manager at {server}: {exc}")
+    except ManagerUnreachable as exc:
+        _fail(f"cannot reach the manager at {server}: {exc}")
+    except ManagerRejected as exc:
+        _fail(f"the manager refused the enrolment ({exc.status}): {exc.detail}")
+
+
+# --- run ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    state_dir: Path | None = STATE_DIR_OPTION,
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+) -> None:
+    """Run the agent in pull mode until SIGTERM or Ctrl-C (SIGUSR1: update now)."""
+    settings = _settings(ctx, state_dir)
+    level = logging.getLevelNamesMapping().get(log_level.upper())
+    if level is None:
+        _fail(f"unknown log level {log_level!r}")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request is noise
+    core = _load_core(FileStateStore(settings.state_dir))
+    try:
+        pid_file = pidfile.claim(settings.state_dir)
+    except (pidfile.AgentAlreadyRunningError, OSError) as exc:
+        _fail(str(exc))
+    try:
+        asyncio.run(_serve(core, settings))
+    finally:
+        pidfile.release(pid_file)
+
+
+async def _serve(core: AgentCore, settings: AgentSettings) -> None:
+    identity = core.identity
+    log.info(
+        "agent %s (group %d) starting against %s, holding serial %d",
+        identity.agent_id,
+        identity.group_id,
+        identity.server,
+        core.serial,
+    )
+    client = ManagerClient.for_agent(
+        server=identity.server,
+        agent_id=identity.agent_id,
+        secret=identity.secret,
+        timeout_s=settings.request_timeout_s,
+    )
+    pull = PullLoop(core, client, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, pull.update_now)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await pull.run(stop)
+    finally:
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await client.aclose()
+    log.info("agent %s stopped, holding serial %d", identity.agent_id, core.serial)
+
+
+# --- update-now --------------------------------------------------------------------------------------
+
+
+@app.command("update-now")
+def update_now(ctx: typer.Context, state_dir: Path | None = STATE_DIR_OPTION) -> None:
+    """Ask the running agent to heartbeat at once."""
+    settings = _settings(ctx, state_dir)
+    try:
+        pid = pidfile.running_pid(settings.state_dir)
+        os.kill(pid, signal.SIGUSR1)
+    except pidfile.AgentNotRunningError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot signal the agent: {exc}")
+    typer.echo(f"asked the agent (pid {pid}) to update now")
+
+
+# --- status ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def status(ctx: typer.Context, state_dir: Path | None = STATE_DIR_OPTION) -> None:
+    """Show who this agent is and what it enforces."""
+    settings = _settings(ctx, state_dir)
+    core = _load_core(FileStateStore(settings.state_dir))
+    try:
+        running = f"yes (pid {pidfile.running_pid(settings.state_dir)})"
+    except pidfile.AgentNotRunningError:
+        running = "no"
+    info = core.status
+    table = Table(title=f"policycast agent ({settings.state_dir})", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("agent id", core.identity.agent_id),
+        ("manager", core.identity.server),
+        ("group", str(core.identity.group_id)),
+        ("location", _text(core.location_id)),
+        ("mode", core.mode),
+        ("serial held", str(core.serial)),
+        ("running", running),
+        ("last heartbeat", _text(info.last_heartbeat_at)),
+        ("next heartbeat", _text(info.next_heartbeat_at)),
+        ("last error", _text(info.last_error)),
+    ]
+    for name, value in rows:
+        table.add_row(name, Text(value))  # Text: an error message may hold [brackets]
+    Console().print(table)
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    return str(value)

@@ -1,0 +1,231 @@
+"""The `policycast-agent` CLI: enrol, status, update-now, and a real `run` process with signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from agent_stub import cli
+from agent_stub.manager_client import ManagerClient, ManagerRejected
+from agent_stub.pidfile import PID_FILE
+from agent_stub.state import FileStateStore, Identity
+from fabric_core.signing import SigningKey
+from fabric_core.wire import EnrollResponse, SigningKeyInfo
+from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def _invoke(*args: str) -> Any:
+    return runner.invoke(cli.app, list(args))
+
+
+def _fake_enroll(key: SigningKey, calls: list[dict[str, Any]]) -> Any:
+    async def enroll(**kwargs: Any) -> EnrollResponse:
+        calls.append(kwargs)
+        verify = key.verify_key
+        return EnrollResponse(
+            agent_id="a-42",
+            secret="s",
+            group_id=GROUP_ID,
+            signing_key=SigningKeyInfo(kid=verify.kid, public_key=verify.public_base64),
+        )
+
+    return enroll
+
+
+def test_enroll_stores_the_identity(
+    state_dir: Path, signing_key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(ManagerClient, "enroll", _fake_enroll(signing_key, calls))
+
+    result = _invoke(
+        "enroll",
+        "--server",
+        "http://m.test:8000/",
+        "--token",
+        "tok",
+        "--hostname",
+        "h1",
+        "--state-dir",
+        str(state_dir),
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "agent a-42 in group 3" in result.stdout
+    [call] = calls
+    assert (call["server"], call["token"], call["hostname"]) == ("http://m.test:8000", "tok", "h1")
+    identity = FileStateStore(state_dir).load_identity()
+    assert identity is not None
+    assert (identity.agent_id, identity.server, identity.group_id) == ("a-42", "http://m.test:8000", GROUP_ID)
+
+
+def test_enroll_refuses_to_replace_an_identity_without_force(
+    file_store: FileStateStore, state_dir: Path, signing_key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ManagerClient, "enroll", _fake_enroll(signing_key, []))
+    file_store.save_current(b"old document")
+    args = ["enroll", "--server", "http://m.test", "--token", "t", "--state-dir", str(state_dir)]
+
+    refused = _invoke(*args)
+    assert refused.exit_code == 1
+    assert "already enrolled as agent agent-1" in refused.stderr
+
+    forced = _invoke(*args, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert file_store.load_identity().agent_id == "a-42"  # type: ignore[union-attr]
+    assert file_store.load_current() is None  # the old identity's document is forgotten
+
+
+def test_enroll_with_unreachable_manager_fails_cleanly(state_dir: Path) -> None:
+    result = _invoke(
+        "enroll", "--server", "http://127.0.0.1:1", "--token", "t", "--state-dir", str(state_dir)
+    )
+    assert result.exit_code == 1
+    assert "cannot reach the manager at http://127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.output
+    assert not state_dir.exists()
+
+
+def test_enroll_refused_token_fails_cleanly(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refuse(**kwargs: Any) -> EnrollResponse:
+        raise ManagerRejected(403, "token expired")
+
+    monkeypatch.setattr(ManagerClient, "enroll", refuse)
+    result = _invoke("enroll", "--server", "http://m.test", "--token", "t", "--state-dir", str(state_dir))
+    assert result.exit_code == 1
+    assert "refused the enrolment (403): token expired" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("server", "token", "message"),
+    [("m.test:80", "t", "http:// or https://"), ("http://m.test", "", "invalid enrolment request: token")],
+)
+def test_enroll_bad_input_fails_cleanly(state_dir: Path, server: str, token: str, message: str) -> None:
+    result = _invoke("enroll", "--server", server, "--token", token, "--state-dir", str(state_dir))
+    assert result.exit_code == 1
+    assert message in result.stderr
+
+
+def test_status_shows_identity_and_held_document(
+    file_store: FileStateStore, state_dir: Path, signing_key: SigningKey
+) -> None:
+    file_store.save_current(signing_key.sign_envelope(make_doc(serial=12, mode="push")))
+    result = _invoke("status", "--state-dir", str(state_dir))
+    assert result.exit_code == 0, result.output
+    for expected in ("agent-1", "serial held", "12", "push", str(LOCATION_ID), "running", "no"):
+        assert expected in result.stdout
+
+
+def test_commands_need_an_enrolled_agent(state_dir: Path) -> None:
+    for command in ("status", "run"):
+        result = _invoke(command, "--state-dir", str(state_dir))
+        assert result.exit_code == 1
+        assert "not enrolled" in result.stderr
+
+
+def test_update_now_without_a_running_agent_fails(file_store: FileStateStore, state_dir: Path) -> None:
+    result = _invoke("update-now", "--state-dir", str(state_dir))
+    assert result.exit_code == 1
+    assert "no agent is running" in result.stderr
+
+    (state_dir / PID_FILE).write_text("999999999\n")  # a pid that cannot exist
+    stale = _invoke("update-now", "--state-dir", str(state_dir))
+    assert stale.exit_code == 1
+    assert "stale" in stale.stderr
+
+
+# --- a real agent process --------------------------------------------------------------------------
+
+
+class _Manager(BaseHTTPRequestHandler):
+    envelope: bytes = b""
+    heartbeats: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).heartbeats.append(body)
+        doc = json.loads(self.envelope)
+        changed = body["serial"] < doc["doc"]["serial"]
+        answer = {"changed": changed, "serial": doc["doc"]["serial"], "next_heartbeat_s": 3600}
+        if changed:
+            answer["config"] = doc
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_manager(signing_key: SigningKey) -> Iterator[str]:
+    _Manager.envelope = signing_key.sign_envelope(make_doc(serial=42))
+    _Manager.heartbeats = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Manager)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _wait(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_run_applies_updates_now_on_sigusr1_and_stops_on_sigterm(
+    http_manager: str, state_dir: Path, identity: Identity
+) -> None:
+    FileStateStore(state_dir).save_identity(identity.model_copy(update={"server": http_manager}))
+    env = {**os.environ, "POLICYCAST_AGENT_STATE_DIR": str(state_dir), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent_stub", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait(lambda: len(_Manager.heartbeats) == 1)
+        _wait((state_dir / PID_FILE).exists)
+        assert int((state_dir / PID_FILE).read_text()) == proc.pid
+
+        result = _invoke("update-now", "--state-dir", str(state_dir))
+        assert result.exit_code == 0, result.output
+        _wait(lambda: len(_Manager.heartbeats) == 2)  # the 3600 s sleep was cut short
+        assert _Manager.heartbeats[1]["serial"] == 42
+
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 0, stderr
+    assert f"applied serial 42 (group {GROUP_ID}, location {LOCATION_ID}) from heartbeat" in stderr
+    assert "Traceback" not in stderr
+    assert not (state_dir / PID_FILE).exists()
+    assert FileStateStore(state_dir).load_current() == _Manager.envelope
