@@ -2,8 +2,13 @@
 
 Every source of documents (a heartbeat response, `GET /config`, an MQTT message, the fleet simulator)
 hands the envelope to `AgentCore.offer`, which applies it only when it is signed by the pinned key, well
-formed, meant for the agent's group and strictly newer than what the agent holds (DESIGN.md §3). Bad
-input never raises: it comes back as an `ApplyOutcome`, so a hostile or broken payload cannot stop a loop.
+formed, meant for the agent's group and not a rollback (`fabric_core.serials.require_applicable`: strictly
+newer than the last document applied for the same (group, location)). Bad input never raises: it comes
+back as an `ApplyOutcome`, so a hostile or broken payload cannot stop a loop.
+
+The group is the manager's to change: a document for another group is accepted only from the manager's
+own authenticated answers (`TRUSTED_FOR_GROUP_CHANGE`), which is how an agent learns that an operator
+moved it; a config topic of another group could not reach it anyway (the broker's ACL).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 from agent_stub.state import AgentStatus, Identity, StateStore
 from fabric_core.canonical import canonical_json
 from fabric_core.errors import InvalidDocument, PolicycastError, StaleSerial
-from fabric_core.serials import NO_SERIAL, require_newer
+from fabric_core.serials import NO_SERIAL, DocumentKey, require_applicable
 from fabric_core.settings import DEFAULT_HEARTBEAT_S
 from fabric_core.signing import VerifyKey, open_envelope
 from fabric_core.wire import EffectiveDocument, Mode
@@ -26,6 +31,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODE: Mode = "pull"
 """What an agent does before it holds any document: it can only ask."""
+
+TRUSTED_FOR_GROUP_CHANGE = frozenset({"heartbeat", "config"})
+"""Sources that are the manager answering this agent over HTTP, authenticated by its secret."""
 
 
 class NotEnrolledError(Exception):
@@ -63,6 +71,9 @@ class AgentCore:
         # A bad pinned key is a broken identity, not bad input: let it raise at start-up.
         self._key = VerifyKey.from_base64(identity.signing_key.kid, identity.signing_key.public_key)
         self._document: EffectiveDocument | None = None
+        self._high_water: dict[DocumentKey, int] = {}
+        self.transport: Mode = DEFAULT_MODE
+        """How the agent talks to the manager right now (reported in heartbeats); its driver sets it."""
         self._status = store.load_status() or AgentStatus()
         self._load_current()
 
@@ -104,8 +115,13 @@ class AgentCore:
     def offer(self, envelope: bytes | str | dict[str, Any], source: str) -> ApplyOutcome:
         """Apply `envelope` if it may replace the current document; never raises for bad input."""
         try:
-            doc = self._verify(envelope)
-            require_newer(doc.serial, self.serial)
+            doc = self._verify(envelope, source)
+            require_applicable(
+                offered=doc.serial,
+                offered_key=(doc.group_id, doc.location_id),
+                current_key=self._key_held(),
+                high_water=self._high_water,
+            )
         except StaleSerial as exc:
             # Routine: retained MQTT messages and repeated heartbeats re-offer what we hold.
             log.debug("ignored serial %d from %s: %s", exc.offered, source, exc)
@@ -120,7 +136,9 @@ class AgentCore:
             # Not applied: the serial held stays the old one, so the manager offers it again.
             log.error("could not store serial %d from %s: %s", doc.serial, source, exc)
             return ApplyOutcome(Outcome.REJECTED, source, serial=doc.serial, reason=f"not stored: {exc}")
-        self._document = doc
+        if doc.group_id != self.identity.group_id:
+            self._change_group(doc.group_id)
+        self._hold(doc)
         self._save_status(serial=doc.serial, location_id=doc.location_id, mode=doc.communication.mode)
         log.info(
             "applied serial %d (group %d, location %d) from %s",
@@ -131,13 +149,30 @@ class AgentCore:
         )
         return ApplyOutcome(Outcome.APPLIED, source, serial=doc.serial, document=doc)
 
-    def _verify(self, envelope: bytes | str | dict[str, Any]) -> EffectiveDocument:
+    def _verify(self, envelope: bytes | str | dict[str, Any], source: str) -> EffectiveDocument:
         doc = EffectiveDocument.parse(open_envelope(envelope, self._key))
-        if doc.group_id != self.identity.group_id:
+        if doc.group_id != self.identity.group_id and source not in TRUSTED_FOR_GROUP_CHANGE:
             raise InvalidDocument(
                 f"document is for group {doc.group_id}, agent is in {self.identity.group_id}"
             )
         return doc
+
+    def _key_held(self) -> DocumentKey | None:
+        return None if self._document is None else (self._document.group_id, self._document.location_id)
+
+    def _hold(self, doc: EffectiveDocument) -> None:
+        self._document = doc
+        key = (doc.group_id, doc.location_id)
+        self._high_water[key] = max(doc.serial, self._high_water.get(key, NO_SERIAL))
+
+    def _change_group(self, group_id: int) -> None:
+        """The operator moved this agent: remember its new group (the manager said so, signed)."""
+        log.info("moved from group %d to group %d by the manager", self.identity.group_id, group_id)
+        self.identity = self.identity.model_copy(update={"group_id": group_id})
+        try:
+            self._store.save_identity(self.identity)
+        except OSError as exc:
+            log.warning("could not store the new group: %s", exc)
 
     def _load_current(self) -> None:
         data = self._store.load_current()
@@ -145,7 +180,7 @@ class AgentCore:
             return
         try:
             # Verified again: the file could have been edited or torn by something other than us.
-            self._document = self._verify(data)
+            self._hold(self._verify(data, "disk"))
         except (PolicycastError, TypeError, ValueError) as exc:
             log.warning("ignoring the stored document, starting from no serial: %s", exc)
 

@@ -74,8 +74,8 @@ class ManagerClient:
         self.server = normalize_server(server)
         self._http = http
         self._owns_http = False
-        # Exactly `Bearer <agent_id>.<secret>`: the manager looks the agent up by id, then checks the secret.
-        self._auth = {"Authorization": f"Bearer {agent_id}.{secret}"}
+        # DESIGN.md §5: `Bearer <secret>`; the manager finds the agent by the secret's hash.
+        self._auth = {"Authorization": f"Bearer {secret}"}
 
     @classmethod
     def for_agent(

@@ -106,7 +106,7 @@ class PullLoop:
         return HeartbeatRequest(
             serial=self._core.serial,
             location_id=self._core.location_id,
-            mode=self._core.mode,
+            mode=self._core.transport,
             status={"hostname": self._hostname, "agent_version": AGENT_VERSION},
         )
 

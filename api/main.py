@@ -61,7 +61,7 @@ async def _every(seconds: float, work: Callable[[], Any], what: str) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    fabric = await run_in_threadpool(open_fabric, settings)
+    fabric = await run_in_threadpool(lambda: open_fabric(settings, run_migrations=app.state.run_migrations))
     app.state.fabric = fabric
     tasks = [
         asyncio.create_task(_every(settings.cache_refresh_s, fabric.view.refresh, "document cache refresh")),
@@ -133,7 +133,7 @@ async def _service_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, run_migrations: bool = True) -> FastAPI:
     app = FastAPI(
         title="Policycast manager",
         version="0.1.0",
@@ -141,6 +141,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.run_migrations = run_migrations
     app.add_exception_handler(ServiceError, _service_error)
     for router in (groups.router, locations.router, policies.router, communication.router, agents.router):
         app.include_router(router, prefix="/api/v1")

@@ -1,4 +1,4 @@
-"""AgentCore: only signed, well-formed, same-group, strictly newer documents are applied and stored."""
+"""AgentCore: only signed, well-formed documents for the agent's group that are no rollback are applied."""
 
 from __future__ import annotations
 
@@ -77,11 +77,40 @@ def test_applied_document_survives_a_restart(
 def test_older_or_equal_serial_is_stale(
     core: AgentCore, applied: bytes, file_store: FileStateStore, signing_key: SigningKey, serial: int
 ) -> None:
-    outcome = core.offer(signing_key.sign_envelope(make_doc(serial=serial, location_id=99)), "test")
+    outcome = core.offer(signing_key.sign_envelope(make_doc(serial=serial)), "test")
 
     assert outcome.status is Outcome.STALE and outcome.serial == serial
     assert (core.serial, core.location_id) == (5, LOCATION_ID)
     assert _current(file_store) == applied
+
+
+def test_another_location_may_carry_a_lower_serial_but_never_goes_back_there(
+    core: AgentCore, applied: bytes, signing_key: SigningKey
+) -> None:
+    other = LOCATION_ID + 1
+    # The other location changed less recently than ours: its serial is lower, and still current.
+    assert core.offer(signing_key.sign_envelope(make_doc(serial=3, location_id=other)), "mqtt").applied
+    assert (core.serial, core.location_id) == (3, other)
+    # Back to the first location: its document again (equal to what we held there) is no rollback...
+    assert core.offer(signing_key.sign_envelope(make_doc(serial=5)), "mqtt").applied
+    # ...but an older version of the other location's document is.
+    outcome = core.offer(signing_key.sign_envelope(make_doc(serial=2, location_id=other)), "mqtt")
+    assert outcome.status is Outcome.STALE
+    assert core.location_id == LOCATION_ID
+
+
+def test_a_move_to_another_group_is_taken_only_from_the_manager(
+    core: AgentCore, applied: bytes, file_store: FileStateStore, signing_key: SigningKey
+) -> None:
+    moved = signing_key.sign_envelope(make_doc(serial=2, group_id=GROUP_ID + 1))
+    assert core.offer(moved, "mqtt").status is Outcome.REJECTED
+    assert core.identity.group_id == GROUP_ID
+
+    assert core.offer(moved, "heartbeat").applied
+    assert core.identity.group_id == GROUP_ID + 1
+    stored = file_store.load_identity()
+    assert stored is not None and stored.group_id == GROUP_ID + 1
+    assert AgentCore.from_store(file_store).serial == 2  # the new group's document verifies on restart
 
 
 def _tampered(key: SigningKey) -> bytes:

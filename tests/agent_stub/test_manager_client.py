@@ -89,7 +89,7 @@ def test_heartbeat_authenticates_and_omits_empty_fields(signing_key: SigningKey)
 
     [request] = seen
     assert (request.method, str(request.url)) == ("POST", "http://manager.test/agent/v1/heartbeat")
-    assert request.headers["authorization"] == "Bearer agent-1.s3cret"
+    assert request.headers["authorization"] == "Bearer s3cret"
     assert orjson.loads(request.content) == {"serial": 3, "mode": "pull", "status": {"hostname": "h"}}
     assert response.changed and response.next_heartbeat_s == 30
     assert response.config is not None and response.config.model_dump() == envelope
@@ -119,7 +119,7 @@ def test_get_config_sends_the_etag_and_maps_304_to_none() -> None:
         "http://manager.test/agent/v1/config?location_id=4",
     ]
     assert "if-none-match" not in seen[0].headers
-    assert all(r.headers["authorization"] == "Bearer agent-1.s3cret" for r in seen)
+    assert all(r.headers["authorization"] == "Bearer s3cret" for r in seen)
 
 
 def _raise(exc: Exception) -> Handler:

@@ -49,7 +49,7 @@ class Admin:
     def group(self, name: str, parent_id: int, inherit: bool = True) -> dict[str, Any]:
         return self.post("/groups", {"name": name, "parent_id": parent_id, "inherit": inherit})
 
-    def policy(self, name: str, type: str, body: dict[str, Any]) -> dict[str, Any]:  # noqa: A002
+    def policy(self, name: str, type: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.post("/policies", {"name": name, "type": type, "body": body})
 
     def default_location(self, group_id: int) -> dict[str, Any]:
