@@ -76,12 +76,18 @@ def test_turning_inheritance_off_copies_the_parent_state(admin: Admin) -> None:
     admin.patch(f"/groups/{child['id']}", {"inherit": False})
 
     own = admin.get(f"/groups/{child['id']}/locations")
-    assert [(loc["name"], loc["group_id"]) for loc in own] == [("Default", child["id"]), ("Office", child["id"])]
+    assert [(loc["name"], loc["group_id"]) for loc in own] == [
+        ("Default", child["id"]),
+        ("Office", child["id"]),
+    ]
     assert {loc["id"] for loc in own}.isdisjoint({office["id"], admin.default_location(root["id"])["id"]})
     assert own[1]["conditions"] == office["conditions"]
     office_copy = own[1]
     doc = admin.effective(child["id"], office_copy["id"])
-    assert policy_sources(doc) == {"firewall": (firewall["id"], child["id"]), "antivirus": (av["id"], child["id"])}
+    assert policy_sources(doc) == {
+        "firewall": (firewall["id"], child["id"]),
+        "antivirus": (av["id"], child["id"]),
+    }
     assert doc["policies"]["antivirus"]["scope"] == "location"
     assert admin.get(f"/groups/{child['id']}/communication")["heartbeat_s"] == 120
 
@@ -90,7 +96,9 @@ def test_turning_inheritance_off_copies_the_parent_state(admin: Admin) -> None:
     admin.put(f"/policies/{firewall['id']}", {"body": {"rules": []}})
     assert admin.effective(root["id"])["policies"]["firewall"]["version"] == 2
     admin.delete(f"/groups/{root['id']}/policies/firewall")
-    assert admin.effective(child["id"], office_copy["id"])["policies"]["firewall"]["version"] == 2  # shared policy
+    assert (
+        admin.effective(child["id"], office_copy["id"])["policies"]["firewall"]["version"] == 2
+    )  # shared policy
     assert "firewall" not in admin.effective(root["id"])["policies"]
     assert admin.effective(child["id"], office_copy["id"])["serial"] > serial
 
@@ -151,7 +159,9 @@ def test_editing_a_shared_policy_updates_every_group_that_uses_it(admin: Admin) 
     west_child = admin.group("West Lab", west["id"])
     other = admin.group("Other", root["id"], inherit=False)
     admin.put(f"/groups/{east['id']}/policies/firewall", {"policy_id": shared["id"]})
-    admin.put(f"/groups/{west['id']}/locations/{west_office['id']}/policies/firewall", {"policy_id": shared["id"]})
+    admin.put(
+        f"/groups/{west['id']}/locations/{west_office['id']}/policies/firewall", {"policy_id": shared["id"]}
+    )
     other_serial = admin.effective(other["id"])["serial"]
 
     updated = admin.put(f"/policies/{shared['id']}", {"body": {"rules": [{"deny": "all"}]}})
@@ -201,7 +211,9 @@ def test_location_policies_and_settings_override_the_group_ones(admin: Admin) ->
     relaxed = admin.policy("relaxed", "firewall", {"level": "relaxed"})
     office = admin.post(f"/groups/{root['id']}/locations", {"name": "Office", "conditions": []})
     admin.put(f"/groups/{root['id']}/policies/firewall", {"policy_id": strict["id"]})
-    admin.put(f"/groups/{root['id']}/locations/{office['id']}/policies/firewall", {"policy_id": relaxed["id"]})
+    admin.put(
+        f"/groups/{root['id']}/locations/{office['id']}/policies/firewall", {"policy_id": relaxed["id"]}
+    )
     admin.put(
         f"/groups/{root['id']}/locations/{office['id']}/communication",
         {"use_group_settings": False, "mode": "pull", "heartbeat_s": 900},
