@@ -43,6 +43,8 @@ def require_applicable(
 ) -> None:
     """Raise `StaleSerial` unless a document may be applied under the per-(group, location) rule."""
     mark = high_water.get(offered_key, NO_SERIAL)
+    if offered <= NO_SERIAL:
+        raise StaleSerial(offered, mark)
     if offered_key == current_key:
         require_newer(offered, mark)
     elif offered < mark:

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,14 +80,22 @@ class SigningKey:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             candidate = cls.generate()
+            # Written whole under a temporary name, then linked into place: a process starting at the same
+            # time either finds no file or a complete one, never an empty one.
+            fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass  # another process won the race: use its key
-            else:
                 with os.fdopen(fd, "w") as handle:
                     handle.write(candidate.seed_base64 + "\n")
-                return candidate
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                try:
+                    os.link(temporary, path)
+                except FileExistsError:
+                    pass  # another process won the race: use its key
+                else:
+                    return candidate
+            finally:
+                os.unlink(temporary)
         return cls.from_seed_base64(path.read_text().strip())
 
     @property
@@ -133,6 +142,8 @@ def open_envelope(payload: bytes | str | dict[str, Any], key: VerifyKey) -> dict
         signature = base64.b64decode(sig, validate=True)
     except binascii.Error as exc:
         raise BadSignature("signature is not base64") from exc
+    if base64.b64encode(signature).decode() != sig:  # one encoding only: the envelope bytes are fixed too
+        raise BadSignature("signature is not in canonical base64")
     try:
         key.public.verify(signature, canonical_json(doc))
     except InvalidSignature as exc:

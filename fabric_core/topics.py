@@ -89,13 +89,12 @@ def parse_topic(prefix: str, topic: str) -> ConfigTopic | AgentTopic:
     if not topic.startswith(head):
         raise InvalidTopic(f"topic {topic!r} is outside {head}")
     parts = topic[len(head) :].split("/")
-    if len(parts) == 3 and parts[0] == "config" and all(parts[1:]):
-        if any(ch in "+#" for ch in topic):
-            raise InvalidTopic(f"topic {topic!r} holds a wildcard")
-        return ConfigTopic(prefix, parts[1], parts[2])
-    if len(parts) == 3 and parts[0] == "agents" and parts[1] and parts[2] in ("cmd", "state"):
-        if any(ch in "+#" for ch in parts[1]):
-            raise InvalidTopic(f"topic {topic!r} holds a wildcard")
-        channel: AgentChannel = "cmd" if parts[2] == "cmd" else "state"
-        return AgentTopic(prefix, parts[1], channel)
+    try:
+        if len(parts) == 3 and parts[0] == "config":
+            return ConfigTopic(prefix, check_id(parts[1], "group id"), check_id(parts[2], "location id"))
+        if len(parts) == 3 and parts[0] == "agents" and parts[2] in ("cmd", "state"):
+            channel: AgentChannel = "cmd" if parts[2] == "cmd" else "state"
+            return AgentTopic(prefix, check_id(parts[1], "agent id"), channel)
+    except InvalidIdentifier as exc:
+        raise InvalidTopic(f"topic {topic!r}: {exc}") from exc
     raise InvalidTopic(f"topic {topic!r} is not a config, cmd or state topic")

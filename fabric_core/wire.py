@@ -107,7 +107,10 @@ class FactCondition(_Condition):
         if (self.equals is None) == (self.matches is None):
             raise ValueError("a fact condition needs exactly one of equals or matches")
         if self.matches is not None:
-            re.compile(self.matches)
+            try:
+                re.compile(self.matches)
+            except re.error as exc:  # not a ValueError: pydantic would let it through as a crash
+                raise ValueError(f"matches is not a valid regular expression: {exc}") from exc
         return self
 
 
@@ -126,6 +129,15 @@ Condition = Annotated[
     | ManagerReachableCondition,
     Field(discriminator="type"),
 ]
+
+
+class DocumentCommunication(_Lenient):
+    """Communications settings inside a document: lenient, so a newer manager may add fields."""
+
+    mode: Mode = "push"
+    heartbeat_s: int = Field(default=300, ge=HEARTBEAT_MIN_S, le=HEARTBEAT_MAX_S)
+    download_enabled: bool = True
+    randomize_s: int = Field(default=0, ge=0, le=HEARTBEAT_MAX_S)
 
 
 class LocationEntry(_Lenient):
@@ -156,7 +168,7 @@ class EffectiveDocument(_Lenient):
     group_id: int
     location_id: int
     issued_at: datetime
-    communication: Communication
+    communication: DocumentCommunication
     locations: list[LocationEntry]
     policies: dict[str, PolicyEntry]
     content: dict[str, ContentEntry] = Field(default_factory=dict)

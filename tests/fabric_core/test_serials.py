@@ -99,14 +99,6 @@ def test_unknown_other_key_rejects_negative(offered: int) -> None:
         require_applicable(offered=offered, offered_key=UNKNOWN, current_key=HERE, high_water=HIGH_WATER)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: require_applicable accepts serial 0 (NO_SERIAL, 'nothing applied') for a key that is "
-    "not the current one and has no high-water mark (including current_key=None), because the "
-    "other-key branch tests `offered < mark` with mark defaulting to NO_SERIAL. The same unknown key "
-    "as current_key requires >= 1, and serials start at 1 (EffectiveDocument.serial ge=1). Fix: "
-    "also raise StaleSerial when offered <= NO_SERIAL.",
-)
 @pytest.mark.parametrize("current_key", [HERE, None])
 def test_unknown_other_key_rejects_serial_zero(current_key: tuple[int, int] | None) -> None:
     with pytest.raises(StaleSerial):
