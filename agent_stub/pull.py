@@ -116,12 +116,17 @@ class PullLoop:
         self._failures = 0
         self._last_error = None
         self.heartbeats += 1
+        applied = False
         if response.changed and response.config is not None:
-            self._core.offer(response.config.model_dump(), source="heartbeat")
+            applied = self._core.offer(response.config.model_dump(), source="heartbeat").applied
         elif response.changed:
             log.debug("manager reports serial %d without a document; nothing to apply", response.serial)
         # Clamped so that a broken answer (0, negative, huge) can neither spin nor silence the agent.
         delay = min(max(float(response.next_heartbeat_s), self._retry_min_s), float(HEARTBEAT_MAX_S))
+        if applied:
+            # Report the new serial at once rather than a whole interval later: the operator sees the
+            # change land, and it costs one small request per change, not per heartbeat.
+            delay = 0.0
         now = datetime.now(UTC)
         self._core.record_heartbeat(at=now, next_at=now + timedelta(seconds=delay))
         return delay

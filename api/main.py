@@ -110,9 +110,23 @@ class BodyLimit:
                     raise _TooLarge
             return message
 
+        started = False
+
+        async def guarded_send(message: Message) -> None:
+            # FastAPI turns any error while reading the body (our _TooLarge among them) into its own
+            # 400; once the body is refused, drop what the app answers and send the 413 instead.
+            nonlocal started
+            if refused:
+                return
+            started = True
+            await send(message)
+
         try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+        if refused and not started:
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:

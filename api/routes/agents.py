@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, status
 from api.deps import ChangeDep, FabricDep, SessionDep, ViewerDep
 from api.models import Agent, LogRecord, utcnow
 from api.schemas import AgentOut, AgentUpdate, LogOut, TokenCreate, TokenOut
-from api.services import agents, logs
+from api.services import agents, groups, logs
 from api.services.agents import as_utc
 from fabric_core.wire import LogLevel
 
@@ -156,6 +156,7 @@ def group_logs(
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> list[LogOut]:
+    groups.get_group(session, group_id=group_id)
     found = logs.query_logs(
         session, group_id=group_id, level=level, since=since, until=until, limit=limit, offset=offset
     )

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from api.models import LogBatchReceipt, LogRecord
 from fabric_core.wire import LogBatch
+
+
+def _utc(moment: datetime) -> datetime:
+    """The same instant in UTC (naive: taken as UTC). SQLite keeps no offset, so store and compare in UTC."""
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def store_log_batch(session: Session, *, agent_id: str, group_id: int, batch: LogBatch) -> bool:
@@ -21,7 +26,7 @@ def store_log_batch(session: Session, *, agent_id: str, group_id: int, batch: Lo
             agent_id=agent_id,
             group_id=group_id,
             batch_id=batch.batch_id,
-            ts=entry.ts,
+            ts=_utc(entry.ts),
             level=entry.level,
             category=entry.category,
             message=entry.message,
@@ -56,8 +61,8 @@ def query_logs(
     if level is not None:
         query = query.where(col(LogRecord.level) == level)
     if since is not None:
-        query = query.where(col(LogRecord.ts) >= since)
+        query = query.where(col(LogRecord.ts) >= _utc(since))
     if until is not None:
-        query = query.where(col(LogRecord.ts) < until)
+        query = query.where(col(LogRecord.ts) < _utc(until))
     query = query.order_by(col(LogRecord.ts).desc(), col(LogRecord.id).desc()).limit(limit).offset(offset)
     return list(session.exec(query).all())

@@ -208,14 +208,16 @@ def test_run_applies_updates_now_on_sigusr1_and_stops_on_sigterm(
         text=True,
     )
     try:
-        _wait(lambda: len(_Manager.heartbeats) == 1)
+        # The first heartbeat applies serial 42, the second reports it at once; then a 3600 s sleep.
+        _wait(lambda: len(_Manager.heartbeats) == 2)
+        assert _Manager.heartbeats[1]["serial"] == 42
         _wait((state_dir / PID_FILE).exists)
         assert int((state_dir / PID_FILE).read_text()) == proc.pid
 
         result = _invoke("update-now", "--state-dir", str(state_dir))
         assert result.exit_code == 0, result.output
-        _wait(lambda: len(_Manager.heartbeats) == 2)  # the 3600 s sleep was cut short
-        assert _Manager.heartbeats[1]["serial"] == 42
+        _wait(lambda: len(_Manager.heartbeats) == 3)  # the 3600 s sleep was cut short
+        assert _Manager.heartbeats[2]["serial"] == 42
 
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=5)

@@ -115,12 +115,13 @@ def test_first_heartbeat_is_immediate_and_applies_the_document(
 
     async def scenario(loop: PullLoop) -> None:
         await wait_until(lambda: core.serial == 5, within=0.5)
-        await asyncio.sleep(0.05)  # the loop now sleeps next_heartbeat_s (60 s): no second heartbeat
+        await asyncio.sleep(0.05)  # the loop now sleeps next_heartbeat_s (60 s): no third heartbeat
 
     stop_took = _run(core, manager, settings, scenario)
 
     assert manager.times[0] - started < 0.2
-    assert len(manager.requests) == 1
+    # The second heartbeat reports the applied serial at once, so the operator sees it land.
+    assert [r["serial"] for r in manager.requests] == [0, 5]
     first = manager.requests[0]
     assert first["serial"] == 0 and first["mode"] == "pull" and "location_id" not in first
     assert set(first["status"]) == {"hostname", "agent_version"} and first["status"]["hostname"] == "host-1"
@@ -275,7 +276,8 @@ def test_a_broken_next_heartbeat_is_clamped(core: AgentCore, manager: FakeManage
 
     async def scenario() -> float:
         loop, client = _loop(core, manager, settings)
-        delay = await loop.heartbeat_once()
+        assert await loop.heartbeat_once() == 0.0  # applied: report the new serial at once
+        delay = await loop.heartbeat_once()  # unchanged: the broken interval applies, clamped
         await client.aclose()
         return delay
 
