@@ -1,0 +1,11 @@
+# The image behind compose.yaml's api, bridge and agent services.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY fabric_core fabric_core
+COPY api api
+COPY broker_bridge broker_bridge
+COPY agent_stub agent_stub
+RUN pip install --no-cache-dir .
+RUN useradd --system --home /data policycast && mkdir -p /data && chown policycast /data
+USER policycast
