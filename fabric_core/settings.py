@@ -6,7 +6,9 @@ Nothing else in Policycast reads the environment: a process builds one `Settings
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +17,31 @@ from fabric_core.topics import DEFAULT_PREFIX
 
 DEFAULT_HEARTBEAT_S = 300
 """SEPM's default heartbeat: five minutes."""
+
+
+@dataclass(frozen=True, slots=True)
+class MqttAddress:
+    """Where a broker listens: `mqtt://host:port` (plain) or `mqtts://host:port` (TLS)."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> MqttAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp") or not parts.hostname:
+            raise ValueError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ValueError(f"broker URL {url!r} has an invalid port") from exc
+        return cls(parts.hostname, port, tls)
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 class Settings(BaseSettings):
@@ -34,8 +61,18 @@ class Settings(BaseSettings):
         description="Base64 Ed25519 seed; default: data_dir/signing_key (created on first start). "
         "Every api replica must use the same key.",
     )
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_url: str = Field(default="mqtt://127.0.0.1:1883", description="the broker, as the bridge reaches it")
+    mqtt_public_url: str | None = Field(
+        default=None, description="the broker as agents reach it (sent at enrolment); default: mqtt_url"
+    )
     mqtt_prefix: str = DEFAULT_PREFIX
+    mqtt_username: str = Field(default="policycast-bridge", description="the bridge's broker account")
+    mqtt_password: SecretStr | None = Field(
+        default=None, description="the bridge's broker password; default: derived from the signing key"
+    )
+    mqtt_enabled: bool = Field(default=True, description="offer push mode (MQTT credentials at enrolment)")
+    bridge_batch: int = Field(default=500, ge=1, description="outbox rows a bridge publishes per round")
+    bridge_poll_s: float = Field(default=0.2, gt=0, description="how often an idle bridge looks for work")
     heartbeat_jitter: float = Field(default=0.1, ge=0.0, le=0.5, description="+/- fraction of heartbeat_s")
     heartbeat_flush_s: float = Field(
         default=2.0, gt=0, description="how often heartbeat bookkeeping is written"
@@ -55,6 +92,14 @@ class Settings(BaseSettings):
     def signing_key_path(self) -> Path:
         return self.data_dir / "signing_key"
 
+    @property
+    def mqtt_address(self) -> MqttAddress:
+        return MqttAddress.parse(self.mqtt_url)
+
+    @property
+    def mqtt_public_address(self) -> MqttAddress:
+        return MqttAddress.parse(self.mqtt_public_url or self.mqtt_url)
+
 
 class AgentSettings(BaseSettings):
     """The reference agent's settings."""
@@ -65,3 +110,9 @@ class AgentSettings(BaseSettings):
     retry_min_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=300.0, gt=0)
     request_timeout_s: float = Field(default=10.0, gt=0)
+    mqtt_keepalive_s: int = Field(default=60, ge=5, le=3600)
+    mqtt_session_expiry_s: int = Field(
+        default=7 * 86400, ge=0, description="how long the broker keeps the agent's session while it is away"
+    )
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)

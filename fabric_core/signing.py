@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 import tempfile
 from dataclasses import dataclass
@@ -104,6 +105,18 @@ class SigningKey:
 
         raw = self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
         return base64.b64encode(raw).decode()
+
+    def derive_secret(self, label: str) -> str:
+        """A secret bound to this key and `label` (e.g. an agent's broker password).
+
+        Derived, not stored: every api replica and bridge that shares the signing key can recompute it,
+        so broker accounts can be (re)provisioned at any time without keeping passwords anywhere.
+        """
+        from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+
+        seed = self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        digest = hmac.new(seed, b"policycast-derive:" + label.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
     @property
     def verify_key(self) -> VerifyKey:

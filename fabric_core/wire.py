@@ -223,6 +223,32 @@ class HeartbeatResponse(BaseModel):
     config: Envelope | None = Field(default=None, description="the signed document, when changed")
 
 
+# --- MQTT payloads (push mode) -----------------------------------------------------------------------
+
+
+class AgentStateReport(_Lenient):
+    """What an agent publishes, retained, on its state topic; its last will is `{agent_id, online: false}`."""
+
+    agent_id: str = Field(min_length=1, max_length=64)
+    online: bool
+    serial: int | None = Field(default=None, ge=0)
+    group_id: int | None = None
+    location_id: int | None = None
+    mode: Mode | None = None
+    at: datetime | None = None
+
+
+AgentCommandName = Literal["update_now"]
+
+
+class AgentCommand(_Lenient):
+    """What the manager sends an agent on its cmd topic (QoS 1, not retained)."""
+
+    command: AgentCommandName
+    id: str = Field(min_length=1, max_length=64, description="unique per command, for logs and dedup")
+    issued_at: datetime
+
+
 # --- enrolment ---------------------------------------------------------------------------------------
 
 
