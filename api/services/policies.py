@@ -47,8 +47,9 @@ def update_policy(
         _require_unique_name(change.session, name=name, exclude=policy_id)
         policy.name = name
         changed = True
+    if body is not None:
+        _require_encodable(body)  # before comparing: canonical_json raises on what it cannot encode
     if body is not None and canonical_json(body) != canonical_json(policy.body):
-        _require_encodable(body)
         policy.body = body
         changed = True
     if changed:
