@@ -9,8 +9,9 @@ from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
 
 from api.deps import Fabric, FabricDep
-from api.errors import Forbidden, PayloadTooLarge, ServiceUnavailable, Unauthorized
+from api.errors import Forbidden, Invalid, PayloadTooLarge, ServiceUnavailable, Unauthorized
 from api.heartbeat import CachedDocument, KnownAgent, next_heartbeat_s
+from api.schemas import is_plain_json
 from api.security import bearer_token, hash_secret
 from api.services import agents, logs
 from api.services.change import Change
@@ -30,6 +31,10 @@ JSON = "application/json"
 @router.post("/enroll", response_model=EnrollResponse)
 def enroll(body: EnrollRequest, fabric: FabricDep) -> EnrollResponse:
     """Exchange an enrolment token for an agent id, a secret and the key that signs documents."""
+    if "\x00" in body.hostname:
+        raise Invalid("hostname may not contain NUL characters")
+    if not is_plain_json(body.facts):
+        raise Invalid(f"facts must be {PLAIN_JSON}")
     with Session(fabric.engine, expire_on_commit=False) as session:
         change = Change(session=session, actor="enrollment", signing_key=fabric.signing_key)
         enrolment = agents.enroll(change, token=body.token, hostname=body.hostname, facts=body.facts)
@@ -79,6 +84,7 @@ async def heartbeat(body: HeartbeatRequest, request: Request, fabric: FabricDep)
     Served from memory: no database write unless the request carries a log batch.
     """
     secret_hash, agent = await _authenticate(request, fabric)
+    _require_storable(body)
     location_id, document = await _document(fabric, agent, body.location_id)
     if body.logs is not None:
         if len(body.logs.entries) > fabric.settings.max_log_entries:
@@ -105,6 +111,24 @@ async def heartbeat(body: HeartbeatRequest, request: Request, fabric: FabricDep)
         envelope=document.envelope if changed else None,
     )
     return Response(payload, media_type=JSON)
+
+
+PLAIN_JSON = "plain JSON: no NaN or Infinity, no integers beyond 64 bits"
+MAX_SERIAL = 2**63 - 1  # serials are BIGINT columns
+
+
+def _require_storable(body: HeartbeatRequest) -> None:
+    """Refuse what the database cannot hold: it would fail the batched bookkeeping of every agent."""
+    if body.serial > MAX_SERIAL:
+        raise Invalid(f"serial {body.serial} is beyond the 64-bit range")
+    if body.status and not is_plain_json(body.status):
+        raise Invalid(f"status must be {PLAIN_JSON}")
+    if body.logs is not None:
+        for index, entry in enumerate(body.logs.entries):
+            if "\x00" in entry.message or "\x00" in entry.category:
+                raise Invalid(f"log entry {index}: message and category may not contain NUL characters")
+            if entry.data is not None and not is_plain_json(entry.data):
+                raise Invalid(f"log entry {index}: data must be {PLAIN_JSON}")
 
 
 def _store_logs(fabric: Fabric, agent: KnownAgent, body: HeartbeatRequest) -> None:

@@ -84,7 +84,7 @@ def list_agents(session: Session, *, group_id: int | None, limit: int, offset: i
 
 
 def get_agent(session: Session, *, agent_id: str) -> Agent:
-    agent = session.get(Agent, agent_id)
+    agent = None if "\x00" in agent_id else session.get(Agent, agent_id)
     if agent is None:
         raise NotFound(f"agent {agent_id} does not exist")
     return agent

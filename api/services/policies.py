@@ -8,6 +8,7 @@ from sqlmodel import Session, col, select
 
 from api.errors import Conflict, Invalid, NotFound
 from api.models import Assignment, Policy, utcnow
+from api.schemas import is_plain_json
 from api.services.change import Change
 from api.services.locations import get_location, require_own_state
 from fabric_core.canonical import canonical_json
@@ -133,7 +134,5 @@ def _require_unique_name(session: Session, *, name: str, exclude: int | None) ->
 
 
 def _require_encodable(body: dict[str, Any]) -> None:
-    try:
-        canonical_json(body)
-    except TypeError as exc:  # orjson refuses integers beyond 64 bits, for one
-        raise Invalid(f"policy body cannot be encoded as canonical JSON: {exc}") from exc
+    if not is_plain_json(body):
+        raise Invalid("policy body must be plain JSON: no NaN or Infinity, no integers beyond 64 bits")

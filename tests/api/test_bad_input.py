@@ -8,6 +8,7 @@ the audit trail, the outbox, agents, tokens, keys and logs), the heartbeat cache
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -326,6 +327,83 @@ def test_heartbeat_interval_out_of_range_is_422(world, heartbeat_s):
 def test_references_to_nothing_in_a_body_are_422(world):
     world.refused("POST", "/groups", 422, json={"name": "Orphan", "parent_id": 999999})
     world.refused("PATCH", f"/groups/{world.sales}", 422, json={"parent_id": 999999})
+
+
+# --- values a database or canonical JSON cannot hold ------------------------------------------------
+
+
+def raw_json(text: str) -> dict[str, Any]:
+    return {"content": text.encode(), "headers": JSON_HEADERS}
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", str(2**70)])
+def test_numbers_plain_json_cannot_carry_are_refused(world, number):
+    """Python's JSON parser takes NaN and Infinity; canonical JSON and PostgreSQL's json do not."""
+    token = world.admin.post(f"/groups/{world.sales}/enrollment-tokens", {})["token"]
+    entry = f'{{"ts": "2024-05-01T08:00:00Z", "message": "m", "data": {{"x": {number}}}}}'
+
+    world.refused(
+        "POST",
+        "/policies",
+        422,
+        **raw_json(f'{{"name": "p", "type": "firewall", "body": {{"x": {number}}}}}'),
+    )
+    world.refused(
+        "PUT", f"/policies/{world.firewall['id']}", 422, **raw_json(f'{{"body": {{"x": [{number}]}}}}')
+    )
+    world.refused(
+        "POST",
+        HEARTBEAT,
+        422,
+        agent=True,
+        **raw_json(f'{{"serial": 0, "mode": "pull", "status": {{"load": {number}}}}}'),
+    )
+    world.refused(
+        "POST",
+        HEARTBEAT,
+        422,
+        agent=True,
+        **raw_json(f'{{"serial": 0, "mode": "pull", "logs": {{"batch_id": "b", "entries": [{entry}]}}}}'),
+    )
+    world.refused(
+        "POST",
+        "/agent/v1/enroll",
+        422,
+        agent=True,
+        **raw_json(f'{{"token": "{token}", "hostname": "h", "facts": {{"x": {number}}}}}'),
+    )
+
+
+def test_text_with_nul_characters_is_refused(world):
+    """PostgreSQL text cannot hold NUL: refused with a reason on every backend, not a 500 on one."""
+    token = world.admin.post(f"/groups/{world.sales}/enrollment-tokens", {})["token"]
+    nul = "a\u0000b"
+
+    world.refused("POST", "/groups", 422, json={"name": nul, "parent_id": world.root})
+    world.refused("PATCH", f"/groups/{world.sales}", 422, json={"name": nul})
+    world.refused("POST", "/policies", 422, json={"name": nul, "type": "firewall", "body": {}})
+    world.refused("PUT", f"/policies/{world.firewall['id']}", 422, json={"name": nul, "body": {}})
+    world.refused("POST", f"/groups/{world.root}/locations", 422, json={"name": nul, "conditions": []})
+    world.refused("PATCH", f"/groups/{world.root}/locations/{world.office}", 422, json={"name": nul})
+    world.refused(
+        "POST", "/agent/v1/enroll", 422, agent=True, json={"token": token, "hostname": nul, "facts": {}}
+    )
+    for field in ("message", "category"):
+        entry = {"ts": "2024-05-01T08:00:00Z", "message": "m", field: nul}
+        body = {"serial": 0, "mode": "pull", "logs": {"batch_id": "b", "entries": [entry]}}
+        world.refused("POST", HEARTBEAT, 422, agent=True, json=body)
+    world.refused("GET", "/agents/a%00b", 404)
+    world.refused("GET", "/agents/a%00b/logs", 404)
+
+
+def test_a_serial_beyond_64_bits_is_refused_and_bookkeeping_goes_on(world):
+    world.refused("POST", HEARTBEAT, 422, agent=True, json={"serial": 2**63, "mode": "pull"})
+
+    world.agent.heartbeat(serial=3)
+    deadline = time.monotonic() + 5
+    while world.admin.get(f"/agents/{world.agent.id}")["serial"] != 3:
+        assert time.monotonic() < deadline, "heartbeat bookkeeping stalled"
+        time.sleep(0.05)
 
 
 # --- ids that name nothing ---------------------------------------------------------------------------
