@@ -20,10 +20,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Engine, bindparam, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from api.models import utcnow
 
 log = logging.getLogger(__name__)
+_DATA_ERRORS = (DBAPIError, OverflowError, ValueError, TypeError)
+"""What a row the database cannot hold raises (SQLite's driver raises OverflowError itself)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +226,27 @@ class HeartbeatLedger:
             try:
                 with engine.begin() as connection:
                     connection.execute(statement, rows)
-            except Exception:
-                log.exception(
+            except OperationalError:
+                # The database is away: keep every sighting (newer ones win) for the next flush.
+                log.warning(
                     "heartbeat bookkeeping flush failed; keeping %d sightings for the next one", len(rows)
                 )
                 for agent_id, sighting in pending.items():
                     self._pending.setdefault(agent_id, sighting)
                 raise
+            except _DATA_ERRORS:
+                # One bad row must not stall everyone's bookkeeping: write them one by one, drop the bad.
+                return self._write_one_by_one(engine, statement, rows)
             return len(rows)
+
+    @staticmethod
+    def _write_one_by_one(engine: Engine, statement: Any, rows: list[dict[str, Any]]) -> int:
+        written = 0
+        for row in rows:
+            try:
+                with engine.begin() as connection:
+                    connection.execute(statement, row)
+                written += 1
+            except _DATA_ERRORS as exc:
+                log.error("dropped the heartbeat bookkeeping of agent %s: %s", row["id"], exc)
+        return written
