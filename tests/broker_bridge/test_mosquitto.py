@@ -1,0 +1,130 @@
+"""The broker's files and process: fleet settings, the initial dynamic-security JSON, restarts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from broker_bridge.broker import BrokerUnavailable
+from broker_bridge.mosquitto import (
+    BrokerLayout,
+    MosquittoProcess,
+    find_dynsec_plugin,
+    render_config,
+    render_dynsec,
+    write_broker_files,
+)
+from tests.support.broker import Broker
+
+
+def config_lines(text: str) -> set[str]:
+    return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+
+
+def test_config_has_the_fleet_settings(tmp_path: Path) -> None:
+    layout = BrokerLayout(tmp_path)
+    text = render_config(port=18830, bind="0.0.0.0", layout=layout, plugin_path="/x/dynsec.so")
+    lines = config_lines(text)
+    for expected in (
+        "per_listener_settings false",
+        "listener 18830 0.0.0.0",
+        "allow_anonymous false",
+        "plugin /x/dynsec.so",
+        f"plugin_opt_config_file {layout.dynsec_path}",
+        "persistence true",
+        f"persistence_location {layout.persistence_dir}/",
+        "autosave_interval 60",
+        "max_queued_messages 100000",
+        "max_queued_bytes 0",
+        "max_inflight_messages 100",
+        "persistent_client_expiration 14d",
+        "set_tcp_nodelay true",
+        "max_keepalive 300",
+        f"log_dest file {layout.log_path}",
+        f"pid_file {layout.pid_path}",
+    ):
+        assert expected in lines, expected
+    assert "backlog" in text  # the comment on pacing connects
+    assert sum(line.startswith("listener") for line in lines) == 1
+
+
+def test_dynsec_json_denies_by_default_and_hashes_like_mosquitto() -> None:
+    content = render_dynsec(bridge_username="bridge", bridge_password="s3cret", prefix="pc")
+    assert content["defaultACLAccess"] == {
+        "publishClientSend": False,
+        "publishClientReceive": False,
+        "subscribe": False,
+        "unsubscribe": True,
+    }
+    (client,) = content["clients"]
+    assert client["username"] == "bridge"
+    assert {r["rolename"] for r in client["roles"]} == {"pc-bridge", "pc-dynsec-admin"}
+    salt = base64.b64decode(client["salt"])
+    assert len(salt) == 12 and client["iterations"] == 101
+    expected = hashlib.pbkdf2_hmac("sha512", b"s3cret", salt, 101)
+    assert base64.b64decode(client["password"]) == expected
+    roles = {role["rolename"]: role["acls"] for role in content["roles"]}
+    bridge = {(acl["acltype"], acl["topic"]) for acl in roles["pc-bridge"]}
+    assert bridge == {
+        ("publishClientSend", "pc/v1/config/#"),
+        ("publishClientSend", "pc/v1/agents/+/cmd"),
+        ("publishClientSend", "pc/v1/agents/+/state"),
+        ("subscribePattern", "pc/v1/agents/+/state"),
+        ("publishClientReceive", "pc/v1/agents/+/state"),
+    }
+    admin = {(acl["acltype"], acl["topic"]) for acl in roles["pc-dynsec-admin"]}
+    assert {kind for kind, _ in admin} == {"publishClientSend", "publishClientReceive", "subscribePattern"}
+    assert {topic for _, topic in admin} == {"$CONTROL/dynamic-security/#"}
+
+
+def test_write_broker_files_never_clobbers_the_dynsec_json(tmp_path: Path) -> None:
+    layout = BrokerLayout(tmp_path / "broker")
+    common = {
+        "layout": layout,
+        "bind": "127.0.0.1",
+        "bridge_username": "b",
+        "prefix": "pc",
+        "plugin_path": "/p",
+    }
+    write_broker_files(port=1, bridge_password="first", **common)  # type: ignore[arg-type]
+    assert stat.S_IMODE(layout.dynsec_path.stat().st_mode) == 0o600
+    first = layout.dynsec_path.read_text()
+    write_broker_files(port=2, bridge_password="second", **common)  # type: ignore[arg-type]
+    assert layout.dynsec_path.read_text() == first
+    assert "listener 2 127.0.0.1" in layout.config_path.read_text()
+    assert json.loads(first)["clients"][0]["username"] == "b"
+
+
+def test_missing_plugin_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BrokerUnavailable, match="does not exist"):
+        find_dynsec_plugin(str(tmp_path / "nope.so"))
+
+
+def test_a_broker_that_cannot_start_says_why(mosquitto: Broker, tmp_path: Path) -> None:
+    # A second broker on the same port: it exits, and the error shows its log.
+    layout = BrokerLayout(tmp_path / "second")
+    write_broker_files(
+        layout=layout,
+        port=mosquitto.port,
+        bind="127.0.0.1",
+        bridge_username="b",
+        bridge_password="p",
+        prefix="pc",
+        plugin_path=mosquitto.plugin_path,
+    )
+    with pytest.raises(BrokerUnavailable, match="Address already in use"):
+        MosquittoProcess(layout, mosquitto.port).start()
+
+
+def test_stop_start_restart(mosquitto: Broker) -> None:
+    first = mosquitto.process.pid
+    assert mosquitto.process.running and first
+    mosquitto.restart()
+    assert mosquitto.process.running and mosquitto.process.pid != first
+    mosquitto.stop()
+    assert not mosquitto.process.running and mosquitto.process.pid is None

@@ -1,0 +1,319 @@
+"""A real Mosquitto for tests, configured by the project's own `write_broker_files`, on a free port.
+
+- `Broker`: the broker process in a temporary directory, with the bridge's account; `link()` gives a
+  connected `BrokerLink` as the bridge, `provision()` makes an agent account, `stop/start/restart()`.
+- `MqttClient`: a plain paho MQTT 5 client (an agent, an intruder) whose calls return reason codes, so
+  that tests can assert what the broker allowed.
+- `mosquitto`: a function-scoped fixture giving a fresh, started `Broker`. Register it with
+  `pytest_plugins = ["tests.support.broker"]` in the top-level conftest, or import it into a conftest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from broker_bridge import provisioning
+from broker_bridge.broker import BrokerLink, BrokerUnavailable
+from broker_bridge.mosquitto import (
+    BrokerLayout,
+    MosquittoProcess,
+    find_dynsec_plugin,
+    mosquitto_binary,
+    write_broker_files,
+)
+from fabric_core.settings import MqttAddress
+from fabric_core.topics import DEFAULT_PREFIX
+from tests.support.processes import free_port
+
+BRIDGE_USERNAME = "policycast-bridge"
+
+
+class Broker:
+    """A Mosquitto of its own in `directory`, with dynamic security and the bridge's account."""
+
+    def __init__(self, directory: Path, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+        self.layout = BrokerLayout(directory)
+        self.bridge_username = BRIDGE_USERNAME
+        self.bridge_password = secrets.token_urlsafe(18)
+        self.plugin_path = find_dynsec_plugin()
+        self.port = free_port()
+        self._write_files()
+        self.process = MosquittoProcess(self.layout, self.port)
+        self._links: list[BrokerLink] = []
+        self._clients: list[MqttClient] = []
+        self._admin: BrokerLink | None = None
+
+    def _write_files(self) -> None:
+        write_broker_files(
+            layout=self.layout,
+            port=self.port,
+            bind="127.0.0.1",
+            bridge_username=self.bridge_username,
+            bridge_password=self.bridge_password,
+            prefix=self.prefix,
+            plugin_path=self.plugin_path,
+        )
+
+    @property
+    def address(self) -> MqttAddress:
+        return MqttAddress("127.0.0.1", self.port)
+
+    @property
+    def url(self) -> str:
+        return self.address.url
+
+    def start(self) -> Broker:
+        try:
+            self.process.start()
+        except BrokerUnavailable:
+            if self.process.running or "Address already in use" not in self.process.log_tail():
+                raise
+            # Another process took the free port between the probe and the bind: pick another one.
+            self.port = free_port()
+            self._write_files()
+            self.process = MosquittoProcess(self.layout, self.port)
+            self.process.start()
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def restart(self) -> None:
+        self.process.restart()
+
+    def link(self, client_id: str | None = None, *, timeout: float = 10.0) -> BrokerLink:
+        """A connected `BrokerLink` with the bridge's credentials, closed by `close()`."""
+        link = BrokerLink(
+            self.address,
+            username=self.bridge_username,
+            password=self.bridge_password,
+            client_id=client_id or f"bridge-{secrets.token_hex(4)}",
+            reconnect_min_s=0.05,
+            reconnect_max_s=0.5,
+        )
+        self._links.append(link)
+        link.connect(timeout)
+        return link
+
+    @property
+    def admin(self) -> BrokerLink:
+        """One bridge link kept for provisioning."""
+        if self._admin is None:
+            self._admin = self.link("test-provisioner")
+        return self._admin
+
+    def provision(self, agent_id: str, group_id: str | int) -> str:
+        """Create (or reset) the agent's account; return its password."""
+        password = secrets.token_urlsafe(18)
+        provisioning.provision_agent(
+            self.admin, prefix=self.prefix, agent_id=agent_id, group_id=group_id, password=password
+        )
+        return password
+
+    def client(self, username: str | None, password: str | None, client_id: str | None = None) -> MqttClient:
+        """A plain MQTT 5 client (not yet connected), closed by `close()`."""
+        client = MqttClient(self.address, username, password, client_id)
+        self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        for link in self._links:
+            link.close()
+        self.stop()
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class MqttClient:
+    """A paho MQTT 5 client for tests: each call waits for the broker's answer and returns its reason."""
+
+    def __init__(
+        self, address: MqttAddress, username: str | None, password: str | None, client_id: str | None = None
+    ) -> None:
+        self.client_id = client_id or f"test-{secrets.token_hex(4)}"
+        self.paho = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        if username is not None:
+            self.paho.username_pw_set(username, password)
+        self.address = address
+        self.messages: queue.Queue[Received] = queue.Queue()
+        self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
+        self._answers: dict[int, ReasonCode] = {}
+        self._cond = threading.Condition()
+        self._connack: ReasonCode | None = None
+        self.paho.on_connect = self._on_connect
+        self.paho.on_disconnect = self._on_disconnect
+        self.paho.on_subscribe = self._on_subscribe
+        self.paho.on_publish = self._on_publish
+        self.paho.on_message = self._on_message
+
+    def will(self, topic: str, payload: bytes, *, retain: bool = True) -> MqttClient:
+        self.paho.will_set(topic, payload, qos=1, retain=retain)
+        return self
+
+    # callbacks (network thread)
+
+    def _on_connect(
+        self, _c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        with self._cond:
+            self._connack = rc
+            self._cond.notify_all()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        self.disconnects.put(rc)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, rcs: list[ReasonCode], _p: object) -> None:
+        self._answer(mid, rcs[0])
+
+    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:
+        self._answer(mid, rc)
+
+    def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        self.messages.put(Received(message.topic, bytes(message.payload), bool(message.retain)))
+
+    def _answer(self, mid: int, rc: ReasonCode) -> None:
+        with self._cond:
+            self._answers[mid] = rc
+            self._cond.notify_all()
+
+    def _wait_answer(self, mid: int, timeout: float, what: str) -> ReasonCode:
+        with self._cond:
+            if not self._cond.wait_for(lambda: mid in self._answers or not self.paho.is_connected(), timeout):
+                raise AssertionError(f"no answer to {what} within {timeout}s")
+            if mid not in self._answers:
+                raise AssertionError(f"disconnected while waiting for the answer to {what}")
+            return self._answers.pop(mid)
+
+    # calls
+
+    def connect(self, *, clean_start: bool = True, timeout: float = 5.0) -> ReasonCode:
+        """CONNECT and return the CONNACK reason (success or why not)."""
+        self._connack = None
+        self.paho.connect(self.address.host, self.address.port, keepalive=30, clean_start=clean_start)
+        self.paho.loop_start()
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._connack is not None, timeout):
+                raise AssertionError(f"no CONNACK within {timeout}s")
+            assert self._connack is not None
+            return self._connack
+
+    def subscribe(self, topic_filter: str, *, timeout: float = 5.0) -> ReasonCode:
+        """SUBSCRIBE at QoS 1 and return the SUBACK reason (granted QoS or a failure)."""
+        rc, mid = self.paho.subscribe(topic_filter, options=SubscribeOptions(qos=1))
+        assert rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None, mqtt.error_string(rc)
+        return self._wait_answer(mid, timeout, f"subscribe {topic_filter}")
+
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 5.0
+    ) -> ReasonCode:
+        """PUBLISH at QoS 1 and return the PUBACK reason."""
+        info = self.paho.publish(topic, payload, qos=1, retain=retain)
+        assert info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS, mqtt.error_string(info.rc)
+        return self._wait_answer(info.mid, timeout, f"publish {topic}")
+
+    def expect(self, topic: str, *, timeout: float = 5.0) -> Received:
+        """The next message on `topic` (others received meanwhile are dropped)."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(queue.Empty):
+                message = self.messages.get(timeout=remaining)
+                if message.topic == topic:
+                    return message
+        raise AssertionError(f"{self.client_id}: nothing on {topic} within {timeout}s")
+
+    def received(self, *, within: float) -> list[Received]:
+        """Everything that arrives within `within` seconds."""
+        deadline = time.monotonic() + within
+        got: list[Received] = []
+        while (remaining := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(queue.Empty):
+                got.append(self.messages.get(timeout=remaining))
+        return got
+
+    def wait_disconnected(self, *, timeout: float = 5.0) -> ReasonCode:
+        try:
+            return self.disconnects.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"{self.client_id} was not disconnected within {timeout}s") from None
+
+    def close(self) -> None:
+        self.paho.disconnect()
+        self.paho.loop_stop()
+
+
+class Inbox:
+    """A `BrokerLink.subscribe` handler that keeps what arrives, for tests to wait on or rule out."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        with self._cond:
+            self.items.append((topic, payload))
+            self._cond.notify_all()
+
+    def wait_for(self, topic: str, payload: bytes, *, timeout: float = 5.0) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: (topic, payload) in self.items, timeout):
+                raise AssertionError(f"{payload!r} never arrived on {topic}; got {self.items}")
+
+    def wait_count(self, count: int, *, timeout: float = 5.0) -> list[tuple[str, bytes]]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.items) >= count, timeout):
+                raise AssertionError(f"{len(self.items)} of {count} messages arrived within {timeout}s")
+            return list(self.items)
+
+
+def _require_mosquitto() -> None:
+    try:
+        mosquitto_binary()
+        find_dynsec_plugin()
+    except BrokerUnavailable as exc:
+        pytest.fail(
+            f"these tests need a real Mosquitto 2 broker: {exc}.\nRun `apt-get install -y mosquitto`.",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Broker]:
+    """A fresh Mosquitto per test, on a free port, with dynamic security and the bridge's account."""
+    _require_mosquitto()
+    broker = Broker(tmp_path / "mosquitto")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
