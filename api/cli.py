@@ -7,6 +7,7 @@ act on are printed as one line on stderr with a non-zero exit, never as a traceb
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
@@ -87,6 +89,42 @@ def serve(
         log_level=log_level,
         access_log=False,
     )
+
+
+@app.command()
+def bridge() -> None:
+    """Relay changed documents and commands to the broker, provision agents' broker accounts, and
+    bring agent state back. Run one or more; one at a time holds the relay lease."""
+    import signal
+    import threading
+
+    from broker_bridge.service import Bridge, connect_link
+    from fabric_core.signing import load_signing_key
+
+    settings = load_settings()
+    engine = make_engine(settings.resolved_database_url)
+    signing_key = guarded(lambda: load_signing_key(settings), "loading the signing key")
+    guarded(lambda: _require_schema(engine), "checking the database")
+    link = connect_link(settings, signing_key, client_id=f"policycast-bridge-{os.getpid()}")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    console.print(f"bridge: database {_where(settings)}, broker {settings.mqtt_address.url}")
+    link.start()
+    try:
+        Bridge(settings=settings, engine=engine, signing_key=signing_key, link=link).run(stop)
+    finally:
+        link.close()
+    console.print("bridge stopped")
+
+
+def _require_schema(engine: Engine) -> None:
+    from sqlalchemy import inspect
+
+    if "fabric_counters" not in inspect(engine).get_table_names():
+        raise ValueError(
+            "the database has no Policycast schema yet: run `policycast serve` or `policycast admin migrate`"
+        )
 
 
 @app.command()

@@ -85,3 +85,9 @@ def allocate_serials(session: Session, count: int) -> range:
 def read_counters(session: Session) -> tuple[int, int]:
     row = session.execute(text("SELECT serial, generation FROM fabric_counters WHERE id = 1")).one()
     return int(row[0]), int(row[1])
+
+
+def read_counters_outside(engine: Engine) -> tuple[int, int]:
+    """(serial, generation), read in a short transaction of its own."""
+    with Session(engine) as session:
+        return read_counters(session)

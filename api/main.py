@@ -22,15 +22,9 @@ from api.routes import agent_api, agents, communication, groups, locations, poli
 from api.services.change import Change
 from api.services.groups import ensure_root
 from fabric_core.settings import Settings
-from fabric_core.signing import SigningKey
+from fabric_core.signing import load_signing_key
 
 log = logging.getLogger(__name__)
-
-
-def load_signing_key(settings: Settings) -> SigningKey:
-    if settings.signing_key is not None:
-        return SigningKey.from_seed_base64(settings.signing_key.get_secret_value())
-    return SigningKey.load_or_create(settings.signing_key_path)
 
 
 def open_fabric(settings: Settings, *, run_migrations: bool = True) -> Fabric:

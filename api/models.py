@@ -98,6 +98,10 @@ class Agent(SQLModel, table=True):
     last_seen: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     revoked_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     update_requested: bool = Field(default=False)
+    online: bool | None = Field(default=None)
+    """Push presence from the broker (retained state, last will); None for an agent never seen on MQTT."""
+    acl_group_id: int | None = Field(default=None)
+    """The group whose config topics the broker currently lets this agent read; None: no broker account."""
     generation: int = Field(default=0, sa_type=BigInteger, index=True)
     """The change generation that last touched what the heartbeat cache holds of this agent."""
 
@@ -143,6 +147,29 @@ class OutboxEntry(SQLModel, table=True):
     envelope: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     published_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class AgentCommandEntry(SQLModel, table=True):
+    """An operator command waiting for a bridge to publish it on the agent's cmd topic."""
+
+    __tablename__ = "agent_commands"
+    __table_args__ = (Index("ix_agent_commands_pending", "published_at", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    agent_id: str = Field(max_length=32)
+    command: str = Field(max_length=32)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    published_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class BridgeLease(SQLModel, table=True):
+    """Which bridge process relays right now: one at a time, so documents leave in serial order."""
+
+    __tablename__ = "bridge_leases"
+
+    name: str = Field(primary_key=True, max_length=32)
+    holder: str = Field(max_length=64)
+    expires_at: datetime = Field(sa_type=DateTime(timezone=True))
 
 
 class LogBatchReceipt(SQLModel, table=True):

@@ -193,6 +193,8 @@ class BrokerLink:
         self.address = address
         self.client_id = client_id
         self.connected = threading.Event()
+        self.sessions = 0
+        """How many connections came up so far: a change tells users the broker may have restarted."""
         self._username = username
         self._password = password
         self._keepalive = keepalive
@@ -327,6 +329,7 @@ class BrokerLink:
                 connection.client.disconnect()  # no SUBACK: start over on a fresh connection
                 break
         if not connection.ended.is_set():
+            self.sessions += 1
             self.connected.set()
         while not connection.ended.wait(1.0):
             if self._closing.is_set():

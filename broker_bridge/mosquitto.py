@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from broker_bridge.broker import BrokerUnavailable
-from fabric_core.topics import VERSION, all_states_filter, check_prefix
+from fabric_core.topics import all_cmds_filter, all_configs_filter, all_states_filter
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +190,8 @@ def _acl(acltype: str, topic: str) -> dict[str, Any]:
 
 def bridge_acls(prefix: str) -> list[dict[str, Any]]:
     """What the bridge may do: publish documents and commands, read (and clear) every agent's state."""
-    check_prefix(prefix)
-    # fabric_core.topics has no filters for "every config topic" or "every agent's cmd topic" (only for
-    # one group, and for every state): built here from the same pieces as config_topic / cmd_topic.
-    every_config = f"{prefix}/{VERSION}/config/#"
-    every_cmd = f"{prefix}/{VERSION}/agents/+/cmd"
+    every_config = all_configs_filter(prefix)
+    every_cmd = all_cmds_filter(prefix)
     states = all_states_filter(prefix)
     return [
         _acl("publishClientSend", every_config),

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fabric_core.canonical import canonical_json
 from fabric_core.errors import BadSignature, InvalidDocument, UnknownSigningKey
+from fabric_core.settings import Settings
 
 _SEED_BYTES = 32
 
@@ -162,3 +163,10 @@ def open_envelope(payload: bytes | str | dict[str, Any], key: VerifyKey) -> dict
     except InvalidSignature as exc:
         raise BadSignature("signature does not match the document") from exc
     return doc
+
+
+def load_signing_key(settings: Settings) -> SigningKey:
+    """The manager's key: from settings (every replica the same), else the data directory's file."""
+    if settings.signing_key is not None:
+        return SigningKey.from_seed_base64(settings.signing_key.get_secret_value())
+    return SigningKey.load_or_create(settings.signing_key_path)

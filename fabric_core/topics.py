@@ -78,6 +78,16 @@ def state_topic(prefix: str, agent_id: str) -> str:
     return agent_topic(prefix, agent_id, "state")
 
 
+def all_configs_filter(prefix: str) -> str:
+    """Every config topic (the bridge's publish permission)."""
+    return f"{check_prefix(prefix)}/{VERSION}/config/#"
+
+
+def all_cmds_filter(prefix: str) -> str:
+    """Every agent's cmd topic (the bridge's publish permission)."""
+    return f"{check_prefix(prefix)}/{VERSION}/agents/+/cmd"
+
+
 def all_states_filter(prefix: str) -> str:
     """The subscription filter the bridge uses to ingest every agent's state."""
     return f"{check_prefix(prefix)}/{VERSION}/agents/+/state"

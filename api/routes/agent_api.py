@@ -15,11 +15,13 @@ from api.schemas import is_plain_json
 from api.security import bearer_token, hash_secret
 from api.services import agents, logs
 from api.services.change import Change
+from broker_bridge.credentials import agent_password
 from fabric_core.wire import (
     EnrollRequest,
     EnrollResponse,
     HeartbeatRequest,
     HeartbeatResponse,
+    MqttCredentials,
     SigningKeyInfo,
     heartbeat_response_bytes,
 )
@@ -40,11 +42,22 @@ def enroll(body: EnrollRequest, fabric: FabricDep) -> EnrollResponse:
         enrolment = agents.enroll(change, token=body.token, hostname=body.hostname, facts=body.facts)
         change.commit()
     verify_key = fabric.signing_key.verify_key
+    settings = fabric.settings
+    mqtt = None
+    if settings.mqtt_enabled:
+        # The broker account appears within a bridge round (it provisions from the agents table);
+        # until then the agent's connects are refused and it keeps converging by heartbeat.
+        mqtt = MqttCredentials(
+            url=settings.mqtt_public_address.url,
+            username=enrolment.agent.id,
+            password=agent_password(fabric.signing_key, enrolment.agent.id),
+        )
     return EnrollResponse(
         agent_id=enrolment.agent.id,
         secret=enrolment.secret,
         group_id=enrolment.agent.group_id,
         signing_key=SigningKeyInfo(kid=verify_key.kid, public_key=verify_key.public_base64),
+        mqtt=mqtt,
     )
 
 

@@ -25,12 +25,15 @@ def _agent_out(agent: Agent, current_serial: int | None, fabric: FabricDep) -> A
     last_seen = as_utc(agent.last_seen)
     cached = fabric.view.document_for(agent.group_id, agent.location_id)
     heartbeat_s = cached[1].heartbeat_s if cached else 300
-    online = (
-        last_seen is not None
-        and agent.revoked_at is None
-        and utcnow() - last_seen
-        <= timedelta(seconds=heartbeat_s * (1 + fabric.settings.heartbeat_jitter) + ONLINE_GRACE_S)
-    )
+    if agent.mode == "push" and agent.online is not None:
+        online = agent.online and agent.revoked_at is None  # presence from the broker (last will)
+    else:
+        online = (
+            last_seen is not None
+            and agent.revoked_at is None
+            and utcnow() - last_seen
+            <= timedelta(seconds=heartbeat_s * (1 + fabric.settings.heartbeat_jitter) + ONLINE_GRACE_S)
+        )
     return AgentOut(
         id=agent.id,
         hostname=agent.hostname,
@@ -125,6 +128,14 @@ def update_now(agent_id: str, change: ChangeDep) -> dict[str, str]:
     agent = agents.request_update(change, agent_id=agent_id)
     change.commit()
     return {"agent_id": agent.id, "status": "requested"}
+
+
+@router.post("/groups/{group_id}/update-now", status_code=status.HTTP_202_ACCEPTED)
+def update_group_now(group_id: int, change: ChangeDep) -> dict[str, int | str]:
+    """Update now for every agent of the group and its subgroups."""
+    agents_asked = agents.request_group_update(change, group_id=group_id)
+    change.commit()
+    return {"group_id": group_id, "agents": len(agents_asked), "status": "requested"}
 
 
 @router.get("/agents/{agent_id}/logs", response_model=list[LogOut])

@@ -10,7 +10,8 @@ from typing import Any, overload
 from sqlmodel import Session, col, select
 
 from api.errors import Conflict, Invalid, NotFound, Unauthorized
-from api.models import Agent, EffectiveConfig, EnrollmentToken, utcnow
+from api.models import Agent, AgentCommandEntry, EffectiveConfig, EnrollmentToken, utcnow
+from api.resolution import load_tree
 from api.security import hash_secret, new_secret
 from api.services.change import Change
 from api.services.groups import get_group
@@ -123,12 +124,33 @@ def revoke_agent(change: Change, *, agent_id: str) -> Agent:
 
 
 def request_update(change: Change, *, agent_id: str) -> Agent:
+    """Update now: a push agent hears it at once on its cmd topic, a pull agent at its next heartbeat."""
     agent = _active(change.session, agent_id)
+    _queue_update(change, agent)
+    change.audit("agent.update_now", f"agent:{agent_id}")
+    return agent
+
+
+def request_group_update(change: Change, *, group_id: int) -> list[Agent]:
+    """Update now for every active agent of the group and of its subgroups."""
+    get_group(change.session, group_id=group_id)
+    subtree = load_tree(change.session).subtree(group_id)
+    agents = list(
+        change.session.exec(
+            select(Agent).where(col(Agent.group_id).in_(subtree), col(Agent.revoked_at).is_(None))
+        ).all()
+    )
+    for agent in agents:
+        _queue_update(change, agent)
+    change.audit("group.update_now", f"group:{group_id}", agents=len(agents))
+    return agents
+
+
+def _queue_update(change: Change, agent: Agent) -> None:
     agent.update_requested = True
     agent.generation = change.generation
     change.session.add(agent)
-    change.audit("agent.update_now", f"agent:{agent_id}")
-    return agent
+    change.session.add(AgentCommandEntry(agent_id=agent.id, command="update_now"))
 
 
 def _active(session: Session, agent_id: str) -> Agent:

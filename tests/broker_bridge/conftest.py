@@ -7,12 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from broker_bridge.broker import BrokerLink
-from tests.support import broker as support
 from tests.support.broker import Broker, MqttClient
-
-# The fixture, registered for these tests. (A `pytest_plugins` line is only allowed in the top-level
-# conftest; when tests/conftest.py registers tests.support.broker, this line is redundant but harmless.)
-mosquitto = support.mosquitto
 
 AgentFactory = Callable[..., MqttClient]
 
@@ -35,3 +30,6 @@ def agent(mosquitto: Broker) -> AgentFactory:
         return client
 
     return make
+
+
+from tests.support.stack import stack  # noqa: E402, F401  (the fixture)

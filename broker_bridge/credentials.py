@@ -1,0 +1,20 @@
+"""Broker credentials, derived from the manager's signing key so that nothing stores them.
+
+The api hands an agent its password at enrolment; the bridge recomputes the same password whenever it
+(re)provisions the agent's broker account. Both need only the shared signing key.
+"""
+
+from __future__ import annotations
+
+from fabric_core.settings import Settings
+from fabric_core.signing import SigningKey
+
+
+def agent_password(signing_key: SigningKey, agent_id: str) -> str:
+    return signing_key.derive_secret(f"mqtt-agent:{agent_id}")
+
+
+def bridge_password(settings: Settings, signing_key: SigningKey) -> str:
+    if settings.mqtt_password is not None:
+        return settings.mqtt_password.get_secret_value()
+    return signing_key.derive_secret(f"mqtt-bridge:{settings.mqtt_username}")

@@ -1,0 +1,89 @@
+"""Agent state from the broker into the agents table: presence (last will), serial, location, mode.
+
+Messages arrive on the broker's network thread; they are parsed and kept in memory, newest per agent,
+and written in one batch per flush. A message that breaks the contract is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+from pydantic import ValidationError
+from sqlalchemy import Engine, bindparam, text
+
+from api.models import utcnow
+from fabric_core.errors import InvalidTopic
+from fabric_core.topics import AgentTopic, parse_topic
+from fabric_core.wire import AgentStateReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    report: AgentStateReport
+    at: datetime
+
+
+class StateIngest:
+    def __init__(self, *, prefix: str) -> None:
+        self.prefix = prefix
+        self._pending: dict[str, Seen] = {}
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """The broker callback: validate, then remember the newest report per agent."""
+        if not payload:
+            return  # a cleared retained message (agent removed): nothing to record
+        try:
+            parsed = parse_topic(self.prefix, topic)
+            if not isinstance(parsed, AgentTopic) or parsed.channel != "state":
+                raise InvalidTopic(f"{topic!r} is not a state topic")
+            report = AgentStateReport.model_validate(orjson.loads(payload))
+            if report.agent_id != parsed.agent_id:
+                raise ValueError(f"report names agent {report.agent_id!r} on {parsed.agent_id!r}'s topic")
+        except (InvalidTopic, ValidationError, ValueError, orjson.JSONDecodeError) as exc:
+            self.dropped += 1
+            log.warning("dropped a state message on %s: %s", topic, exc)
+            return
+        with self._lock:
+            self._pending[report.agent_id] = Seen(report, utcnow())
+
+    def flush(self, engine: Engine) -> int:
+        """Write what arrived since the last flush; return how many agents it touched."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return 0
+        rows = [
+            {
+                "id": agent_id,
+                "online": seen.report.online,
+                "serial": seen.report.serial,
+                "location_id": seen.report.location_id,
+                "mode": seen.report.mode,
+                # The bridge's clock, not the agent's: agents' clocks drift.
+                "seen": seen.at if seen.report.online else None,
+            }
+            for agent_id, seen in pending.items()
+        ]
+        # COALESCE: a last will says only "offline"; it must not erase what the agent reported before.
+        statement = text(
+            "UPDATE agents SET online = :online, serial = COALESCE(:serial, serial), "
+            "location_id = COALESCE(:location_id, location_id), mode = COALESCE(:mode, mode), "
+            "last_seen = COALESCE(:seen, last_seen) WHERE id = :id AND revoked_at IS NULL"
+        ).bindparams(bindparam("serial"), bindparam("location_id"), bindparam("mode"), bindparam("seen"))
+        try:
+            with engine.begin() as connection:
+                connection.execute(statement, rows)
+        except Exception:
+            with self._lock:
+                for agent_id, seen in pending.items():
+                    self._pending.setdefault(agent_id, seen)
+            raise
+        return len(rows)

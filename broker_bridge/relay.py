@@ -1,0 +1,115 @@
+"""The outbox relay: changed documents and operator commands, from SQL to the broker, losing nothing.
+
+A row is marked published only after the broker acknowledged it (QoS 1 PUBACK). A bridge killed between
+the publish and the mark publishes the row again after a restart: agents drop a serial they already hold,
+so a duplicate is harmless, a loss is not. When several rows wait for the same topic, only the newest
+serial is published (the older ones are superseded: it is retained state, not a log).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col, select
+
+from api.models import AgentCommandEntry, EffectiveConfig, OutboxEntry, utcnow
+from fabric_core.canonical import canonical_json
+from fabric_core.topics import cmd_topic, config_topic
+from fabric_core.wire import AgentCommand
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+class Publisher(Protocol):
+    def publish_many(self, messages: Sequence[Message], *, timeout: float) -> None:
+        """Return once the broker acknowledged every message; raise if it did not."""
+        ...
+
+
+def relay_outbox(engine: Engine, publisher: Publisher, *, prefix: str, batch: int, timeout: float) -> int:
+    """Publish the oldest pending documents; return how many outbox rows were settled."""
+    with Session(engine) as session:
+        rows = session.exec(
+            select(OutboxEntry)
+            .where(col(OutboxEntry.published_at).is_(None))
+            .order_by(col(OutboxEntry.id))
+            .limit(batch)
+        ).all()
+    if not rows:
+        return 0
+    newest: dict[tuple[int, int], OutboxEntry] = {}
+    for row in rows:  # ascending id is ascending serial: the last one per topic wins
+        newest[(row.group_id, row.location_id)] = row
+    messages = [
+        Message(config_topic(prefix, row.group_id, row.location_id), row.envelope, qos=1, retain=True)
+        for row in sorted(newest.values(), key=lambda r: r.serial)
+    ]
+    publisher.publish_many(messages, timeout=timeout)
+    _mark(engine, OutboxEntry, [row.id for row in rows if row.id is not None])
+    log.debug("published %d document(s), settled %d outbox row(s)", len(messages), len(rows))
+    return len(rows)
+
+
+def republish_current(engine: Engine, publisher: Publisher, *, prefix: str, timeout: float) -> int:
+    """Publish every current document again, retained.
+
+    Mosquitto saves retained messages periodically; one that crashed may come back without the latest
+    documents. Republishing after each reconnect restores them (agents drop what they already hold).
+    """
+    with Session(engine) as session:
+        rows = session.exec(select(EffectiveConfig).order_by(col(EffectiveConfig.serial))).all()
+    for start in range(0, len(rows), 500):
+        chunk = rows[start : start + 500]
+        publisher.publish_many(
+            [Message(config_topic(prefix, r.group_id, r.location_id), r.envelope, 1, True) for r in chunk],
+            timeout=timeout,
+        )
+    return len(rows)
+
+
+def relay_commands(engine: Engine, publisher: Publisher, *, prefix: str, batch: int, timeout: float) -> int:
+    """Publish pending operator commands to the agents' cmd topics (QoS 1, not retained)."""
+    with Session(engine) as session:
+        rows = session.exec(
+            select(AgentCommandEntry)
+            .where(col(AgentCommandEntry.published_at).is_(None))
+            .order_by(col(AgentCommandEntry.id))
+            .limit(batch)
+        ).all()
+    if not rows:
+        return 0
+    messages = [
+        Message(cmd_topic(prefix, row.agent_id), _command_payload(row), qos=1, retain=False) for row in rows
+    ]
+    publisher.publish_many(messages, timeout=timeout)
+    _mark(engine, AgentCommandEntry, [row.id for row in rows if row.id is not None])
+    return len(rows)
+
+
+def _command_payload(row: AgentCommandEntry) -> bytes:
+    issued = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    command = AgentCommand(command="update_now", id=f"{row.id}-{uuid.uuid4().hex[:8]}", issued_at=issued)
+    return canonical_json(command.model_dump(mode="json"))
+
+
+def _mark(engine: Engine, table: type[OutboxEntry] | type[AgentCommandEntry], ids: list[int]) -> None:
+    published: datetime = utcnow()
+    with Session(engine) as session:
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            session.execute(update(table).where(col(table.id).in_(chunk)).values(published_at=published))
+        session.commit()

@@ -1,0 +1,142 @@
+"""`policycast bridge`: ingest agent state, and (while holding the lease) provision and relay.
+
+One round: flush ingested state; renew the lease; if held, reconcile broker accounts (when something
+changed), then relay documents and commands. A broker or database that is away is retried with
+exponential back-off and full jitter; the outbox keeps what waits meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
+from api.db import read_counters_outside
+from broker_bridge import lease
+from broker_bridge.broker import BrokerError, BrokerLink
+from broker_bridge.credentials import bridge_password
+from broker_bridge.dynsec import DynsecError
+from broker_bridge.ingest import StateIngest
+from broker_bridge.reconcile import reconcile_accounts
+from broker_bridge.relay import relay_commands, relay_outbox, republish_current
+from fabric_core.settings import Settings
+from fabric_core.signing import SigningKey
+from fabric_core.topics import all_states_filter
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL_S = 10.0
+RECONCILE_EVERY_S = 10.0
+PUBLISH_TIMEOUT_S = 10.0
+MAX_BACKOFF_S = 30.0
+
+
+def bridge_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def connect_link(settings: Settings, signing_key: SigningKey, *, client_id: str) -> BrokerLink:
+    return BrokerLink(
+        settings.mqtt_address,
+        username=settings.mqtt_username,
+        password=bridge_password(settings, signing_key),
+        client_id=client_id,
+    )
+
+
+class Bridge:
+    def __init__(
+        self, *, settings: Settings, engine: Engine, signing_key: SigningKey, link: BrokerLink
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.signing_key = signing_key
+        self.link = link
+        self.holder = bridge_holder()
+        self.ingest = StateIngest(prefix=settings.mqtt_prefix)
+        self._lease_until = 0.0
+        self._reconciled_generation = -1
+        self._reconciled_at = 0.0
+        self._sessions_seen = 0
+        self.published = 0
+
+    def run(self, stop: threading.Event) -> None:
+        self.link.subscribe(all_states_filter(self.settings.mqtt_prefix), self.ingest.handle)
+        failures = 0
+        try:
+            while not stop.is_set():
+                try:
+                    busy = self.round()
+                except (BrokerError, DynsecError, OperationalError) as exc:
+                    failures += 1
+                    delay = random.uniform(0, min(MAX_BACKOFF_S, 0.5 * 2**failures))
+                    log.warning("bridge round failed (%s); retrying in %.1fs", exc, delay)
+                    stop.wait(delay)
+                    continue
+                if failures:
+                    log.info("bridge working again after %d failed round(s)", failures)
+                    failures = 0
+                if not busy:
+                    stop.wait(self.settings.bridge_poll_s)
+        finally:
+            self._release()
+
+    def round(self) -> bool:
+        """One pass; True if there may be more work right away."""
+        self.ingest.flush(self.engine)
+        if not self._hold_lease():
+            return False
+        self._reconcile_if_needed()
+        batch, prefix = self.settings.bridge_batch, self.settings.mqtt_prefix
+        sessions = self.link.sessions
+        if sessions != self._sessions_seen:
+            count = republish_current(self.engine, self.link, prefix=prefix, timeout=PUBLISH_TIMEOUT_S)
+            log.info("broker (re)connected: republished %d current document(s)", count)
+            self._sessions_seen = sessions
+        documents = relay_outbox(
+            self.engine, self.link, prefix=prefix, batch=batch, timeout=PUBLISH_TIMEOUT_S
+        )
+        commands = relay_commands(
+            self.engine, self.link, prefix=prefix, batch=batch, timeout=PUBLISH_TIMEOUT_S
+        )
+        self.published += documents + commands
+        return documents >= batch or commands >= batch
+
+    def _hold_lease(self) -> bool:
+        now = time.monotonic()
+        if now < self._lease_until - LEASE_TTL_S / 2:
+            return True  # renewed recently enough: no write this round
+        if lease.acquire(self.engine, holder=self.holder, ttl_s=LEASE_TTL_S):
+            if self._lease_until < now:
+                log.info("bridge %s holds the relay lease", self.holder)
+            self._lease_until = now + LEASE_TTL_S
+            return True
+        self._lease_until = 0.0
+        return False
+
+    def _reconcile_if_needed(self) -> None:
+        _, generation = read_counters_outside(self.engine)
+        stale = time.monotonic() - self._reconciled_at > RECONCILE_EVERY_S
+        if generation == self._reconciled_generation and not stale:
+            return
+        for _ in range(1000):  # bounded: a fleet-wide change is done in batches, never in an endless loop
+            if not reconcile_accounts(
+                self.engine, self.link, prefix=self.settings.mqtt_prefix, signing_key=self.signing_key
+            ):
+                break
+        self._reconciled_generation = generation
+        self._reconciled_at = time.monotonic()
+
+    def _release(self) -> None:
+        try:
+            self.ingest.flush(self.engine)
+            lease.release(self.engine, holder=self.holder)
+        except OperationalError as exc:
+            log.warning("could not release the lease cleanly: %s", exc)

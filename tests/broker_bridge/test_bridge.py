@@ -1,0 +1,299 @@
+"""The bridge with the real manager (in-process), a real Mosquitto and real MQTT clients as agents."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import pytest
+from sqlmodel import Session, col, select
+
+from api.models import Agent, OutboxEntry
+from broker_bridge import lease, relay
+from broker_bridge.service import Bridge
+from fabric_core.signing import VerifyKey, open_envelope
+from fabric_core.topics import cmd_topic, config_topic, state_topic
+from tests.support.broker import MqttClient
+from tests.support.processes import wait_for
+from tests.support.stack import BridgeThread, Stack
+
+PREFIX = "policycast"
+
+
+def verified(stack: Stack, payload: bytes) -> dict[str, Any]:
+    key = stack.admin.client.app.state.fabric.signing_key.verify_key  # type: ignore[attr-defined]
+    return open_envelope(payload, VerifyKey.from_base64(key.kid, key.public_base64))
+
+
+def next_document(client: MqttClient, topic: str, *, timeout: float, after: int = 0) -> dict[str, Any]:
+    """The next document on `topic` with a serial above `after` (payload parsed, not verified)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = client.expect(topic, timeout=max(0.01, deadline - time.monotonic()))
+        doc: dict[str, Any] = orjson.loads(message.payload)["doc"]
+        if doc["serial"] > after:
+            return doc
+
+
+def pending_outbox(stack: Stack) -> int:
+    with Session(stack.admin.client.app.state.fabric.engine) as session:  # type: ignore[attr-defined]
+        return len(session.exec(select(OutboxEntry).where(col(OutboxEntry.published_at).is_(None))).all())
+
+
+def test_a_root_change_reaches_push_agents_in_every_group_and_location_within_two_seconds(
+    stack: Stack,
+) -> None:
+    admin = stack.admin
+    root = admin.root()
+    shared = admin.policy("fw", "firewall", {"default": "deny"})
+    admin.put(f"/groups/{root['id']}/policies/firewall", {"policy_id": shared["id"]})
+    sales = admin.group("Sales", root["id"])  # inherits
+    emea = admin.group("EMEA", sales["id"])  # inherits through Sales
+    servers = admin.group("Servers", root["id"], inherit=False)  # owns a copy: same shared policy
+    office = admin.post(f"/groups/{servers['id']}/locations", {"name": "Office", "conditions": []})
+    targets = [
+        (root["id"], admin.default_location(root["id"])["id"]),
+        (sales["id"], admin.default_location(root["id"])["id"]),
+        (emea["id"], admin.default_location(root["id"])["id"]),
+        (servers["id"], admin.default_location(servers["id"])["id"]),
+        (servers["id"], office["id"]),
+    ]
+    subscribers = []
+    for group_id, location_id in targets:
+        _, client = stack.push_agent(group_id)
+        topic = config_topic(PREFIX, group_id, location_id)
+        assert not client.subscribe(topic).is_failure
+        first = next_document(client, topic, timeout=5)  # the retained current document
+        subscribers.append((client, topic, first["serial"], group_id, location_id))
+
+    admin.put(f"/policies/{shared['id']}", {"body": {"default": "allow"}})
+    answered = time.monotonic()
+
+    for client, topic, serial, group_id, location_id in subscribers:
+        remaining = 2.0 - (time.monotonic() - answered)
+        message = client.expect(topic, timeout=max(remaining, 0.01))
+        doc = verified(stack, message.payload)
+        assert doc["serial"] > serial
+        assert (doc["group_id"], doc["location_id"]) == (group_id, location_id)
+        assert doc["policies"]["firewall"]["body"] == {"default": "allow"}
+        assert doc["policies"]["firewall"]["version"] == 2
+
+
+def test_an_agent_that_connects_late_gets_the_current_document_retained(stack: Stack) -> None:
+    admin = stack.admin
+    root = admin.root()
+    policy = admin.policy("av", "antivirus", {"scan": "hourly"})
+    admin.put(f"/groups/{root['id']}/policies/antivirus", {"policy_id": policy["id"]})
+    current = admin.effective(root["id"])
+    wait_for(lambda: pending_outbox(stack) == 0, timeout=5, what="the bridge to drain the outbox")
+
+    _, client = stack.push_agent(root["id"])
+    topic = config_topic(PREFIX, root["id"], current["location_id"])
+    assert not client.subscribe(topic).is_failure
+    message = client.expect(topic, timeout=5)
+
+    assert message.retain
+    assert verified(stack, message.payload) == current
+
+
+def test_a_bridge_killed_between_publish_and_mark_loses_nothing(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin = stack.admin
+    root = admin.root()
+    agent, client = stack.push_agent(root["id"])
+    topic = config_topic(PREFIX, root["id"], admin.default_location(root["id"])["id"])
+    assert not client.subscribe(topic).is_failure
+    client.expect(topic, timeout=5)
+    stack.bridge.stop()  # from here on, bridges run by hand
+
+    policy = admin.policy("fw", "firewall", {"v": 1})
+    admin.put(f"/groups/{root['id']}/policies/firewall", {"policy_id": policy["id"]})
+    target = admin.effective(root["id"])["serial"]
+    fabric = admin.client.app.state.fabric  # type: ignore[attr-defined]
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*_: object) -> None:
+        raise Killed  # the process dies after the broker acknowledged, before the row is marked
+
+    doomed_link = stack.broker.link("doomed")
+    doomed = Bridge(
+        settings=fabric.settings, engine=fabric.engine, signing_key=fabric.signing_key, link=doomed_link
+    )
+    monkeypatch.setattr(relay, "_mark", killed)
+    with pytest.raises(Killed):
+        doomed.round()
+    monkeypatch.undo()
+    assert pending_outbox(stack) > 0  # published, not marked
+    assert next_document(client, topic, timeout=5)["serial"] == target
+    doomed_link.close()  # its lease runs out; a restarted bridge takes over
+
+    restarted = Bridge(
+        settings=fabric.settings,
+        engine=fabric.engine,
+        signing_key=fabric.signing_key,
+        link=stack.broker.link("again"),
+    )
+    lease.release(fabric.engine, holder=doomed.holder)  # as expiry would, without waiting 10 s
+    restarted.round()
+
+    assert pending_outbox(stack) == 0
+    # The retained document is the latest: check as an agent connecting now would.
+    mqtt = agent.enrolment["mqtt"]
+    late = stack.broker.client(mqtt["username"], mqtt["password"], client_id=f"{agent.id}-late")
+    assert not late.connect().is_failure
+    assert not late.subscribe(topic).is_failure
+    assert verified(stack, late.expect(topic, timeout=5).payload)["serial"] == target
+
+
+def test_a_broker_outage_holds_changes_in_the_outbox_until_it_returns(stack: Stack) -> None:
+    admin = stack.admin
+    root = admin.root()
+    location = admin.default_location(root["id"])["id"]
+    _, client = stack.push_agent(root["id"])
+    client.close()
+    stack.broker.stop()
+
+    policy = admin.policy("fw", "firewall", {"during": "outage"})
+    admin.put(f"/groups/{root['id']}/policies/firewall", {"policy_id": policy["id"]})
+    admin.put(f"/policies/{policy['id']}", {"body": {"during": "outage", "edit": 2}})
+    target = admin.effective(root["id"])["serial"]
+    time.sleep(0.5)  # bridge rounds fail meanwhile
+    assert pending_outbox(stack) > 0
+
+    stack.broker.start()
+    wait_for(lambda: pending_outbox(stack) == 0, timeout=15, what="the outbox to drain after the outage")
+    _, again = stack.push_agent(root["id"], hostname="after")
+    topic = config_topic(PREFIX, root["id"], location)
+    assert not again.subscribe(topic).is_failure
+    assert verified(stack, again.expect(topic, timeout=5).payload)["serial"] == target
+
+
+def test_many_changes_leave_in_serial_order_even_with_two_bridges(stack: Stack) -> None:
+    admin = stack.admin
+    root = admin.root()
+
+    second = BridgeThread(admin.client, stack.broker).start()
+    try:
+        _, client = stack.push_agent(root["id"])
+        topic = config_topic(PREFIX, root["id"], admin.default_location(root["id"])["id"])
+        assert not client.subscribe(topic).is_failure
+        policy = admin.policy("fw", "firewall", {"n": 0})
+        admin.put(f"/groups/{root['id']}/policies/firewall", {"policy_id": policy["id"]})
+        for n in range(1, 21):
+            admin.put(f"/policies/{policy['id']}", {"body": {"n": n}})
+        target = admin.effective(root["id"])["serial"]
+        wait_for(lambda: pending_outbox(stack) == 0, timeout=10, what="the outbox to drain")
+        serials = [orjson.loads(m.payload)["doc"]["serial"] for m in client.received(within=0.5)]
+        assert serials and serials[-1] == target
+        assert serials == sorted(serials)  # never an older document after a newer one
+        assert stack.bridge.bridge.published + second.bridge.published >= 1
+    finally:
+        second.stop()
+
+
+def test_agent_state_reaches_the_operator_view_and_the_last_will_marks_it_offline(stack: Stack) -> None:
+    admin = stack.admin
+    root = admin.root()
+    agent, _ = stack.push_agent(root["id"])
+    serial = admin.effective(root["id"])["serial"]
+    location = admin.default_location(root["id"])["id"]
+    topic = state_topic(PREFIX, agent.id)
+    password = agent.enrolment["mqtt"]["password"]
+    online = {"agent_id": agent.id, "online": True, "serial": serial, "location_id": location, "mode": "push"}
+    presence = stack.broker.client(agent.id, password, client_id=f"{agent.id}-2").will(
+        topic, orjson.dumps({"agent_id": agent.id, "online": False})
+    )
+    assert not presence.connect().is_failure
+    assert not presence.publish(topic, orjson.dumps(online), retain=True).is_failure
+
+    view = wait_for(
+        lambda: (a := admin.get(f"/agents/{agent.id}"))["online"] and a, timeout=5, what="the agent online"
+    )
+    assert (view["mode"], view["serial"], view["location_id"], view["up_to_date"]) == (
+        "push",
+        serial,
+        location,
+        True,
+    )
+
+    presence.paho.socket().close()  # dies without a DISCONNECT: the broker sends the will
+    view = wait_for(
+        lambda: not (a := admin.get(f"/agents/{agent.id}"))["online"] and a,
+        timeout=10,
+        what="the last will to mark the agent offline",
+    )
+    assert view["serial"] == serial  # the will says only "offline"; what the agent held stays
+
+
+def test_malformed_state_is_logged_and_dropped(stack: Stack) -> None:
+    admin = stack.admin
+    agent, client = stack.push_agent(admin.root()["id"])
+    topic = state_topic(PREFIX, agent.id)
+    for payload in (
+        b"not json",
+        b'{"online": true}',
+        orjson.dumps({"agent_id": "someone-else", "online": True}),
+    ):
+        assert not client.publish(topic, payload).is_failure
+    wait_for(lambda: stack.bridge.bridge.ingest.dropped >= 3, timeout=5, what="three dropped state messages")
+    with Session(admin.client.app.state.fabric.engine) as session:  # type: ignore[attr-defined]
+        stored = session.get(Agent, agent.id)
+    assert stored is not None and stored.online is None
+
+
+def test_update_now_reaches_push_agents_on_their_cmd_topic(stack: Stack) -> None:
+    admin = stack.admin
+    root = admin.root()
+    branch = admin.group("Branch", root["id"])
+    agents = [stack.push_agent(branch["id"], hostname=f"h{i}") for i in range(2)]
+    for agent, client in agents:
+        assert not client.subscribe(cmd_topic(PREFIX, agent.id)).is_failure
+
+    admin.post(f"/agents/{agents[0][0].id}/update-now", {}, expect=202)
+    command = orjson.loads(agents[0][1].expect(cmd_topic(PREFIX, agents[0][0].id), timeout=5).payload)
+    assert command["command"] == "update_now"
+
+    asked = admin.post(f"/groups/{root['id']}/update-now", {}, expect=202)
+    assert asked["agents"] == 2
+    for agent, client in agents:
+        assert (
+            orjson.loads(client.expect(cmd_topic(PREFIX, agent.id), timeout=5).payload)["command"]
+            == "update_now"
+        )
+
+
+def test_moving_or_revoking_an_agent_changes_what_the_broker_lets_it_read(stack: Stack) -> None:
+    admin = stack.admin
+    root = admin.root()
+    servers = admin.group("Servers", root["id"], inherit=False)
+    agent, _ = stack.push_agent(root["id"])
+    mqtt = agent.enrolment["mqtt"]
+
+    admin.patch(f"/agents/{agent.id}", {"group_id": servers["id"]})
+
+    def reads(group_id: int) -> bool:
+        client = stack.broker.client(mqtt["username"], mqtt["password"])
+        if client.connect().is_failure:
+            client.close()
+            return False
+        granted = not client.subscribe(config_topic(PREFIX, group_id, 1)).is_failure
+        client.close()
+        return granted
+
+    wait_for(
+        lambda: reads(servers["id"]) and not reads(root["id"]), timeout=10, what="the move on the broker"
+    )
+
+    admin.delete(f"/agents/{agent.id}")
+
+    def refused() -> bool:
+        client = stack.broker.client(mqtt["username"], mqtt["password"])
+        failed = client.connect().is_failure
+        client.close()
+        return failed
+
+    wait_for(refused, timeout=10, what="the revoked agent's broker account to go")

@@ -1,0 +1,100 @@
+"""The manager in-process, a real Mosquitto and a bridge thread: the push path without processes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from api.main import create_app
+from broker_bridge.broker import BrokerLink
+from broker_bridge.service import Bridge
+from fabric_core.settings import Settings
+from tests.api.conftest import Admin, AgentClient
+from tests.support.broker import Broker, MqttClient
+from tests.support.processes import wait_for
+
+
+class BridgeThread:
+    """A `Bridge` on a thread of its own, as `policycast bridge` runs it."""
+
+    def __init__(self, client: TestClient, broker: Broker) -> None:
+        fabric = client.app.state.fabric  # type: ignore[attr-defined]
+        self.link = BrokerLink(
+            broker.address,
+            username=broker.bridge_username,
+            password=broker.bridge_password,
+            client_id=f"bridge-{id(self)}",
+            reconnect_min_s=0.05,
+            reconnect_max_s=0.5,
+        )
+        self.bridge = Bridge(
+            settings=fabric.settings, engine=fabric.engine, signing_key=fabric.signing_key, link=self.link
+        )
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.bridge.run(self.stop_event)
+        except BaseException as exc:  # surfaced by the test through `error`
+            self.error = exc
+
+    def start(self) -> BridgeThread:
+        self.link.start()
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=10)
+        self.link.close()
+
+
+class Stack:
+    def __init__(self, admin: Admin, broker: Broker, bridge: BridgeThread) -> None:
+        self.admin = admin
+        self.broker = broker
+        self.bridge = bridge
+
+    def push_agent(self, group_id: int, hostname: str = "host") -> tuple[AgentClient, MqttClient]:
+        """Enrol an agent, wait for the bridge to provision its broker account, and connect as it."""
+        token = self.admin.post(f"/groups/{group_id}/enrollment-tokens", {})["token"]
+        response = self.admin.client.post("/agent/v1/enroll", json={"token": token, "hostname": hostname})
+        assert response.status_code == 200, response.text
+        enrolment: dict[str, Any] = response.json()
+        mqtt = enrolment["mqtt"]
+        assert mqtt["url"] == self.broker.url and mqtt["username"] == enrolment["agent_id"]
+
+        def connected() -> MqttClient | None:
+            client = self.broker.client(mqtt["username"], mqtt["password"], client_id=mqtt["username"])
+            if client.connect().is_failure:
+                client.close()
+                return None
+            return client
+
+        client = wait_for(connected, timeout=10, what="the bridge to provision the agent's broker account")
+        return AgentClient(self.admin.client, enrolment), client
+
+
+@pytest.fixture
+def stack(settings: Settings, mosquitto: Broker) -> Iterator[Stack]:
+    settings = settings.model_copy(
+        update={
+            "mqtt_url": mosquitto.url,
+            "mqtt_password": SecretStr(mosquitto.bridge_password),
+            "bridge_poll_s": 0.05,
+        }
+    )
+    with TestClient(create_app(settings)) as client:
+        bridge = BridgeThread(client, mosquitto).start()
+        try:
+            yield Stack(Admin(client), mosquitto, bridge)
+        finally:
+            bridge.stop()
+            assert bridge.error is None, f"the bridge died: {bridge.error!r}"
