@@ -7,5 +7,5 @@ COPY api api
 COPY broker_bridge broker_bridge
 COPY agent_stub agent_stub
 RUN pip install --no-cache-dir .
-RUN useradd --system --home /data policycast && mkdir -p /data && chown policycast /data
+RUN useradd --system --home /data policycast && mkdir -p /data /agent && chown policycast /data /agent
 USER policycast

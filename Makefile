@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fmt bench clean
+.PHONY: run test lint fmt bench clean mosquitto
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,22 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/policycast up
 
-## Run the whole suite (SQLite and a throw-away PostgreSQL database).
-test: $(STAMP)
+## Run the whole suite (SQLite, a throw-away PostgreSQL database, Mosquitto brokers started by the tests).
+test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest -q
+
+# The tests start their own Mosquitto 2 brokers (never the system one): install it if we can.
+mosquitto:
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing mosquitto (apt-get)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+		else \
+			echo "error: Policycast's tests need Mosquitto 2 (the broker binary and its dynamic security plugin)."; \
+			echo "       Install it, e.g. 'sudo apt-get install -y mosquitto', then run make test again."; \
+			exit 1; \
+		fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, NoReturn, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -118,6 +119,43 @@ def bridge() -> None:
     console.print("bridge stopped")
 
 
+@app.command("broker-config")
+def broker_config(
+    out: Annotated[Path, typer.Option(help="directory for mosquitto.conf, the dynsec JSON, data and log")],
+    port: Annotated[int, typer.Option(help="the broker's listening port")] = 1883,
+    bind: Annotated[str, typer.Option(help="the broker's listening address")] = "0.0.0.0",
+    plugin: Annotated[str | None, typer.Option(help="path of mosquitto_dynamic_security.so")] = None,
+    run_as: Annotated[str | None, typer.Option(help="user the broker drops to when started by root")] = None,
+) -> None:
+    """Write a Mosquitto configuration for Policycast: dynamic security, persistence, fleet-sized queues.
+
+    The bridge's broker password is POLICYCAST_MQTT_PASSWORD, or derived from the signing key."""
+    from broker_bridge.credentials import bridge_password
+    from broker_bridge.mosquitto import BrokerLayout, find_dynsec_plugin, write_broker_files
+    from fabric_core.signing import load_signing_key
+
+    settings = load_settings()
+
+    def write() -> BrokerLayout:
+        layout = BrokerLayout(out)
+        write_broker_files(
+            layout=layout,
+            port=port,
+            bind=bind,
+            bridge_username=settings.mqtt_username,
+            bridge_password=bridge_password(settings, load_signing_key(settings)),
+            prefix=settings.mqtt_prefix,
+            plugin_path=plugin or find_dynsec_plugin(),
+            user=run_as,
+        )
+        return layout
+
+    layout = guarded(write, "writing the broker configuration")
+    console.print(
+        f"wrote {layout.config_path} and {layout.dynsec_path}; run: mosquitto -c {layout.config_path}"
+    )
+
+
 def _require_schema(engine: Engine) -> None:
     from sqlalchemy import inspect
 
@@ -165,6 +203,52 @@ def create_key(
 
     key = guarded(create, "creating the key")
     sys.stdout.write(key + "\n")
+
+
+@admin_app.command("enroll-token")
+def enroll_token(
+    server: Annotated[str, typer.Option(help="the manager's URL")] = "http://127.0.0.1:8080",
+    group: Annotated[
+        str, typer.Option(help="group name (created under the root if --create)")
+    ] = "My Company",
+    create: Annotated[bool, typer.Option(help="create the group if it does not exist")] = False,
+    mode: Annotated[str | None, typer.Option(help="with --create: push or pull for the new group")] = None,
+    max_uses: Annotated[int | None, typer.Option(min=1, help="how many agents may use it")] = None,
+) -> None:
+    """Ask a running manager for an enrolment token (with POLICYCAST_BOOTSTRAP_ADMIN_KEY); print it alone."""
+    import httpx
+
+    settings = load_settings()
+    if settings.bootstrap_admin_key is None:
+        fail("set POLICYCAST_BOOTSTRAP_ADMIN_KEY to an admin API key")
+    headers = {"Authorization": f"Bearer {settings.bootstrap_admin_key.get_secret_value()}"}
+    try:
+        with httpx.Client(base_url=f"{server.rstrip('/')}/api/v1", headers=headers, timeout=10) as admin:
+            group_id = _group_id(admin, group, create=create, mode=mode)
+            response = admin.post(f"/groups/{group_id}/enrollment-tokens", json={"max_uses": max_uses})
+            response.raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        fail(f"the manager refused: {exc.response.status_code} {exc.response.text}")
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the manager at {server}: {exc}")
+    sys.stdout.write(response.json()["token"] + "\n")
+
+
+def _group_id(admin: Any, name: str, *, create: bool, mode: str | None) -> int:
+    response = admin.get("/groups")
+    response.raise_for_status()
+    groups = response.json()
+    for group in groups:
+        if group["name"] == name:
+            return int(group["id"])
+    if not create:
+        fail(f"no group named {name!r} (add --create to make it under the root)")
+    root = next(g for g in groups if g["parent_id"] is None)
+    made = admin.post("/groups", json={"name": name, "parent_id": root["id"], "inherit": mode is None})
+    made.raise_for_status()
+    if mode is not None:
+        admin.put(f"/groups/{made.json()['id']}/communication", json={"mode": mode}).raise_for_status()
+    return int(made.json()["id"])
 
 
 @admin_app.command("migrate")

@@ -245,6 +245,7 @@ def write_broker_files(
     bridge_password: str,
     prefix: str,
     plugin_path: str,
+    user: str | None = None,
 ) -> None:
     """Write `mosquitto.conf` (always) and the dynamic-security JSON (only when absent).
 
@@ -253,7 +254,9 @@ def write_broker_files(
     """
     layout.directory.mkdir(parents=True, exist_ok=True)
     layout.persistence_dir.mkdir(parents=True, exist_ok=True)
-    layout.config_path.write_text(render_config(port=port, bind=bind, layout=layout, plugin_path=plugin_path))
+    layout.config_path.write_text(
+        render_config(port=port, bind=bind, layout=layout, plugin_path=plugin_path, user=user)
+    )
     if layout.dynsec_path.exists():
         log.info("keeping the existing %s", layout.dynsec_path)
         return
