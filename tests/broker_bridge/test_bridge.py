@@ -16,7 +16,7 @@ from fabric_core.signing import VerifyKey, open_envelope
 from fabric_core.topics import cmd_topic, config_topic, state_topic
 from tests.support.broker import MqttClient
 from tests.support.processes import wait_for
-from tests.support.stack import BridgeThread, Stack
+from tests.support.stack import Stack, bridge_thread
 
 PREFIX = "policycast"
 
@@ -176,7 +176,7 @@ def test_many_changes_leave_in_serial_order_even_with_two_bridges(stack: Stack) 
     admin = stack.admin
     root = admin.root()
 
-    second = BridgeThread(admin.client, stack.broker).start()
+    second = bridge_thread(admin.client, stack.broker)
     try:
         _, client = stack.push_agent(root["id"])
         topic = config_topic(PREFIX, root["id"], admin.default_location(root["id"])["id"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,48 +12,26 @@ from pydantic import SecretStr
 
 from api.main import create_app
 from broker_bridge.broker import BrokerLink
-from broker_bridge.service import Bridge
+from broker_bridge.service import Bridge, BridgeThread
 from fabric_core.settings import Settings
 from tests.api.conftest import Admin, AgentClient
 from tests.support.broker import Broker, MqttClient
 from tests.support.processes import wait_for
 
 
-class BridgeThread:
-    """A `Bridge` on a thread of its own, as `policycast bridge` runs it."""
-
-    def __init__(self, client: TestClient, broker: Broker) -> None:
-        fabric = client.app.state.fabric  # type: ignore[attr-defined]
-        self.link = BrokerLink(
-            broker.address,
-            username=broker.bridge_username,
-            password=broker.bridge_password,
-            client_id=f"bridge-{id(self)}",
-            reconnect_min_s=0.05,
-            reconnect_max_s=0.5,
-        )
-        self.bridge = Bridge(
-            settings=fabric.settings, engine=fabric.engine, signing_key=fabric.signing_key, link=self.link
-        )
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.error: BaseException | None = None
-
-    def _run(self) -> None:
-        try:
-            self.bridge.run(self.stop_event)
-        except BaseException as exc:  # surfaced by the test through `error`
-            self.error = exc
-
-    def start(self) -> BridgeThread:
-        self.link.start()
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=10)
-        self.link.close()
+def bridge_thread(client: TestClient, broker: Broker) -> BridgeThread:
+    """A bridge for the in-process manager, on its own thread, as `policycast bridge` would run."""
+    fabric = client.app.state.fabric  # type: ignore[attr-defined]
+    link = BrokerLink(
+        broker.address,
+        username=broker.bridge_username,
+        password=broker.bridge_password,
+        client_id=f"bridge-{secrets.token_hex(3)}",
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.5,
+    )
+    bridge = Bridge(settings=fabric.settings, engine=fabric.engine, signing_key=fabric.signing_key, link=link)
+    return BridgeThread(bridge).start()
 
 
 class Stack:
@@ -92,7 +70,7 @@ def stack(settings: Settings, mosquitto: Broker) -> Iterator[Stack]:
         }
     )
     with TestClient(create_app(settings)) as client:
-        bridge = BridgeThread(client, mosquitto).start()
+        bridge = bridge_thread(client, mosquitto)
         try:
             yield Stack(Admin(client), mosquitto, bridge)
         finally:
