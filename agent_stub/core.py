@@ -9,11 +9,15 @@ back as an `ApplyOutcome`, so a hostile or broken payload cannot stop a loop.
 The group is the manager's to change: a document for another group is accepted only from the manager's
 own authenticated answers (`TRUSTED_FOR_GROUP_CHANGE`), which is how an agent learns that an operator
 moved it; a config topic of another group could not reach it anyway (the broker's ACL).
+
+Transports learn of every applied document, whatever its source, through `add_listener` (the push loop
+moves its subscription when the held (group, location) changes; the runtime switches push and pull).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -34,6 +38,10 @@ DEFAULT_MODE: Mode = "pull"
 
 TRUSTED_FOR_GROUP_CHANGE = frozenset({"heartbeat", "config"})
 """Sources that are the manager answering this agent over HTTP, authenticated by its secret."""
+
+
+Listener = Callable[[EffectiveDocument], None]
+"""Called with each document once it is applied and stored."""
 
 
 class NotEnrolledError(Exception):
@@ -72,8 +80,8 @@ class AgentCore:
         self._key = VerifyKey.from_base64(identity.signing_key.kid, identity.signing_key.public_key)
         self._document: EffectiveDocument | None = None
         self._high_water: dict[DocumentKey, int] = {}
-        self.transport: Mode = DEFAULT_MODE
-        """How the agent talks to the manager right now (reported in heartbeats); its driver sets it."""
+        self._transport: Mode = DEFAULT_MODE
+        self._listeners: list[Listener] = []
         self._status = store.load_status() or AgentStatus()
         self._load_current()
 
@@ -110,12 +118,51 @@ class AgentCore:
     def status(self) -> AgentStatus:
         return self._status.model_copy()
 
+    @property
+    def transport(self) -> Mode:
+        """How the agent talks to the manager right now (reported in heartbeats); its driver sets it."""
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: Mode) -> None:
+        self._transport = value
+        if self._status.transport != value:  # written on changes only: sessions come and go rarely
+            self._save_status(transport=value)
+
+    def record_stopped(self) -> None:
+        """The agent stops: the status then says it has no transport at all."""
+        self._transport = DEFAULT_MODE
+        self._save_status(transport=None)
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener` after each applied document; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._remove_listener(listener)
+
+    def _remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     # --- applying documents ------------------------------------------------------------------------
 
-    def offer(self, envelope: bytes | str | dict[str, Any], source: str) -> ApplyOutcome:
-        """Apply `envelope` if it may replace the current document; never raises for bad input."""
+    def offer(
+        self,
+        envelope: bytes | str | dict[str, Any],
+        source: str,
+        *,
+        expect: DocumentKey | None = None,
+    ) -> ApplyOutcome:
+        """Apply `envelope` if it may replace the current document; never raises for bad input.
+
+        `expect`: the (group, location) the document must be for (an MQTT config topic names one).
+        """
         try:
             doc = self._verify(envelope, source)
+            if expect is not None and (doc.group_id, doc.location_id) != expect:
+                raise InvalidDocument(
+                    f"document is for (group {doc.group_id}, location {doc.location_id}), "
+                    f"expected (group {expect[0]}, location {expect[1]})"
+                )
             require_applicable(
                 offered=doc.serial,
                 offered_key=(doc.group_id, doc.location_id),
@@ -147,7 +194,16 @@ class AgentCore:
             doc.location_id,
             source,
         )
+        self._notify(doc)
         return ApplyOutcome(Outcome.APPLIED, source, serial=doc.serial, document=doc)
+
+    def _notify(self, doc: EffectiveDocument) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(doc)
+            except Exception:
+                # A transport's bug must not undo an apply that is already stored.
+                log.exception("a listener failed on serial %d", doc.serial)
 
     def _verify(self, envelope: bytes | str | dict[str, Any], source: str) -> EffectiveDocument:
         doc = EffectiveDocument.parse(open_envelope(envelope, self._key))

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fabric_core.serials import NO_SERIAL
 from fabric_core.wire import EnrollResponse, Mode, MqttCredentials, SigningKeyInfo
@@ -36,6 +36,23 @@ class CorruptStateError(Exception):
     """A state file that exists but cannot be read back (raised for the identity only: no fallback)."""
 
 
+class StoredMqttCredentials(MqttCredentials):
+    """The broker account learnt at enrolment, plus what the agent may keep beside it.
+
+    `mqtt_prefix` is the topic prefix (DESIGN.md §4) when the broker does not use the default one; the
+    enrolment response has no such field yet, so it is only ever set by hand (None: the default).
+    """
+
+    # from_attributes: an `Identity` may also be built from the plain wire model.
+    model_config = ConfigDict(extra="ignore", from_attributes=True)
+
+    mqtt_prefix: str | None = None
+
+    @classmethod
+    def from_wire(cls, credentials: MqttCredentials | None) -> StoredMqttCredentials | None:
+        return None if credentials is None else cls.model_validate(credentials.model_dump())
+
+
 class Identity(BaseModel):
     """Who the agent is and whom it trusts, as learnt at enrolment."""
 
@@ -44,7 +61,7 @@ class Identity(BaseModel):
     server: str
     group_id: int
     signing_key: SigningKeyInfo
-    mqtt: MqttCredentials | None = Field(default=None, repr=False)
+    mqtt: StoredMqttCredentials | None = Field(default=None, repr=False)
     hostname: str | None = None
 
     @classmethod
@@ -55,7 +72,7 @@ class Identity(BaseModel):
             server=server,
             group_id=response.group_id,
             signing_key=response.signing_key,
-            mqtt=response.mqtt,
+            mqtt=StoredMqttCredentials.from_wire(response.mqtt),
             hostname=hostname,
         )
 
@@ -66,6 +83,8 @@ class AgentStatus(BaseModel):
     serial: int = NO_SERIAL
     location_id: int | None = None
     mode: Mode = "pull"
+    transport: Mode | None = None
+    """How the running agent talks to the manager ("push" while its MQTT session is up); None: stopped."""
     last_heartbeat_at: datetime | None = None
     next_heartbeat_at: datetime | None = None
     last_error: str | None = None

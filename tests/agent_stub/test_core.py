@@ -258,3 +258,46 @@ def test_memory_store_works_the_same(identity: Any, signing_key: SigningKey) -> 
     assert core.offer(envelope, "sim").applied
     assert store.current == envelope
     assert AgentCore.from_store(store).serial == 3
+
+
+# --- what transports rely on -------------------------------------------------------------------------
+
+
+def test_listeners_hear_of_applied_documents_only(
+    core: AgentCore, signing_key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    heard: list[int] = []
+    remove = core.add_listener(lambda doc: heard.append(doc.serial))
+
+    def broken(doc: Any) -> None:
+        raise RuntimeError("transport bug")
+
+    core.add_listener(broken)
+    with caplog.at_level(logging.ERROR, logger="agent_stub.core"):
+        assert core.offer(signing_key.sign_envelope(make_doc(serial=2)), "test").applied
+    assert "a listener failed on serial 2" in caplog.text
+    core.offer(signing_key.sign_envelope(make_doc(serial=2)), "test")  # stale
+    core.offer(SigningKey.generate().sign_envelope(make_doc(serial=3)), "test")  # rejected
+    remove()
+    core.offer(signing_key.sign_envelope(make_doc(serial=4)), "test")
+    assert heard == [2]
+    assert core.serial == 4
+
+
+def test_expect_rejects_a_document_of_another_group_or_location(
+    core: AgentCore, signing_key: SigningKey
+) -> None:
+    envelope = signing_key.sign_envelope(make_doc(serial=2, location_id=LOCATION_ID + 1))
+    outcome = core.offer(envelope, "mqtt", expect=(GROUP_ID, LOCATION_ID))
+    assert outcome.status is Outcome.REJECTED and "expected (group 3, location 7)" in (outcome.reason or "")
+    assert core.offer(envelope, "mqtt", expect=(GROUP_ID, LOCATION_ID + 1)).applied
+
+
+def test_the_transport_is_kept_in_the_status(core: AgentCore, file_store: FileStateStore) -> None:
+    assert core.transport == "pull" and core.status.transport is None
+    core.transport = "push"
+    assert file_store.load_status().transport == "push"  # type: ignore[union-attr]
+    core.transport = "pull"
+    assert file_store.load_status().transport == "pull"  # type: ignore[union-attr]
+    core.record_stopped()
+    assert core.transport == "pull" and file_store.load_status().transport is None  # type: ignore[union-attr]

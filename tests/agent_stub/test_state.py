@@ -20,8 +20,10 @@ from agent_stub.state import (
     FileStateStore,
     Identity,
     MemoryStateStore,
+    StoredMqttCredentials,
 )
 from fabric_core.signing import SigningKey
+from fabric_core.wire import EnrollResponse, MqttCredentials
 from tests.agent_stub.conftest import make_doc
 
 
@@ -174,3 +176,25 @@ def test_memory_store_round_trip_and_reset(identity: Identity) -> None:
     )
     store.reset()
     assert (store.load_current(), store.load_status()) == (None, None)
+
+
+def test_broker_credentials_and_an_optional_topic_prefix_survive_a_restart(
+    tmp_path: Path, identity: Identity
+) -> None:
+    wire = MqttCredentials(url="mqtt://b:1883", username="agent-1", password="pw")
+    response = EnrollResponse(
+        agent_id="agent-1", secret="s", group_id=3, signing_key=identity.signing_key, mqtt=wire
+    )
+    enrolled = Identity.from_enrollment(server="http://m", response=response, hostname="h")
+    assert isinstance(enrolled.mqtt, StoredMqttCredentials) and enrolled.mqtt.mqtt_prefix is None
+    # The plain wire model is accepted too (e.g. by the fleet simulator).
+    assert Identity(**{**identity.model_dump(), "mqtt": wire}).mqtt == enrolled.mqtt
+
+    store = FileStateStore(tmp_path / "s")
+    custom = StoredMqttCredentials(
+        url="mqtt://b:1883", username="agent-1", password="pw-secret!", mqtt_prefix="acme"
+    )
+    store.save_identity(identity.model_copy(update={"mqtt": custom}))
+    loaded = store.load_identity()
+    assert loaded is not None and loaded.mqtt == custom
+    assert "pw-secret!" not in repr(loaded)
