@@ -1,19 +1,22 @@
-"""Helpers for agent tests: signed documents, an identity that pins the test key, tiny intervals."""
+"""Helpers for agent tests: signed documents, an identity that pins the test key, tiny intervals, a broker."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent_stub.state import FileStateStore, Identity
+from agent_stub.state import FileStateStore, Identity, StoredMqttCredentials
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.wire import SigningKeyInfo
+from tests.agent_stub.mosquitto import MOSQUITTO, Mosquitto
 
 GROUP_ID = 3
 LOCATION_ID = 7
@@ -54,16 +57,32 @@ def make_doc(
     }
 
 
-def make_identity(key: SigningKey, *, group_id: int = GROUP_ID) -> Identity:
+def make_identity(key: SigningKey, *, group_id: int = GROUP_ID, mqtt_url: str | None = None) -> Identity:
+    """The test agent; with `mqtt_url`, it also has broker credentials (push mode possible)."""
     verify = key.verify_key
+    mqtt = None
+    if mqtt_url is not None:
+        mqtt = StoredMqttCredentials(url=mqtt_url, username="agent-1", password="mqtt-s3cret")
     return Identity(
         agent_id="agent-1",
         secret="s3cret",
         server="http://manager.test",
         group_id=group_id,
         signing_key=SigningKeyInfo(kid=verify.kid, public_key=verify.public_base64),
+        mqtt=mqtt,
         hostname="host-1",
     )
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """`policycast-agent run` configures the root logger (force=True) on CliRunner's stderr, which is
+    closed after the test: put the handlers back so later tests do not log into a closed file."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
@@ -100,3 +119,30 @@ async def wait_until(predicate: Callable[[], bool], *, within: float = 1.0) -> N
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.002)
+
+
+@pytest.fixture
+def push_settings(state_dir: Path) -> AgentSettings:
+    """Tiny retry and reconnect intervals; keep-alive at its minimum."""
+    return AgentSettings(
+        state_dir=state_dir,
+        retry_min_s=0.01,
+        retry_max_s=0.04,
+        request_timeout_s=1.0,
+        reconnect_min_s=0.02,
+        reconnect_max_s=0.1,
+        mqtt_keepalive_s=5,
+        mqtt_session_expiry_s=60,
+    )
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real Mosquitto on free ports, stopped after the test (only the process started here)."""
+    if shutil.which(MOSQUITTO) is None:
+        pytest.fail(f"mosquitto is not installed (looked for {MOSQUITTO})", pytrace=False)
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    mosquitto = Mosquitto(workdir).start()
+    yield mosquitto
+    mosquitto.stop()
