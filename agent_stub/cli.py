@@ -1,4 +1,4 @@
-"""`policycast-agent`: enrol, run the pull loop, force an update, show the status.
+"""`policycast-agent`: enrol, run the agent (pull, and push when told), force an update, show the status.
 
 The one place of the agent that reads the environment: `AgentSettings` is built here once and passed
 down. Expected failures (manager down, token refused, not enrolled...) end with one line on stderr and
@@ -32,7 +32,7 @@ from agent_stub.manager_client import (
     ManagerUnreachable,
     normalize_server,
 )
-from agent_stub.pull import PullLoop
+from agent_stub.runtime import AgentRuntime
 from agent_stub.state import CorruptStateError, FileStateStore, Identity
 from fabric_core.errors import InvalidDocument
 from fabric_core.settings import AgentSettings
@@ -161,7 +161,10 @@ def run(
     state_dir: Path | None = STATE_DIR_OPTION,
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
-    """Run the agent in pull mode until SIGTERM or Ctrl-C (SIGUSR1: update now)."""
+    """Run the agent until SIGTERM or Ctrl-C (SIGUSR1: update now).
+
+    It heartbeats the manager at the interval, and keeps an MQTT session while its document says push.
+    """
     settings = _settings(ctx, state_dir)
     level = logging.getLevelNamesMapping().get(log_level.upper())
     if level is None:
@@ -195,14 +198,14 @@ async def _serve(core: AgentCore, settings: AgentSettings) -> None:
         secret=identity.secret,
         timeout_s=settings.request_timeout_s,
     )
-    pull = PullLoop(core, client, settings)
+    runtime = AgentRuntime(core, client, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGUSR1, pull.update_now)
+    loop.add_signal_handler(signal.SIGUSR1, runtime.update_now)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await pull.run(stop)
+        await runtime.run(stop)
     finally:
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -249,6 +252,7 @@ def status(ctx: typer.Context, state_dir: Path | None = STATE_DIR_OPTION) -> Non
         ("group", str(core.identity.group_id)),
         ("location", _text(core.location_id)),
         ("mode", core.mode),
+        ("transport", _text(info.transport) if running != "no" else "-"),
         ("serial held", str(core.serial)),
         ("running", running),
         ("last heartbeat", _text(info.last_heartbeat_at)),

@@ -23,7 +23,8 @@ from agent_stub.pidfile import PID_FILE
 from agent_stub.state import FileStateStore, Identity
 from fabric_core.signing import SigningKey
 from fabric_core.wire import EnrollResponse, SigningKeyInfo
-from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc
+from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc, make_identity
+from tests.agent_stub.mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -231,3 +232,44 @@ def test_run_applies_updates_now_on_sigusr1_and_stops_on_sigterm(
     assert "Traceback" not in stderr
     assert not (state_dir / PID_FILE).exists()
     assert FileStateStore(state_dir).load_current() == _Manager.envelope
+
+
+def test_run_keeps_a_push_session_and_status_shows_the_transport(
+    http_manager: str, state_dir: Path, signing_key: SigningKey, broker: Mosquitto
+) -> None:
+    _Manager.envelope = signing_key.sign_envelope(make_doc(serial=42, mode="push"))
+    identity = make_identity(signing_key, mqtt_url=broker.url).model_copy(update={"server": http_manager})
+    FileStateStore(state_dir).save_identity(identity)
+    env = {**os.environ, "POLICYCAST_AGENT_STATE_DIR": str(state_dir), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent_stub", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait(lambda: _status_row("transport", state_dir) == "push")
+        # Heartbeats go on in push mode, and say so.
+        assert _invoke("update-now", "--state-dir", str(state_dir)).exit_code == 0
+        _wait(lambda: _Manager.heartbeats[-1]["mode"] == "push")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 0, stderr
+    assert "push: subscribed to policycast/v1/config/3/7" in stderr and "Traceback" not in stderr
+    assert _status_row("transport", state_dir) == "-"
+    assert FileStateStore(state_dir).load_status().transport is None  # type: ignore[union-attr]
+
+
+def _status_row(name: str, state_dir: Path) -> str | None:
+    for line in _invoke("status", "--state-dir", str(state_dir)).stdout.splitlines():
+        cells: list[str] = [cell.strip() for cell in line.strip("│┃|").split("│")]
+        if len(cells) == 2 and cells[0] == name:
+            return cells[1]
+    return None

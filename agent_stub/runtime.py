@@ -1,0 +1,131 @@
+"""One running agent: heartbeats always, an MQTT session whenever the document says push.
+
+SEPM clients heartbeat in both modes (push only adds the instant notification), so the `PullLoop` runs
+from start to stop: it uploads status and, while the broker is unreachable, keeps the agent converging.
+The `PushLoop` runs while the held document says push and the identity has broker credentials; the
+runtime starts it when a document switches the mode to push and lets it end (offline state, clean
+disconnect) when one switches it to pull. `core.transport`, which heartbeats report, says "push" exactly
+while the MQTT session is up and "pull" otherwise.
+
+Nothing here blocks or owns a thread: many runtimes share one event loop in the fleet simulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+
+from agent_stub.core import AgentCore
+from agent_stub.mqtt_link import LinkFactory, MqttLink
+from agent_stub.pull import HeartbeatClient, PullLoop
+from agent_stub.push import PushLoop, push_blocker
+from fabric_core.settings import AgentSettings
+from fabric_core.wire import AgentCommand, EffectiveDocument, Mode
+
+log = logging.getLogger(__name__)
+
+
+class AgentRuntime:
+    """Runs one agent's pull loop, and its push loop whenever push mode applies."""
+
+    def __init__(
+        self,
+        core: AgentCore,
+        client: HeartbeatClient,
+        settings: AgentSettings,
+        link_factory: LinkFactory = MqttLink,
+        *,
+        hostname: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.core = core
+        self.pull = PullLoop(core, client, settings, hostname=hostname, rng=rng)
+        self.push = PushLoop(
+            core, link_factory, settings, self._on_command, on_connection=self._on_connection, rng=rng
+        )
+        self._stop: asyncio.Event | None = None
+        self._push_task: asyncio.Task[None] | None = None
+        self._blocker: str | None = None
+        self._announced = False
+
+    @property
+    def transport(self) -> Mode:
+        return self.core.transport
+
+    def update_now(self) -> None:
+        """Heartbeat at once ("Update policy now"). Safe from a signal handler."""
+        self.pull.update_now()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set; the push session, if any, ends cleanly before this returns."""
+        self._stop = stop
+        self.core.transport = "pull"
+        detach = self.core.add_listener(self._on_applied)
+        self._announced = False
+        self._reconcile()
+        try:
+            await self.pull.run(stop)
+        finally:
+            detach()
+            await self._end_push(stop)
+            self._stop = None
+            self.core.record_stopped()
+
+    # --- push on and off ---------------------------------------------------------------------------
+
+    def _on_applied(self, doc: EffectiveDocument) -> None:
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Start the push loop if push mode applies and it is not running (it stops by itself)."""
+        stop = self._stop
+        if stop is None or stop.is_set():
+            return
+        blocker = push_blocker(self.core)
+        if blocker != self._blocker or not self._announced:
+            log.info("push mode %s", "on" if blocker is None else f"off: {blocker}")
+            self._blocker, self._announced = blocker, True
+        if blocker is None and (self._push_task is None or self._push_task.done()):
+            task = asyncio.get_running_loop().create_task(
+                self.push.run(stop), name=f"push-{self.core.identity.agent_id}"
+            )
+            task.add_done_callback(self._push_ended)
+            self._push_task = task
+
+    def _push_ended(self, task: asyncio.Task[None]) -> None:
+        self.core.transport = "pull"
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # Not restarted at once (it could fail again at once); the next document restarts it.
+            log.error("the push loop failed; heartbeats go on", exc_info=exc)
+            return
+        # The document may have switched back to push while the session was closing.
+        self._reconcile()
+
+    async def _end_push(self, stop: asyncio.Event) -> None:
+        task = self._push_task
+        if task is None or task.done():
+            return
+        if not stop.is_set():  # the pull loop ended without a stop (a bug): do not leave push running
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    def _on_connection(self, up: bool) -> None:
+        self.core.transport = "push" if up else "pull"
+        log.info("transport: %s", self.core.transport)
+        if up:
+            # Tell the manager at once, as with a new serial: otherwise the heartbeat that reported the
+            # document (sent while the session was still coming up, so saying pull) stays the last word
+            # for a whole interval. Sessions come up rarely, and after an outage at jittered times.
+            # Not when the session drops: the will says so, and a broker outage must not make a whole
+            # fleet heartbeat at the same moment.
+            self.pull.update_now()
+
+    def _on_command(self, command: AgentCommand) -> None:
+        if command.command == "update_now":
+            self.update_now()

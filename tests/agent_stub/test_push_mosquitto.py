@@ -1,0 +1,314 @@
+"""Push mode end to end against a real Mosquitto: retained documents, bad input, commands, presence,
+and falling back to pull while the broker is away.
+
+TODO(tests/support/broker.py): run these on the project's dynsec-enabled broker fixture (agents with
+their own accounts and ACLs) once it lands; `broker` here is the minimal anonymous one of conftest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import orjson
+import pytest
+
+from agent_stub.core import AgentCore
+from agent_stub.mqtt_link import LinkOptions, MqttLink
+from agent_stub.push import PushLoop
+from agent_stub.runtime import AgentRuntime
+from agent_stub.state import MemoryStateStore
+from fabric_core.settings import AgentSettings
+from fabric_core.signing import SigningKey
+from fabric_core.topics import DEFAULT_PREFIX, cmd_topic, config_topic, state_topic
+from fabric_core.wire import AgentCommand
+from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc, make_identity, wait_until
+from tests.agent_stub.fakes import FakeManager
+from tests.agent_stub.mosquitto import Mosquitto
+
+CONFIG = config_topic(DEFAULT_PREFIX, GROUP_ID, LOCATION_ID)
+CMD = cmd_topic(DEFAULT_PREFIX, "agent-1")
+STATE = state_topic(DEFAULT_PREFIX, "agent-1")
+
+
+class Bridge:
+    """Stands in for broker_bridge (publishes documents and commands) and for the manager's state ingest."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.states: list[dict[str, Any]] = []
+        options = LinkOptions(address=broker.address, client_id=f"bridge-{uuid.uuid4().hex[:6]}", timeout_s=2)
+        self.link = MqttLink(options, self._received)
+
+    def _received(self, topic: str, payload: bytes) -> None:
+        if topic == STATE:
+            self.states.append(orjson.loads(payload))
+
+    async def start(self) -> Bridge:
+        await self.link.connect()
+        await self.link.subscribe(STATE)
+        return self
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
+        await self.link.publish(topic, payload, qos=1, retain=retain)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.states[-1] if self.states else {}
+
+
+def _agent(key: SigningKey, broker: Mosquitto, **doc: Any) -> AgentCore:
+    """An agent holding serial 1 of a push document (what its first heartbeat would have brought)."""
+    identity = make_identity(key, mqtt_url=broker.url)
+    core = AgentCore(identity=identity, store=MemoryStateStore(identity))
+    assert core.offer(key.sign_envelope(make_doc(serial=1, mode="push", **doc)), "heartbeat").applied
+    return core
+
+
+def _push(core: AgentCore, settings: AgentSettings, commands: list[AgentCommand]) -> PushLoop:
+    return PushLoop(core, MqttLink, settings, commands.append, rng=random.Random(5))
+
+
+def _run(
+    broker: Mosquitto,
+    loop_under_test: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    scenario: Callable[[Bridge], Awaitable[None]],
+    *,
+    before: Callable[[Bridge], Awaitable[None]] | None = None,
+) -> Bridge:
+    """Start a bridge, run `before`, start the loop, run `scenario`, stop the loop."""
+
+    async def main() -> Bridge:
+        bridge = await Bridge(broker).start()
+        if before is not None:
+            await before(bridge)
+        stop = asyncio.Event()
+        task = asyncio.create_task(loop_under_test(stop))
+        try:
+            await scenario(bridge)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=5)
+        await asyncio.sleep(0.05)  # let the last state reach the bridge
+        await bridge.link.close()
+        return bridge
+
+    return asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+@pytest.fixture
+def key() -> SigningKey:
+    return SigningKey.generate()
+
+
+def test_a_late_joiner_applies_the_retained_document_and_reports_online(
+    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+) -> None:
+    core = _agent(key, broker)
+    push = _push(core, push_settings, [])
+
+    async def before(bridge: Bridge) -> None:
+        await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=4, mode="push")))
+
+    async def scenario(bridge: Bridge) -> None:
+        await wait_until(lambda: core.serial == 4, within=3)
+        await wait_until(lambda: bridge.last.get("serial") == 4, within=3)
+        state = bridge.last
+        assert state["online"] is True and state["mode"] == "push"
+        assert (state["agent_id"], state["group_id"], state["location_id"]) == (
+            "agent-1",
+            GROUP_ID,
+            LOCATION_ID,
+        )
+        assert push.connected
+
+    bridge = _run(broker, push.run, scenario, before=before)
+    # Stopped: the agent said so itself, retained (the will was not needed).
+    assert bridge.last["online"] is False and bridge.last["serial"] == 4
+
+
+def test_a_document_published_while_connected_is_applied_at_once(
+    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+) -> None:
+    core = _agent(key, broker)
+    push = _push(core, push_settings, [])
+
+    async def scenario(bridge: Bridge) -> None:
+        await wait_until(lambda: bridge.last.get("online") is True, within=3)
+        await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=2, mode="push")))
+        await wait_until(lambda: core.serial == 2, within=1)
+        await wait_until(lambda: bridge.last.get("serial") == 2, within=1)
+
+    _run(broker, push.run, scenario)
+
+
+def test_forged_unsigned_and_older_documents_are_not_applied(
+    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = _agent(key, broker)
+    push = _push(core, push_settings, [])
+
+    async def scenario(bridge: Bridge) -> None:
+        await wait_until(lambda: push.connected, within=3)
+        await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=5, mode="push")))
+        await wait_until(lambda: core.serial == 5)
+        forged = SigningKey.generate().sign_envelope(make_doc(serial=9, mode="push"))
+        unsigned = orjson.dumps(make_doc(serial=9, mode="push"))
+        tampered = orjson.loads(key.sign_envelope(make_doc(serial=9, mode="push")))
+        tampered["doc"]["policies"] = {}
+        older = key.sign_envelope(make_doc(serial=3, mode="push"))
+        for payload in (forged, unsigned, orjson.dumps(tampered), older, b"\x00garbage"):
+            await bridge.publish(CONFIG, payload, retain=False)
+        # A valid document after the bad ones: once it is applied, the bad ones have all been seen.
+        await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=6, mode="push")))
+        await wait_until(lambda: core.serial == 6)
+
+    with caplog.at_level(logging.DEBUG, logger="agent_stub.core"):
+        _run(broker, push.run, scenario)
+    messages = [r.getMessage() for r in caplog.records]
+    applied = [m for m in messages if m.startswith("applied serial") and m.endswith("from mqtt")]
+    assert [m.split()[2] for m in applied] == ["5", "6"]
+    assert sum("rejected a document from mqtt" in m for m in messages) == 4
+    assert any("ignored serial 3 from mqtt" in m for m in messages)
+
+
+def test_an_update_now_command_reaches_on_command(
+    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+) -> None:
+    core = _agent(key, broker)
+    commands: list[AgentCommand] = []
+    push = _push(core, push_settings, commands)
+
+    async def scenario(bridge: Bridge) -> None:
+        await wait_until(lambda: push.connected, within=3)
+        await bridge.publish(CMD, b'{"command": "update_now"}', retain=False)  # malformed: dropped
+        command = b'{"command": "update_now", "id": "c-1", "issued_at": "2024-05-01T12:00:00Z"}'
+        await bridge.publish(CMD, command, retain=False)
+        await wait_until(lambda: len(commands) == 1)
+
+    _run(broker, push.run, scenario)
+    assert (commands[0].command, commands[0].id) == ("update_now", "c-1")
+
+
+def test_the_will_says_offline_when_the_connection_dies_and_the_agent_comes_back(
+    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+) -> None:
+    core = _agent(key, broker)
+    push = _push(core, push_settings, [])
+
+    async def scenario(bridge: Bridge) -> None:
+        await wait_until(lambda: bridge.last.get("online") is True, within=3)
+        assert push.link is not None
+        push.link.abort()  # the connection dies without DISCONNECT
+        await wait_until(lambda: bridge.last == {"agent_id": "agent-1", "online": False})
+        # ...and the agent reconnects by itself (back-off) and says it is online again.
+        await wait_until(lambda: bridge.last.get("online") is True, within=3)
+        assert push.sessions == 2
+
+    _run(broker, push.run, scenario)
+
+
+def test_a_location_move_moves_the_subscription(
+    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+) -> None:
+    core = _agent(key, broker)
+    push = _push(core, push_settings, [])
+    other = config_topic(DEFAULT_PREFIX, GROUP_ID, LOCATION_ID + 1)
+
+    async def scenario(bridge: Bridge) -> None:
+        await wait_until(lambda: push.connected, within=3)
+        # A heartbeat moves the agent to another location.
+        moved = key.sign_envelope(make_doc(serial=10, mode="push", location_id=LOCATION_ID + 1))
+        assert core.offer(moved, "heartbeat").applied
+        await wait_until(lambda: bridge.last.get("location_id") == LOCATION_ID + 1)
+        # The old location's document is no longer heard; the new one's is.
+        await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=11, mode="push")))
+        await bridge.publish(
+            other, key.sign_envelope(make_doc(serial=12, mode="push", location_id=LOCATION_ID + 1))
+        )
+        await wait_until(lambda: core.serial == 12)
+        assert core.location_id == LOCATION_ID + 1
+
+    _run(broker, push.run, scenario)
+
+
+# --- the runtime: fallback to pull, and switching modes ---------------------------------------------
+
+
+def _runtime(key: SigningKey, broker: Mosquitto, settings: AgentSettings) -> tuple[AgentRuntime, FakeManager]:
+    identity = make_identity(key, mqtt_url=broker.url)
+    core = AgentCore(identity=identity, store=MemoryStateStore(identity))
+    manager = FakeManager(key.sign_envelope(make_doc(serial=1, mode="push")))
+    return AgentRuntime(core, manager, settings, rng=random.Random(6)), manager
+
+
+def test_the_runtime_falls_back_to_pull_while_the_broker_is_away(
+    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+) -> None:
+    runtime, manager = _runtime(key, broker, push_settings)
+
+    async def scenario(bridge: Bridge) -> None:
+        await wait_until(lambda: runtime.transport == "push", within=3)
+        await bridge.link.close()
+        broker.stop()
+        await wait_until(lambda: runtime.transport == "pull", within=2)
+        assert not runtime.push.connected
+        runtime.update_now()  # heartbeats go on, and say pull
+        await wait_until(lambda: manager.requests[-1].mode == "pull")
+        broker.start()
+        await wait_until(lambda: runtime.transport == "push", within=3)
+        assert runtime.push.sessions == 2
+        await bridge.link.connect()
+
+    _run(broker, runtime.run, scenario)
+    assert runtime.core.status.transport is None
+
+
+def test_the_runtime_follows_mode_changes(
+    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+) -> None:
+    runtime, manager = _runtime(key, broker, push_settings)
+
+    async def scenario(bridge: Bridge) -> None:
+        await wait_until(lambda: bridge.last.get("online") is True, within=3)
+        assert runtime.transport == "push"
+        # The operator switches the group to pull: the bridge publishes it.
+        await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=2, mode="pull")))
+        await wait_until(lambda: bridge.last.get("online") is False, within=2)
+        assert bridge.last["mode"] == "pull" and bridge.last["serial"] == 2
+        await wait_until(lambda: runtime.transport == "pull")
+        # Back to push, learnt from a heartbeat this time.
+        manager.envelope = key.sign_envelope(make_doc(serial=3, mode="push"))
+        runtime.update_now()
+        await wait_until(
+            lambda: bridge.last.get("online") is True and bridge.last.get("serial") == 3, within=3
+        )
+        assert runtime.transport == "push"
+
+    _run(broker, runtime.run, scenario)
+
+
+def test_stopping_does_not_wait_for_a_silent_broker(key: SigningKey, push_settings: AgentSettings) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts TCP, never answers MQTT
+        identity = make_identity(key, mqtt_url=f"mqtt://127.0.0.1:{silent.getsockname()[1]}")
+        core = AgentCore(identity=identity, store=MemoryStateStore(identity))
+        assert core.offer(key.sign_envelope(make_doc(serial=1, mode="push")), "heartbeat").applied
+        settings = push_settings.model_copy(update={"request_timeout_s": 5.0})
+        push = _push(core, settings, [])
+
+        async def main() -> float:
+            stop = asyncio.Event()
+            task = asyncio.create_task(push.run(stop))
+            await asyncio.sleep(0.1)  # connecting: TCP accepted, CONNACK never comes
+            stop.set()
+            started = time.monotonic()
+            await asyncio.wait_for(task, timeout=5)
+            return time.monotonic() - started
+
+        assert asyncio.run(main()) < 0.5
+    assert not push.connected
