@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -29,18 +30,30 @@ from rich.table import Table
 
 from agent_stub.core import AgentCore
 from agent_stub.manager_client import ManagerClient
-from agent_stub.pull import PullLoop
+from agent_stub.runtime import AgentRuntime
 from agent_stub.state import FileStateStore, Identity
+from api.deps import Fabric
 from api.main import create_app
+from broker_bridge.broker import BrokerUnavailable
+from broker_bridge.credentials import bridge_password
+from broker_bridge.mosquitto import (
+    BrokerLayout,
+    MosquittoProcess,
+    find_dynsec_plugin,
+    mosquitto_binary,
+    write_broker_files,
+)
+from broker_bridge.service import Bridge, BridgeThread, connect_link
 from fabric_core.settings import AgentSettings, Settings
+from fabric_core.signing import load_signing_key
 
 log = logging.getLogger(__name__)
 
 DEMO_HEARTBEAT_S = 5
 CONVERGE_TIMEOUT_S = 60.0
 DEMO_GROUPS = (
-    # name, inherits, communication override
-    ("Headquarters", True, None),
+    # name, inherits, communication of its own (push needs a broker; without one it stays pull)
+    ("Headquarters", False, {"mode": "push", "heartbeat_s": 60}),
     ("Branch Offices", False, {"heartbeat_s": DEMO_HEARTBEAT_S * 2}),
     ("Laptops", True, None),
 )
@@ -85,7 +98,8 @@ class ManagerThread:
     """The manager's uvicorn server on a background thread of this process."""
 
     def __init__(self, settings: Settings, port: int) -> None:
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="manager", daemon=True)
         self.url = f"http://127.0.0.1:{port}"
@@ -97,6 +111,11 @@ class ManagerThread:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the manager did not start; see the messages above")
             time.sleep(0.05)
+
+    @property
+    def fabric(self) -> Fabric:
+        fabric: Fabric = self.app.state.fabric
+        return fabric
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -111,7 +130,7 @@ class Demo:
     firewall_policy_id: int
 
 
-def seed(admin: httpx.Client) -> Demo:
+def seed(admin: httpx.Client, *, push: bool) -> Demo:
     """Create the demo groups and policies once; later runs find and reuse them."""
     groups = {g["name"]: g for g in _ok(admin.get("/groups"))}
     root = next(g for g in groups.values() if g["parent_id"] is None)
@@ -148,8 +167,9 @@ def seed(admin: httpx.Client) -> Demo:
             groups[name] = _ok(
                 admin.post("/groups", json={"name": name, "parent_id": root["id"], "inherit": inherits})
             )
-            if communication:
-                _ok(admin.put(f"/groups/{groups[name]['id']}/communication", json=communication))
+        if communication and not inherits:
+            wanted = {**communication, "mode": communication.get("mode", "pull") if push else "pull"}
+            _ok(admin.put(f"/groups/{groups[name]['id']}/communication", json=wanted))
     return Demo(
         group_ids={name: groups[name]["id"] for name, _, _ in DEMO_GROUPS},
         firewall_policy_id=policies["Corporate firewall"]["id"],
@@ -181,7 +201,8 @@ def enrol_agents(
 
 @dataclass
 class AgentFleet:
-    """Demo agents: the real pull loop, one asyncio task each, on a background thread."""
+    """Demo agents: the real agent runtime (pull, and push where the document says so), one asyncio task
+    each, all on one background thread."""
 
     state_dirs: list[Path]
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
@@ -204,9 +225,8 @@ class AgentFleet:
                     timeout_s=settings.request_timeout_s,
                 )
                 clients.append(client)
-                runs.append(
-                    PullLoop(core, client, settings, hostname=core.identity.hostname).run(self.stop_event)
-                )
+                runtime = AgentRuntime(core, client, settings, hostname=core.identity.hostname)
+                runs.append(runtime.run(self.stop_event))
             ready.set()
             try:
                 await asyncio.gather(*runs)
@@ -246,6 +266,55 @@ def fleet_table(agents: list[dict[str, Any]], group_names: dict[int, str], title
     return table
 
 
+@dataclass
+class LocalBroker:
+    """Mosquitto started by Policycast with its own configuration, in the data directory."""
+
+    process: MosquittoProcess
+    url: str
+
+
+def start_broker(settings: Settings, console: Console) -> LocalBroker | None:
+    """A Mosquitto on a port kept from run to run (agents remember it), or None when not installed."""
+    try:
+        mosquitto_binary()
+        plugin = find_dynsec_plugin()
+    except BrokerUnavailable as exc:
+        console.print(
+            f"[yellow]No Mosquitto here ({exc}): push mode is off and every agent pulls.[/]\n"
+            "[yellow]Install it (apt-get install -y mosquitto) to see push agents.[/]"
+        )
+        return None
+    layout = BrokerLayout(settings.data_dir / "broker")
+    port_file = layout.directory / "port"
+    remembered = int(port_file.read_text()) if port_file.exists() else 0
+    port = remembered if remembered and port_is_free(remembered) else pick_port(0)
+    write_broker_files(
+        layout=layout,
+        port=port,
+        bind="127.0.0.1",
+        bridge_username=settings.mqtt_username,
+        bridge_password=bridge_password(settings, load_signing_key(settings)),
+        prefix=settings.mqtt_prefix,
+        plugin_path=plugin,
+    )
+    port_file.write_text(f"{port}\n")
+    process = MosquittoProcess(layout, port)
+    process.start()
+    return LocalBroker(process, f"mqtt://127.0.0.1:{port}")
+
+
+def forget_stale_agents(agents_dir: Path, broker_url: str | None) -> None:
+    """Demo agents enrolled against another broker address re-enrol (they are demo agents only)."""
+    if not agents_dir.is_dir():
+        return
+    for state_dir in agents_dir.iterdir():
+        identity = FileStateStore(state_dir).load_identity() if state_dir.is_dir() else None
+        known = identity.mqtt.url if identity is not None and identity.mqtt is not None else None
+        if identity is not None and known != broker_url:
+            shutil.rmtree(state_dir)
+
+
 def run_stack(
     settings: Settings, *, agents: int, port: int, exit_when_converged: bool, console: Console
 ) -> int:
@@ -254,65 +323,100 @@ def run_stack(
     chosen = pick_port(port)
     if port and chosen != port:
         console.print(f"[yellow]port {port} is taken; using {chosen}[/]")
-    for noisy in ("agent_stub", "httpx"):
+    for noisy in ("agent_stub", "httpx", "broker_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    manager = ManagerThread(settings, chosen)
     console.print(f"[bold]Policycast[/] starting: data in {settings.data_dir.resolve()}")
-    manager.start()
+    broker = start_broker(settings, console)
+    settings = settings.model_copy(
+        update={"mqtt_url": broker.url, "mqtt_enabled": True} if broker else {"mqtt_enabled": False}
+    )
+    manager = ManagerThread(settings, chosen)
+    bridge: BridgeThread | None = None
+    fleet: AgentFleet | None = None
     admin = httpx.Client(
         base_url=f"{manager.url}/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=10
     )
-    fleet: AgentFleet | None = None
     try:
-        demo = seed(admin)
-        state_dirs = enrol_agents(admin, manager.url, demo, agents, settings.data_dir / "demo-agents")
+        manager.start()
+        if broker is not None:
+            bridge = start_bridge(settings, manager)
+        demo = seed(admin, push=broker is not None)
+        agents_dir = settings.data_dir / "demo-agents"
+        forget_stale_agents(agents_dir, broker.url if broker else None)
+        state_dirs = enrol_agents(admin, manager.url, demo, agents, agents_dir)
         fleet = AgentFleet(state_dirs)
         fleet.start()
-        console.print(
-            Panel.fit(
-                f"manager   {manager.url}   (API docs: {manager.url}/docs)\n"
-                f"admin key {key}\n"
-                f"database  {settings.resolved_database_url}\n"
-                f"agents    {agents} pull agents, heartbeat {DEMO_HEARTBEAT_S}-{DEMO_HEARTBEAT_S * 2}s",
-                title="local stack",
-            )
-        )
+        console.print(_banner(manager, broker, key, settings, agents))
         names = {g["id"]: g["name"] for g in _ok(admin.get("/groups"))}
         if agents and not _converge(admin, names, console, "agents fetching their first documents"):
             return 1
         if agents:
-            serial = _change_policy(admin, demo)
+            version = _change_policy(admin, demo)
             console.print(
-                f"[bold]Operator change:[/] edited 'Corporate firewall' at the root → serial {serial}"
+                "[bold]Operator change:[/] edited the shared policy 'Corporate firewall' "
+                f"(now version {version}); every group using it gets a new document"
             )
-            started = time.monotonic()
-            if not _converge(admin, names, console, f"policy change (serial {serial}) reaching every agent"):
+            if not _converge(
+                admin, names, console, f"policy version {version} reaching every agent", report=True
+            ):
                 return 1
-            console.print(f"[green]Every agent applied the change in {time.monotonic() - started:.1f}s[/]")
         if exit_when_converged:
             return 0
-        console.print("Running. Press Ctrl-C to stop.  Try: policycast admin agents")
+        console.print("Running. Press Ctrl-C to stop.  Try: .venv/bin/policycast admin agents")
         _watch(admin, names, console)
         return 0
     except KeyboardInterrupt:
         return 0
-    except httpx.HTTPError as exc:
-        console.print(f"[red]error:[/] talking to the manager: {exc}")
+    except (httpx.HTTPError, RuntimeError, BrokerUnavailable) as exc:
+        console.print(f"[red]error:[/] {exc}")
         return 1
     finally:
         console.print("stopping ...")
         if fleet is not None:
             fleet.stop()
+        if bridge is not None:
+            bridge.stop()
         admin.close()
         manager.stop()
+        if broker is not None:
+            broker.process.stop()
         console.print("stopped")
 
 
-def _converge(admin: httpx.Client, names: dict[int, str], console: Console, what: str) -> bool:
-    deadline = time.monotonic() + CONVERGE_TIMEOUT_S
+def start_bridge(settings: Settings, manager: ManagerThread) -> BridgeThread:
+    fabric = manager.fabric
+    link = connect_link(settings, fabric.signing_key, client_id="policycast-up-bridge")
+    bridge = Bridge(settings=settings, engine=fabric.engine, signing_key=fabric.signing_key, link=link)
+    return BridgeThread(bridge).start()
+
+
+def _banner(
+    manager: ManagerThread, broker: LocalBroker | None, key: str, settings: Settings, agents: int
+) -> Panel:
+    return Panel.fit(
+        f"manager   {manager.url}   (API docs: {manager.url}/docs)\n"
+        f"admin key {key}\n"
+        f"database  {settings.resolved_database_url}\n"
+        f"broker    {broker.url + ' (Mosquitto, dynamic security)' if broker else 'none: pull only'}\n"
+        f"agents    {agents}: push in Headquarters, pull elsewhere (heartbeat {DEMO_HEARTBEAT_S}-"
+        f"{DEMO_HEARTBEAT_S * 2}s)",
+        title="local stack",
+    )
+
+
+def _converge(
+    admin: httpx.Client, names: dict[int, str], console: Console, what: str, *, report: bool = False
+) -> bool:
+    """Show the fleet until every agent holds its serial; with `report`, say how long each mode took."""
+    started = time.monotonic()
+    landed: dict[str, float] = {}
+    deadline = started + CONVERGE_TIMEOUT_S
     with Live(console=console, refresh_per_second=4, transient=not console.is_terminal) as live:
         while True:
             agents = _ok(admin.get("/agents", params={"limit": 1000}))
+            for agent in agents:
+                if agent["up_to_date"]:
+                    landed.setdefault(agent["id"], time.monotonic() - started)
             done = sum(1 for a in agents if a["up_to_date"])
             live.update(fleet_table(agents, names, f"{what}: {done}/{len(agents)} up to date"))
             if agents and done == len(agents):
@@ -320,9 +424,14 @@ def _converge(admin: httpx.Client, names: dict[int, str], console: Console, what
             if time.monotonic() > deadline:
                 console.print(f"[red]not every agent converged within {CONVERGE_TIMEOUT_S:.0f}s[/]")
                 return False
-            time.sleep(0.5)
+            time.sleep(0.2)
     if not console.is_terminal:
         console.print(fleet_table(agents, names, f"{what}: {done}/{len(agents)} up to date"))
+    if report:
+        for mode in ("push", "pull"):
+            times = [landed[a["id"]] for a in agents if a["mode"] == mode]
+            if times:
+                console.print(f"[green]{len(times)} {mode} agent(s) applied it within {max(times):.1f}s[/]")
     return True
 
 
