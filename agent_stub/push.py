@@ -60,9 +60,11 @@ _MAX_DOUBLINGS = 32
 
 
 def topic_prefix(identity: Identity) -> str:
-    """The topic prefix of the agent's broker: stored beside its credentials, else the default."""
+    """The topic prefix of the agent's broker, as enrolment gave it (or set by hand), else the default."""
     credentials = identity.mqtt
-    return credentials.mqtt_prefix if credentials and credentials.mqtt_prefix else DEFAULT_PREFIX
+    if credentials is None:
+        return DEFAULT_PREFIX
+    return credentials.prefix or credentials.mqtt_prefix or DEFAULT_PREFIX
 
 
 def push_blocker(core: AgentCore) -> str | None:

@@ -39,8 +39,8 @@ class CorruptStateError(Exception):
 class StoredMqttCredentials(MqttCredentials):
     """The broker account learnt at enrolment, plus what the agent may keep beside it.
 
-    `mqtt_prefix` is the topic prefix (DESIGN.md §4) when the broker does not use the default one; the
-    enrolment response has no such field yet, so it is only ever set by hand (None: the default).
+    `prefix` comes from enrolment; `mqtt_prefix`, set by hand, is kept for identities stored before the
+    enrolment response carried it (None in both: the default prefix).
     """
 
     # from_attributes: an `Identity` may also be built from the plain wire model.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Engine, bindparam, text
+from sqlalchemy import JSON, DateTime, Engine, bindparam, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from api.models import utcnow
@@ -221,8 +221,12 @@ class HeartbeatLedger:
             statement = text(
                 "UPDATE agents SET last_seen = :last_seen, serial = :serial, location_id = :location_id, "
                 "mode = :mode, status = :status, "
-                "update_requested = CASE WHEN :clear THEN false ELSE update_requested END WHERE id = :id"
-            ).bindparams(bindparam("status", type_=JSON))
+                "update_requested = CASE WHEN :clear THEN false ELSE update_requested END "
+                # The bridge writes these columns too (from MQTT state): the newer observation wins.
+                "WHERE id = :id AND (last_seen IS NULL OR last_seen <= :last_seen)"
+            ).bindparams(
+                bindparam("status", type_=JSON), bindparam("last_seen", type_=DateTime(timezone=True))
+            )
             try:
                 with engine.begin() as connection:
                     connection.execute(statement, rows)

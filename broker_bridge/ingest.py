@@ -13,7 +13,7 @@ from datetime import datetime
 
 import orjson
 from pydantic import ValidationError
-from sqlalchemy import Engine, bindparam, text
+from sqlalchemy import DateTime, Engine, bindparam, text
 
 from api.models import utcnow
 from fabric_core.errors import InvalidTopic
@@ -60,30 +60,40 @@ class StateIngest:
             pending, self._pending = self._pending, {}
         if not pending:
             return 0
-        rows = [
+        online = [
             {
                 "id": agent_id,
-                "online": seen.report.online,
                 "serial": seen.report.serial,
                 "location_id": seen.report.location_id,
                 "mode": seen.report.mode,
-                # The bridge's clock, not the agent's: agents' clocks drift.
-                "seen": seen.at if seen.report.online else None,
+                "seen": seen.at,  # the bridge's clock, not the agent's: agents' clocks drift
             }
             for agent_id, seen in pending.items()
+            if seen.report.online
         ]
-        # COALESCE: a last will says only "offline"; it must not erase what the agent reported before.
-        statement = text(
-            "UPDATE agents SET online = :online, serial = COALESCE(:serial, serial), "
+        presence = [{"id": agent_id, "online": seen.report.online} for agent_id, seen in pending.items()]
+        # Presence is the broker's to say (a last will says only "offline": what the agent reported
+        # before stays). The other columns the api's heartbeat bookkeeping writes too: newer wins.
+        mark = text("UPDATE agents SET online = :online WHERE id = :id AND revoked_at IS NULL")
+        report = text(
+            "UPDATE agents SET serial = COALESCE(:serial, serial), "
             "location_id = COALESCE(:location_id, location_id), mode = COALESCE(:mode, mode), "
-            "last_seen = COALESCE(:seen, last_seen) WHERE id = :id AND revoked_at IS NULL"
-        ).bindparams(bindparam("serial"), bindparam("location_id"), bindparam("mode"), bindparam("seen"))
+            "last_seen = :seen WHERE id = :id AND revoked_at IS NULL "
+            "AND (last_seen IS NULL OR last_seen <= :seen)"
+        ).bindparams(
+            bindparam("serial"),
+            bindparam("location_id"),
+            bindparam("mode"),
+            bindparam("seen", type_=DateTime(timezone=True)),
+        )
         try:
             with engine.begin() as connection:
-                connection.execute(statement, rows)
+                connection.execute(mark, presence)
+                if online:
+                    connection.execute(report, online)
         except Exception:
             with self._lock:
                 for agent_id, seen in pending.items():
                     self._pending.setdefault(agent_id, seen)
             raise
-        return len(rows)
+        return len(pending)

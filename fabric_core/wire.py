@@ -267,6 +267,7 @@ class MqttCredentials(BaseModel):
     url: str
     username: str
     password: str
+    prefix: str | None = Field(default=None, description="the topic prefix; null: the default, policycast")
 
 
 class EnrollResponse(BaseModel):

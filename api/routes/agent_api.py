@@ -51,6 +51,7 @@ def enroll(body: EnrollRequest, fabric: FabricDep) -> EnrollResponse:
             url=settings.mqtt_public_address.url,
             username=enrolment.agent.id,
             password=agent_password(fabric.signing_key, enrolment.agent.id),
+            prefix=settings.mqtt_prefix,
         )
     return EnrollResponse(
         agent_id=enrolment.agent.id,
