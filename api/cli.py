@@ -234,6 +234,52 @@ def enroll_token(
     sys.stdout.write(response.json()["token"] + "\n")
 
 
+@admin_app.command("publish-content")
+def publish_content(
+    directory: Annotated[
+        Path, typer.Argument(help="the files of the new revision", exists=True, file_okay=False)
+    ],
+    kind: Annotated[str, typer.Option(help="content kind, e.g. definitions")] = "definitions",
+    server: Annotated[str, typer.Option(help="the manager's URL")] = "http://127.0.0.1:8080",
+) -> None:
+    """Publish DIRECTORY as the next revision of a content kind, uploading only the files the manager
+    does not have yet (with POLICYCAST_BOOTSTRAP_ADMIN_KEY)."""
+    import hashlib
+
+    import httpx
+    from rich.progress import Progress
+
+    settings = load_settings()
+    if settings.bootstrap_admin_key is None:
+        fail("set POLICYCAST_BOOTSTRAP_ADMIN_KEY to an admin API key")
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    if not files:
+        fail(f"{directory} holds no files")
+    headers = {"Authorization": f"Bearer {settings.bootstrap_admin_key.get_secret_value()}"}
+    listed = []
+    try:
+        with (
+            httpx.Client(base_url=f"{server.rstrip('/')}/api/v1", headers=headers, timeout=60) as admin,
+            Progress(console=errors) as progress,
+        ):
+            task = progress.add_task("uploading", total=sum(p.stat().st_size for p in files))
+            for path in files:
+                data = path.read_bytes()
+                digest = hashlib.sha256(data).hexdigest()
+                if admin.head(f"/blobs/{digest}").status_code != 200:
+                    admin.put(f"/blobs/{digest}", content=data).raise_for_status()
+                listed.append({"path": path.relative_to(directory).as_posix(), "sha256": digest})
+                progress.advance(task, len(data))
+            response = admin.post(f"/content/{kind}/revisions", json={"files": listed})
+            response.raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        fail(f"the manager refused: {exc.response.status_code} {exc.response.text}")
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the manager at {server}: {exc}")
+    revision = response.json()
+    console.print(f"published {kind} revision {revision['revision']} ({len(listed)} files)")
+
+
 def _group_id(admin: Any, name: str, *, create: bool, mode: str | None) -> int:
     response = admin.get("/groups")
     response.raise_for_status()

@@ -18,7 +18,7 @@ from api.db import make_engine, migrate, session_scope
 from api.deps import Fabric
 from api.errors import ServiceError
 from api.heartbeat import FabricView, HeartbeatLedger
-from api.routes import agent_api, agents, communication, groups, locations, policies
+from api.routes import agent_api, agents, communication, content, groups, locations, policies
 from api.services.change import Change
 from api.services.groups import ensure_root
 from fabric_core.settings import Settings
@@ -77,19 +77,27 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes with 413, whether or not Content-Length is honest."""
+    """Refuse request bodies over the limit with 413, whether or not Content-Length is honest.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    `limit` holds for every path but those under a prefix of `larger` (content uploads), which have
+    their own."""
+
+    def __init__(self, app: ASGIApp, limit: int, larger: dict[str, int] | None = None) -> None:
         self.app = app
-        self.limit = limit
+        self.default_limit = limit
+        self.larger = larger or {}
+
+    def limit_for(self, path: str) -> int:
+        return next((n for prefix, n in self.larger.items() if path.startswith(prefix)), self.default_limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, limit)
             return
         received = 0
         refused = False
@@ -99,7 +107,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     refused = True
                     raise _TooLarge
             return message
@@ -121,10 +129,10 @@ class BodyLimit:
             if not refused:
                 raise
         if refused and not started:
-            await self._refuse(send)
+            await self._refuse(send, limit)
 
-    async def _refuse(self, send: Send) -> None:
-        response = JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, status_code=413)
+    async def _refuse(self, send: Send, limit: int) -> None:
+        response = JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
         await response({"type": "http"}, _no_receive, send)
 
 
@@ -151,13 +159,17 @@ def create_app(settings: Settings, *, run_migrations: bool = True) -> FastAPI:
     app.state.settings = settings
     app.state.run_migrations = run_migrations
     app.add_exception_handler(ServiceError, _service_error)
-    for router in (groups.router, locations.router, policies.router, communication.router, agents.router):
+    admin_routers = (groups.router, locations.router, policies.router, communication.router, agents.router)
+    for router in (*admin_routers, content.admin_router):
         app.include_router(router, prefix="/api/v1")
     app.include_router(agent_api.router)
+    app.include_router(content.agent_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, larger={"/api/v1/blobs/": settings.max_blob_bytes}
+    )
     return app

@@ -172,6 +172,31 @@ class BridgeLease(SQLModel, table=True):
     expires_at: datetime = Field(sa_type=DateTime(timezone=True))
 
 
+class Blob(SQLModel, table=True):
+    """A content file, stored once by its SHA-256 under the data directory (content-addressed)."""
+
+    __tablename__ = "blobs"
+
+    sha256: str = Field(primary_key=True, max_length=64)
+    size: int = Field(sa_type=BigInteger)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class ContentRevision(SQLModel, table=True):
+    """One numbered revision of a content kind (e.g. definitions): a manifest of files by hash."""
+
+    __tablename__ = "content_revisions"
+    __table_args__ = (UniqueConstraint("kind", "revision"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32, index=True)
+    revision: int
+    manifest: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """[{path, size, sha256}], sorted by path."""
+    manifest_sha256: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
 class LogBatchReceipt(SQLModel, table=True):
     """One row per uploaded batch: a batch retried after a lost response is stored once."""
 

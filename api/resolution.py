@@ -20,7 +20,7 @@ from typing import Any
 from sqlmodel import Session, col, delete, select
 
 from api.db import allocate_serials
-from api.models import Assignment, EffectiveConfig, Group, Location, OutboxEntry, Policy
+from api.models import Assignment, ContentRevision, EffectiveConfig, Group, Location, OutboxEntry, Policy
 from fabric_core.canonical import canonical_json, sha256_hex
 from fabric_core.signing import SigningKey
 
@@ -34,6 +34,8 @@ class Tree:
     locations: dict[int, list[Location]] = field(default_factory=dict)
     assignments: dict[int, list[Assignment]] = field(default_factory=dict)
     policies: dict[int, Policy] = field(default_factory=dict)
+    content: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The current revision of every content kind, as documents name it."""
 
     def owner_id(self, group_id: int) -> int:
         group = self.groups[group_id]
@@ -70,6 +72,11 @@ def load_tree(session: Session) -> Tree:
     for assignment in session.exec(select(Assignment)).all():
         tree.assignments.setdefault(assignment.group_id, []).append(assignment)
     tree.policies = {p.id: p for p in session.exec(select(Policy)).all() if p.id is not None}
+    for revision in session.exec(select(ContentRevision).order_by(col(ContentRevision.revision))).all():
+        tree.content[revision.kind] = {
+            "revision": revision.revision,
+            "manifest_sha256": revision.manifest_sha256,
+        }
     return tree
 
 
@@ -128,7 +135,7 @@ def resolve_group(tree: Tree, group_id: int) -> list[DocumentBody]:
             "communication": communication,
             "locations": listing,
             "policies": policies,
-            "content": {},
+            "content": tree.content,
         }
         bodies.append(DocumentBody(location.id, location.is_default, communication["heartbeat_s"], body))
     return bodies

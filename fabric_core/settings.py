@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="largest request body accepted")
     max_log_entries: int = Field(default=1000, ge=1, description="largest log batch accepted")
     enrollment_token_ttl_s: int = Field(default=7 * 86400, ge=60)
+    content_retention: int = Field(default=30, ge=1, description="revisions kept per content kind")
+    max_blob_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, description="largest content file")
 
     @property
     def resolved_database_url(self) -> str:
@@ -91,6 +93,10 @@ class Settings(BaseSettings):
     @property
     def signing_key_path(self) -> Path:
         return self.data_dir / "signing_key"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
 
     @property
     def mqtt_address(self) -> MqttAddress:

@@ -62,7 +62,7 @@ def enroll(body: EnrollRequest, fabric: FabricDep) -> EnrollResponse:
     )
 
 
-async def _authenticate(request: Request, fabric: Fabric) -> tuple[str, KnownAgent]:
+async def authenticate_agent(request: Request, fabric: Fabric) -> tuple[str, KnownAgent]:
     secret = bearer_token(request.headers.get("authorization"))
     if secret is None:
         raise Unauthorized("missing agent secret: send Authorization: Bearer <secret>")
@@ -97,7 +97,7 @@ async def heartbeat(body: HeartbeatRequest, request: Request, fabric: FabricDep)
 
     Served from memory: no database write unless the request carries a log batch.
     """
-    secret_hash, agent = await _authenticate(request, fabric)
+    secret_hash, agent = await authenticate_agent(request, fabric)
     _require_storable(body)
     location_id, document = await _document(fabric, agent, body.location_id)
     if body.logs is not None:
@@ -166,7 +166,7 @@ async def config(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The current signed document of the agent's group and location (its Default when not given)."""
-    _, agent = await _authenticate(request, fabric)
+    _, agent = await authenticate_agent(request, fabric)
     _, document = await _document(fabric, agent, location_id)
     etag = f'"{document.serial}"'
     if if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}:
