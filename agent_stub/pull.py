@@ -15,13 +15,14 @@ import logging
 import random
 import socket
 from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent_stub import AGENT_VERSION
 from agent_stub.core import AgentCore
 from agent_stub.manager_client import ManagerRejected, ManagerUnreachable
 from fabric_core.settings import AgentSettings
-from fabric_core.wire import HEARTBEAT_MAX_S, HeartbeatRequest, HeartbeatResponse
+from fabric_core.wire import HEARTBEAT_MAX_S, HeartbeatRequest, HeartbeatResponse, LogBatch
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,29 @@ class HeartbeatClient(Protocol):
     async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse: ...
 
 
+class Uploads(Protocol):
+    """Where heartbeats take their log batch from (the agent's spool)."""
+
+    def next_batch(self) -> LogBatch | None:
+        """The batch to send now; the same batch (same id) until it is acknowledged."""
+        ...
+
+    def acknowledge(self, batch_id: str) -> None:
+        """The manager stored the batch: forget it."""
+        ...
+
+
+StatusSource = Callable[[], dict[str, Any]]
+"""Adds keys to the heartbeat's `status` (e.g. the content revisions held)."""
+
+
 class PullLoop:
-    """Drives one agent's heartbeats; many can share one event loop."""
+    """Drives one agent's heartbeats; many can share one event loop.
+
+    Extension points, for the runtime to plug other parts in: `uploads` (log batches ride on heartbeats),
+    `status_sources` (what the agent reports besides hostname and version), and `wanted_location`
+    (the location the agent chose; None: the one it holds).
+    """
 
     def __init__(
         self,
@@ -57,6 +79,9 @@ class PullLoop:
         self._last_error: str | None = None
         self.heartbeats = 0
         """Successful heartbeats so far (for tests and the simulator's counters)."""
+        self.uploads: Uploads | None = None
+        self.status_sources: list[StatusSource] = []
+        self.wanted_location: Callable[[], int | None] | None = None
 
     def update_now(self) -> None:
         """Heartbeat at once instead of finishing the current sleep. Safe from a signal handler."""
@@ -82,8 +107,9 @@ class PullLoop:
         """One heartbeat; returns how long to wait before the next one."""
         # Cleared before sending: a request for an update made while this one is in flight still counts.
         self._wake.clear()
+        request = self._request()
         try:
-            response = await self._client.heartbeat(self._request())
+            response = await self._client.heartbeat(request)
         except ManagerUnreachable as exc:
             return self._failed(f"manager unreachable: {exc}")
         except ManagerRejected as exc:
@@ -98,16 +124,23 @@ class PullLoop:
             # A bug must not end the loop: the agent keeps enforcing and keeps trying.
             log.exception("heartbeat failed unexpectedly")
             return self._failed(f"unexpected error: {exc!r}", level=logging.DEBUG)
+        if request.logs is not None and self.uploads is not None:
+            self.uploads.acknowledge(request.logs.batch_id)  # stored once, even if this was a retry
         return self._succeeded(response)
 
     # --- internals ---------------------------------------------------------------------------------
 
     def _request(self) -> HeartbeatRequest:
+        status: dict[str, Any] = {"hostname": self._hostname, "agent_version": AGENT_VERSION}
+        for source in self.status_sources:
+            status.update(source())
+        wanted = self.wanted_location() if self.wanted_location is not None else None
         return HeartbeatRequest(
             serial=self._core.serial,
-            location_id=self._core.location_id,
+            location_id=wanted if wanted is not None else self._core.location_id,
             mode=self._core.transport,
-            status={"hostname": self._hostname, "agent_version": AGENT_VERSION},
+            status=status,
+            logs=self.uploads.next_batch() if self.uploads is not None else None,
         )
 
     def _succeeded(self, response: HeartbeatResponse) -> float:
