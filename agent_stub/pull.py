@@ -14,8 +14,8 @@ import contextlib
 import logging
 import random
 import socket
-from datetime import UTC, datetime, timedelta
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from agent_stub import AGENT_VERSION
