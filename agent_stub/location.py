@@ -81,7 +81,7 @@ def condition_matches(condition: Condition, facts: HostFacts, *, manager_reachab
         case FactCondition():
             return _fact_matches(condition, facts)
         case ManagerReachableCondition():
-            return manager_reachable
+            return manager_reachable == condition.reachable
     return False  # unreachable for a parsed Condition; keeps a newer union member from matching by accident
 
 
@@ -174,8 +174,8 @@ def _describe(condition: Condition) -> str:
             return f"network_type {value}"
         case FactCondition(name=name, equals=equals, matches=matches):
             return f"fact {name} == {equals!r}" if equals is not None else f"fact {name} ~ {matches!r}"
-        case ManagerReachableCondition():
-            return "manager_reachable"
+        case ManagerReachableCondition(reachable=reachable):
+            return "manager reachable" if reachable else "manager unreachable"
     return condition.type  # pragma: no cover - every union member is described above
 
 

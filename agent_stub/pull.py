@@ -83,6 +83,11 @@ class PullLoop:
         self.status_sources: list[StatusSource] = []
         self.wanted_location: Callable[[], int | None] | None = None
 
+    @property
+    def manager_reachable(self) -> bool:
+        """Whether the last heartbeat got an answer (true until the first one says otherwise)."""
+        return self._failures == 0
+
     def update_now(self) -> None:
         """Heartbeat at once instead of finishing the current sleep. Safe from a signal handler."""
         self._wake.set()

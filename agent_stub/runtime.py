@@ -18,6 +18,7 @@ import logging
 import random
 
 from agent_stub.core import AgentCore
+from agent_stub.locator import FactsReader, LocationTracker
 from agent_stub.mqtt_link import LinkFactory, MqttLink
 from agent_stub.pull import HeartbeatClient, PullLoop
 from agent_stub.push import PushLoop, push_blocker
@@ -39,9 +40,18 @@ class AgentRuntime:
         *,
         hostname: str | None = None,
         rng: random.Random | None = None,
+        read_facts: FactsReader | None = None,
     ) -> None:
         self.core = core
         self.pull = PullLoop(core, client, settings, hostname=hostname, rng=rng)
+        self.location = LocationTracker(
+            core,
+            settings,
+            manager_reachable=lambda: self.pull.manager_reachable,
+            on_switch=self.pull.update_now,  # ask the manager for the new location's document at once
+            read_facts=read_facts,
+        )
+        self.pull.wanted_location = lambda: self.location.wanted
         self.push = PushLoop(
             core, link_factory, settings, self._on_command, on_connection=self._on_connection, rng=rng
         )
@@ -65,9 +75,13 @@ class AgentRuntime:
         detach = self.core.add_listener(self._on_applied)
         self._announced = False
         self._reconcile()
+        locating = asyncio.get_running_loop().create_task(self.location.run(stop))
         try:
             await self.pull.run(stop)
         finally:
+            locating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await locating
             detach()
             await self._end_push(stop)
             self._stop = None
@@ -77,6 +91,7 @@ class AgentRuntime:
 
     def _on_applied(self, doc: EffectiveDocument) -> None:
         self._reconcile()
+        self.location.evaluate()  # the document may bring other locations or conditions
 
     def _reconcile(self) -> None:
         """Start the push loop if push mode applies and it is not running (it stops by itself)."""
@@ -95,6 +110,8 @@ class AgentRuntime:
             self._push_task = task
 
     def _push_ended(self, task: asyncio.Task[None]) -> None:
+        if self._stop is None:
+            return  # the runtime has stopped (this callback can run after it): the status says so already
         self.core.transport = "pull"
         if task.cancelled():
             return

@@ -122,3 +122,12 @@ class AgentSettings(BaseSettings):
     )
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
+    location_check_s: float = Field(
+        default=120.0, gt=0, description="how often the agent re-evaluates its location"
+    )
+    facts_check_s: float = Field(
+        default=5.0, gt=0, description="how often the agent looks for changed host facts"
+    )
+    facts_file: Path | None = Field(
+        default=None, description="JSON overriding host facts (tests, simulation)"
+    )

@@ -115,9 +115,15 @@ class FactCondition(_Condition):
 
 
 class ManagerReachableCondition(_Condition):
-    """The manager answers. Alone, it sends every agent to this location when the manager is down."""
+    """The manager answers (`reachable: true`) or does not (`reachable: false`, SEPM's "cannot connect").
+
+    Alone, the "cannot connect" form sends every agent to this location whenever the manager is down,
+    wherever the agents really are (SEPM users learned this the hard way): pair it with a network
+    condition. Alone, the "can reach" form catches every agent that reaches the manager.
+    """
 
     type: Literal["manager_reachable"]
+    reachable: bool = True
 
 
 Condition = Annotated[

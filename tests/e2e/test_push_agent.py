@@ -33,7 +33,8 @@ class PushStack:
     bridge: Process
     tmp: Path
 
-    def agent(self, name: str, group_id: int) -> tuple[Path, Process, str]:
+    def agent(self, name: str, group_id: int, **settings: str) -> tuple[Path, Process, str]:
+        """Enrol and start an agent; `settings` become POLICYCAST_AGENT_* variables of its process."""
         token = self.manager.call("POST", f"/groups/{group_id}/enrollment-tokens", expect=201, json={})[
             "token"
         ]
@@ -50,7 +51,8 @@ class PushStack:
         )
         assert enrol.returncode == 0, enrol.stderr
         agent_id = json.loads((state_dir / "identity.json").read_text())["agent_id"]
-        env = python_env(POLICYCAST_AGENT_RECONNECT_MIN_S="0.2", POLICYCAST_AGENT_RECONNECT_MAX_S="1")
+        agent_settings = {"reconnect_min_s": "0.2", "reconnect_max_s": "1", **settings}
+        env = python_env(**{f"POLICYCAST_AGENT_{k.upper()}": v for k, v in agent_settings.items()})
         process = Process(name, agent_cli("run", "--state-dir", str(state_dir)), env=env, log_dir=self.tmp)
         return state_dir, process.start(), agent_id
 
