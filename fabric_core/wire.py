@@ -67,26 +67,28 @@ class IpRangeCondition(_Condition):
         return value
 
 
-class DnsServerCondition(_Condition):
+class _AddressCondition(_Condition):
+    """A condition on one IP address of the host's network configuration."""
+
+    address: str = Field(min_length=1, max_length=64)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class DnsServerCondition(_AddressCondition):
+    """One of the host's DNS servers is `address`."""
+
     type: Literal["dns_server"]
-    address: str = Field(min_length=1, max_length=64)
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
 
 
-class GatewayCondition(_Condition):
+class GatewayCondition(_AddressCondition):
+    """The host's default gateway is `address`."""
+
     type: Literal["gateway"]
-    address: str = Field(min_length=1, max_length=64)
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
 
 
 class NetworkTypeCondition(_Condition):
