@@ -340,9 +340,21 @@ class PushLoop:
             return
         doc = self._core.document
         if doc is not None and topic == self._held_topic():
+            if not payload:
+                # The manager cleared the retained document: the (group, location) no longer exists.
+                # The next heartbeat brings the document of wherever the agent belongs now.
+                log.info("the document of %s was withdrawn; asking the manager", topic)
+                self._on_withdrawn()
+                return
             self._core.offer(payload, source="mqtt", expect=(doc.group_id, doc.location_id))
             return
         self._on_foreign_message(topic)
+
+    def _on_withdrawn(self) -> None:
+        now = datetime.now(UTC)
+        self._on_command(
+            AgentCommand(command="update_now", id=f"withdrawn-{now.timestamp():.0f}", issued_at=now)
+        )
 
     def _on_foreign_message(self, topic: str) -> None:
         try:

@@ -104,7 +104,7 @@ def bridge() -> None:
 
     settings = load_settings()
     engine = make_engine(settings.resolved_database_url)
-    signing_key = guarded(lambda: load_signing_key(settings), "loading the signing key")
+    signing_key = guarded(lambda: load_signing_key(settings, create=False), "loading the signing key")
     guarded(lambda: _require_schema(engine), "checking the database")
     link = connect_link(settings, signing_key, client_id=f"policycast-bridge-{os.getpid()}")
     stop = threading.Event()
@@ -143,7 +143,9 @@ def broker_config(
             port=port,
             bind=bind,
             bridge_username=settings.mqtt_username,
-            bridge_password=bridge_password(settings, load_signing_key(settings)),
+            bridge_password=bridge_password(
+                settings, None if settings.mqtt_password else load_signing_key(settings, create=False)
+            ),
             prefix=settings.mqtt_prefix,
             plugin_path=plugin or find_dynsec_plugin(),
             user=run_as,

@@ -196,6 +196,8 @@ def refresh_documents(
                 col(EffectiveConfig.group_id) == group_id, col(EffectiveConfig.location_id) == location_id
             )
         )
+        # An empty envelope tells the bridge to clear the retained document of a pair that is gone.
+        session.add(OutboxEntry(group_id=group_id, location_id=location_id, serial=0, envelope=b""))
     changed = _issue(session, signing_key=signing_key, pending=pending)
     session.flush()
     return RefreshResult(changed, removed)

@@ -14,7 +14,10 @@ def agent_password(signing_key: SigningKey, agent_id: str) -> str:
     return signing_key.derive_secret(f"mqtt-agent:{agent_id}")
 
 
-def bridge_password(settings: Settings, signing_key: SigningKey) -> str:
+def bridge_password(settings: Settings, signing_key: SigningKey | None) -> str:
+    """POLICYCAST_MQTT_PASSWORD, else derived from the signing key (which must then be given)."""
     if settings.mqtt_password is not None:
         return settings.mqtt_password.get_secret_value()
+    if signing_key is None:
+        raise ValueError("set POLICYCAST_MQTT_PASSWORD, or give the manager's signing key to derive it")
     return signing_key.derive_secret(f"mqtt-bridge:{settings.mqtt_username}")

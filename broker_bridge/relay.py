@@ -3,7 +3,8 @@
 A row is marked published only after the broker acknowledged it (QoS 1 PUBACK). A bridge killed between
 the publish and the mark publishes the row again after a restart: agents drop a serial they already hold,
 so a duplicate is harmless, a loss is not. When several rows wait for the same topic, only the newest
-serial is published (the older ones are superseded: it is retained state, not a log).
+is published (the older ones are superseded: it is retained state, not a log). A row with an empty
+envelope clears the retained document of a (group, location) that no longer exists.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def relay_outbox(engine: Engine, publisher: Publisher, *, prefix: str, batch: in
         newest[(row.group_id, row.location_id)] = row
     messages = [
         Message(config_topic(prefix, row.group_id, row.location_id), row.envelope, qos=1, retain=True)
-        for row in sorted(newest.values(), key=lambda r: r.serial)
+        for row in sorted(newest.values(), key=lambda r: r.id or 0)
     ]
     publisher.publish_many(messages, timeout=timeout)
     _mark(engine, OutboxEntry, [row.id for row in rows if row.id is not None])

@@ -165,8 +165,18 @@ def open_envelope(payload: bytes | str | dict[str, Any], key: VerifyKey) -> dict
     return doc
 
 
-def load_signing_key(settings: Settings) -> SigningKey:
-    """The manager's key: from settings (every replica the same), else the data directory's file."""
+def load_signing_key(settings: Settings, *, create: bool = True) -> SigningKey:
+    """The manager's key: from settings (every replica the same), else the data directory's file.
+
+    `create=False` (the bridge, broker-config) refuses to make a new key: a key of its own would
+    derive broker passwords that match no agent's.
+    """
     if settings.signing_key is not None:
         return SigningKey.from_seed_base64(settings.signing_key.get_secret_value())
-    return SigningKey.load_or_create(settings.signing_key_path)
+    path = settings.signing_key_path
+    if not create and not path.exists():
+        raise ValueError(
+            f"no signing key at {path}: point POLICYCAST_DATA_DIR at the manager's data directory "
+            "or set POLICYCAST_SIGNING_KEY (the api makes the key on its first start)"
+        )
+    return SigningKey.load_or_create(path)

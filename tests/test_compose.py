@@ -93,3 +93,22 @@ def test_the_commands_compose_runs_exist() -> None:
         assert "policycast-agent enroll" in line and "exec policycast-agent run" in line
         assert "policycast admin enroll-token" in line
     assert "--mode pull" in command_line("pull-agent")  # the pull agent's group is in pull mode
+
+
+def test_a_bridge_without_the_managers_signing_key_refuses_to_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.processes import python_env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "api", "bridge"],
+        env=python_env(POLICYCAST_DATA_DIR=str(tmp_path / "empty")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "no signing key" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "empty" / "signing_key").exists()

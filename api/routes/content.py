@@ -117,12 +117,15 @@ async def manifest(kind: Kind, revision: int, request: Request, fabric: FabricDe
     response_class=FileResponse,
     responses={206: {"description": "a byte range (Range: bytes=N-), to resume a download"}},
 )
-async def blob(sha256: Sha256, request: Request, fabric: FabricDep) -> FileResponse:
+async def blob(sha256: Sha256, request: Request, fabric: FabricDep) -> Response:
     """One content file; honours Range (resume) and If-None-Match (its ETag is its SHA-256)."""
     await authenticate_agent(request, fabric)
     store = BlobStore(fabric.settings.blob_dir)
     if not store.has(sha256):
         raise NotFound(f"blob {sha256} is not stored")
+    etag = f'"{sha256}"'
+    if request.headers.get("if-none-match") == etag:  # content-addressed: the same name, the same bytes
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     return FileResponse(
         store.path(sha256),
         media_type="application/octet-stream",

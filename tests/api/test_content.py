@@ -148,3 +148,10 @@ def test_viewers_cannot_upload(admin: Admin) -> None:
         f"/api/v1/blobs/{sha(data)}", content=data, headers={"Authorization": f"Bearer {viewer}"}
     )
     assert response.status_code == 403
+
+
+def test_a_blob_the_agent_already_has_is_not_sent_again(admin: Admin, enroll: Any) -> None:
+    agent: AgentClient = enroll()
+    digest = publish(admin, "definitions", {"virus.db": b"sigs"})["files"][0]["sha256"]
+    again = agent.raw("GET", f"/agent/v1/blobs/{digest}", headers={"If-None-Match": f'"{digest}"'})
+    assert again.status_code == 304 and again.content == b""

@@ -297,3 +297,23 @@ def test_moving_or_revoking_an_agent_changes_what_the_broker_lets_it_read(stack:
         return failed
 
     wait_for(refused, timeout=10, what="the revoked agent's broker account to go")
+
+
+def test_deleting_a_location_clears_its_retained_document(stack: Stack) -> None:
+    admin = stack.admin
+    root = admin.root()
+    lab = admin.post(f"/groups/{root['id']}/locations", {"name": "Lab", "conditions": []})
+    agent, client = stack.push_agent(root["id"])
+    topic = config_topic(PREFIX, root["id"], lab["id"])
+    assert not client.subscribe(topic).is_failure
+    assert client.expect(topic, timeout=5).payload  # the retained document of Lab
+
+    admin.delete(f"/groups/{root['id']}/locations/{lab['id']}")
+
+    # Withdrawn: an empty payload (after, perhaps, the bridge's start-up republication of the old one).
+    wait_for(lambda: client.expect(topic, timeout=5).payload == b"", timeout=10, what="the empty payload")
+    mqtt = agent.enrolment["mqtt"]
+    late = stack.broker.client(mqtt["username"], mqtt["password"], client_id=f"{agent.id}-late")
+    assert not late.connect().is_failure
+    assert not late.subscribe(topic).is_failure
+    assert late.received(within=0.5) == []  # nothing retained any more
