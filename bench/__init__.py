@@ -1,0 +1,16 @@
+"""Policycast's benchmarks: `make bench` (`python -m bench`).
+
+Each benchmark is a module of this package that exposes
+
+    NAME: str                      the name used by `--only` and in result file names
+    run(args) -> dict              runs the benchmark and returns its result (JSON-able)
+
+and is found by `python -m bench` without being listed anywhere. `args` is the `argparse.Namespace` of
+`python -m bench`: `agents` (int, or None for the module's default), `full` (the issue's full sizes),
+`fresh` (discard the kept benchmark state first), `work_dir` (a `Path` for kept state:
+`bench/.work/`, gitignored) and `seed`. A benchmark measures its own baseline in the same run and
+reports the ratio; `python -m bench` writes each result to `bench/results/<NAME>-<date>.json`.
+
+`bench.common` holds what the benchmarks share: the stack (Mosquitto, the manager and the bridge, as
+`policycast up` runs them) in a kept data directory, and the fleet simulator as a child process.
+"""
