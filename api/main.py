@@ -172,4 +172,6 @@ def create_app(settings: Settings, *, run_migrations: bool = True) -> FastAPI:
     app.add_middleware(
         BodyLimit, limit=settings.max_body_bytes, larger={"/api/v1/blobs/": settings.max_blob_bytes}
     )
+    # Outermost: the everyday heartbeat is answered before routing; anything else passes through.
+    app.add_middleware(agent_api.HeartbeatFastPath, state=app.state)
     return app

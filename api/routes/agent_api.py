@@ -1,12 +1,28 @@
-"""/agent/v1: what agents call. Enrolment, the heartbeat (the hot path) and the config fetch."""
+"""/agent/v1: what agents call. Enrolment, the heartbeat (the hot path) and the config fetch.
+
+The heartbeat has two doors to the same behaviour:
+
+- `HeartbeatFastPath`, an ASGI layer in front of the app (installed by `create_app`), answers the
+  everyday request itself: a known, not revoked agent sending a small, well-formed JSON body without a
+  log batch. It parses with orjson and checks the body by hand (a strict subset of what the model
+  accepts), and skips FastAPI's routing, dependency solving and generic validation, which cost several
+  times the work of the heartbeat itself (docs/performance.md).
+- the FastAPI route `heartbeat` below handles everything else: unknown or uncached secrets, revoked
+  agents, log uploads, pending "update now" requests, and every request the fast path is not sure
+  about, which it hands over untouched (the body it read is replayed). So every 4xx comes from one
+  place, with the same words, and the route documents the body in the OpenAPI schema.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Header, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
+from starlette.datastructures import State
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Fabric, FabricDep
 from api.errors import Forbidden, Invalid, PayloadTooLarge, ServiceUnavailable, Unauthorized
@@ -28,6 +44,7 @@ from fabric_core.wire import (
 
 router = APIRouter(prefix="/agent/v1", tags=["agent"])
 JSON = "application/json"
+HEARTBEAT_PATH = "/agent/v1/heartbeat"
 
 
 @router.post("/enroll", response_model=EnrollResponse)
@@ -92,11 +109,14 @@ async def _document(fabric: Fabric, agent: KnownAgent, location_id: int | None) 
     response_class=Response,
     responses={200: {"model": HeartbeatResponse, "description": "unchanged, or the new signed document"}},
 )
-async def heartbeat(body: HeartbeatRequest, request: Request, fabric: FabricDep) -> Response:
+async def heartbeat(body: HeartbeatRequest, request: Request) -> Response:
     """Report what the agent holds; learn whether its document changed and when to come back.
 
     Served from memory: no database write unless the request carries a log batch.
     """
+    # Not `FabricDep`: FastAPI runs a plain-function dependency in the thread pool, a thread hop that
+    # cost more than the whole heartbeat.
+    fabric: Fabric = request.app.state.fabric
     secret_hash, agent = await authenticate_agent(request, fabric)
     _require_storable(body)
     location_id, document = await _document(fabric, agent, body.location_id)
@@ -161,14 +181,152 @@ def _store_logs(fabric: Fabric, agent: KnownAgent, body: HeartbeatRequest) -> No
 )
 async def config(
     request: Request,
-    fabric: FabricDep,
     location_id: int | None = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The current signed document of the agent's group and location (its Default when not given)."""
+    fabric: Fabric = request.app.state.fabric  # not FabricDep: no thread hop (see `heartbeat`)
     _, agent = await authenticate_agent(request, fabric)
     _, document = await _document(fabric, agent, location_id)
     etag = f'"{document.serial}"'
     if if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     return Response(document.envelope, media_type=JSON, headers={"ETag": etag})
+
+
+# --- the fast path -----------------------------------------------------------------------------------
+
+FAST_BODY_LIMIT = 16 * 1024
+"""Bodies the fast path reads; larger ones (log batches) go to the route, under the app's body limit."""
+_FIELDS = frozenset({"serial", "location_id", "mode", "status", "logs"})
+_MODES = frozenset({"push", "pull"})
+_MIN_INT = -(2**63)
+_MAX_INT = 2**64 - 1  # what orjson, hence canonical JSON, can write
+_JSON_HEADERS = [(b"content-type", JSON.encode())]
+
+
+class HeartbeatFastPath:
+    """Answer the everyday heartbeat before FastAPI; hand anything else to the app, body replayed.
+
+    It answers only when it is sure the route would answer 200 with the same bytes: the body is valid
+    for `HeartbeatRequest` (strict types: an int is an int), storable (`_require_storable`), carries no
+    log batch, and the agent is in this process's cache, not revoked, with no "update now" pending.
+    """
+
+    def __init__(self, app: ASGIApp, state: State) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != HEARTBEAT_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        fabric: Fabric | None = getattr(self.state, "fabric", None)
+        length = -1
+        authorization: bytes | None = None
+        json_body = False
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = int(value) if value.isdigit() else -1
+            elif name == b"authorization" and authorization is None:
+                authorization = value
+            elif name == b"content-type":
+                json_body = value.split(b";", 1)[0].strip().lower() == b"application/json"
+        if fabric is None or authorization is None or not json_body or not 0 < length <= FAST_BODY_LIMIT:
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay(body, message, receive), send)
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        payload = _fast_heartbeat(fabric, authorization, body)
+        if payload is None:
+            await self.app(scope, _replay(body, None, receive), send)
+            return
+        headers = [(b"content-length", b"%d" % len(payload)), *_JSON_HEADERS]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _replay(body: bytes, pending: Message | None, receive: Receive) -> Receive:
+    """A `receive` that gives the app the body the fast path already read, then the rest."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent, pending
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": pending is not None}
+        if pending is not None:
+            message, pending = pending, None
+            return message
+        return await receive()
+
+    return replay
+
+
+def _fast_heartbeat(fabric: Fabric, authorization: bytes, body: bytes) -> bytes | None:
+    """The response to an everyday heartbeat, or None when the route must decide."""
+    secret = bearer_token(authorization.decode("latin-1"))
+    if secret is None:
+        return None
+    secret_hash = hash_secret(secret)
+    agent = fabric.view.cached_agent(secret_hash)
+    if agent is None or agent.revoked or agent.update_requested:
+        return None
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(request) is not dict or not _FIELDS.issuperset(request) or request.get("logs") is not None:
+        return None
+    serial = request.get("serial")
+    location_id = request.get("location_id")
+    mode = request.get("mode")
+    agent_status = request.get("status", {})
+    if (
+        type(serial) is not int
+        or not 0 <= serial <= MAX_SERIAL
+        or not (location_id is None or type(location_id) is int)
+        or type(mode) is not str
+        or mode not in _MODES
+        or type(agent_status) is not dict
+        or not _plain(agent_status)
+    ):
+        return None
+    found = fabric.view.document_for(agent.group_id, location_id)
+    if found is None:
+        return None
+    location, document = found
+    changed = document.serial != serial
+    fabric.ledger.record(
+        agent.id, serial=serial, location_id=location, mode=mode, status=agent_status, served_update=False
+    )
+    return heartbeat_response_bytes(
+        changed=changed,
+        serial=document.serial,
+        next_heartbeat_s=next_heartbeat_s(document.heartbeat_s, fabric.settings.heartbeat_jitter),
+        envelope=document.envelope if changed else None,
+    )
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """`is_plain_json` for what orjson parsed, without floats: orjson reads an integer beyond 64 bits
+    as a float, where the route's parser keeps the integer and refuses it; so any float goes there."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(_MIN_INT <= value <= _MAX_INT)
+    if depth > 64:
+        return False
+    if kind is dict:
+        return all(_plain(item, depth + 1) for item in value.values())
+    if kind is list:
+        return all(_plain(item, depth + 1) for item in value)
+    return False
