@@ -43,6 +43,9 @@ TRUSTED_FOR_GROUP_CHANGE = frozenset({"heartbeat", "config"})
 Listener = Callable[[EffectiveDocument], None]
 """Called with each document once it is applied and stored."""
 
+OutcomeListener = Callable[["ApplyOutcome"], None]
+"""Called with what became of every offered envelope (the agent's own log of events)."""
+
 
 class NotEnrolledError(Exception):
     """The state store holds no identity: the agent must enrol first."""
@@ -82,6 +85,7 @@ class AgentCore:
         self._high_water: dict[DocumentKey, int] = {}
         self._transport: Mode = DEFAULT_MODE
         self._listeners: list[Listener] = []
+        self._outcome_listeners: list[OutcomeListener] = []
         self._status = store.load_status() or AgentStatus()
         self._load_current()
 
@@ -143,6 +147,15 @@ class AgentCore:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
+    def add_outcome_listener(self, listener: OutcomeListener) -> Callable[[], None]:
+        """Call `listener` with the outcome of every offer (applied, stale or rejected)."""
+        self._outcome_listeners.append(listener)
+        return lambda: self._remove_outcome_listener(listener)
+
+    def _remove_outcome_listener(self, listener: OutcomeListener) -> None:
+        if listener in self._outcome_listeners:
+            self._outcome_listeners.remove(listener)
+
     # --- applying documents ------------------------------------------------------------------------
 
     def offer(
@@ -156,6 +169,18 @@ class AgentCore:
 
         `expect`: the (group, location) the document must be for (an MQTT config topic names one).
         """
+        outcome = self._offer(envelope, source, expect)
+        for listener in list(self._outcome_listeners):
+            try:
+                listener(outcome)
+            except Exception:
+                # Recording the event (the log spool) must not change what was applied.
+                log.exception("an outcome listener failed")
+        return outcome
+
+    def _offer(
+        self, envelope: bytes | str | dict[str, Any], source: str, expect: DocumentKey | None
+    ) -> ApplyOutcome:
         try:
             doc = self._verify(envelope, source)
             if expect is not None and (doc.group_id, doc.location_id) != expect:
