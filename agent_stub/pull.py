@@ -46,9 +46,16 @@ class Uploads(Protocol):
         """The manager stored the batch: forget it."""
         ...
 
+    def refused(self, batch_id: str) -> None:
+        """The manager refused the batch as too large (413) and stored none of it: make it smaller."""
+        ...
+
 
 StatusSource = Callable[[], dict[str, Any]]
 """Adds keys to the heartbeat's `status` (e.g. the content revisions held)."""
+
+ReachabilityListener = Callable[[bool, str], None]
+"""Told when the manager stops answering (False, the error) and answers again (True, a summary)."""
 
 
 class PullLoop:
@@ -82,6 +89,7 @@ class PullLoop:
         self.uploads: Uploads | None = None
         self.status_sources: list[StatusSource] = []
         self.wanted_location: Callable[[], int | None] | None = None
+        self.on_reachability: ReachabilityListener | None = None
 
     @property
     def manager_reachable(self) -> bool:
@@ -118,6 +126,9 @@ class PullLoop:
         except ManagerUnreachable as exc:
             return self._failed(f"manager unreachable: {exc}")
         except ManagerRejected as exc:
+            if exc.status == 413 and request.logs is not None and self.uploads is not None:
+                # Nothing was stored; without a smaller batch, every later heartbeat would fail the same.
+                self.uploads.refused(request.logs.batch_id)
             if exc.unauthorized:
                 return self._failed(
                     f"manager refused the agent's credentials ({exc}); "
@@ -151,6 +162,7 @@ class PullLoop:
     def _succeeded(self, response: HeartbeatResponse) -> float:
         if self._failures:
             log.info("manager reachable again after %d failed attempt(s)", self._failures)
+            self._reachability(True, f"manager reachable again after {self._failures} failed attempt(s)")
         self._failures = 0
         self._last_error = None
         self.heartbeats += 1
@@ -171,12 +183,22 @@ class PullLoop:
 
     def _failed(self, error: str, *, level: int = logging.WARNING) -> float:
         self._failures += 1
+        if self._failures == 1:
+            self._reachability(False, error)
         delay = self._backoff_s()
         # Said once per distinct error, not every retry, so a long outage does not flood the log.
         log.log(level if error != self._last_error else logging.DEBUG, "%s; retrying in %.1f s", error, delay)
         self._last_error = error
         self._core.record_error(error=error, next_at=datetime.now(UTC) + timedelta(seconds=delay))
         return delay
+
+    def _reachability(self, reachable: bool, detail: str) -> None:
+        if self.on_reachability is None:
+            return
+        try:
+            self.on_reachability(reachable, detail)
+        except Exception:
+            log.exception("a reachability listener failed")  # must not end the loop
 
     def _backoff_s(self) -> float:
         """Exponential back-off with full jitter, between retry_min_s and min(retry_max_s, heartbeat_s)."""
