@@ -8,6 +8,7 @@ a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import platform
@@ -33,6 +34,7 @@ from agent_stub.manager_client import (
     normalize_server,
 )
 from agent_stub.runtime import AgentRuntime
+from agent_stub.spool import LogSpool, spool_dir
 from agent_stub.state import CorruptStateError, FileStateStore, Identity
 from fabric_core.errors import InvalidDocument
 from fabric_core.settings import AgentSettings
@@ -161,7 +163,7 @@ def run(
     state_dir: Path | None = STATE_DIR_OPTION,
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
-    """Run the agent until SIGTERM or Ctrl-C (SIGUSR1: update now).
+    """Run the agent until SIGTERM or Ctrl-C (SIGUSR1: update now; SIGUSR2: a security entry was logged).
 
     It heartbeats the manager at the interval, and keeps an MQTT session while its document says push.
     """
@@ -173,6 +175,8 @@ def run(
     if level > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request is noise
     core = _load_core(FileStateStore(settings.state_dir))
+    # `policycast-agent log` may signal as soon as the pid file exists: not fatal before _serve handles it.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         pid_file = pidfile.claim(settings.state_dir)
     except (pidfile.AgentAlreadyRunningError, OSError) as exc:
@@ -198,16 +202,17 @@ async def _serve(core: AgentCore, settings: AgentSettings) -> None:
         secret=identity.secret,
         timeout_s=settings.request_timeout_s,
     )
-    runtime = AgentRuntime(core, client, settings)
+    runtime = AgentRuntime(core, client, settings, spool=LogSpool(spool_dir(settings.state_dir)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, runtime.update_now)
+    loop.add_signal_handler(signal.SIGUSR2, runtime.logs.notice)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await runtime.run(stop)
     finally:
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await client.aclose()
     log.info("agent %s stopped, holding serial %d", identity.agent_id, core.serial)
@@ -228,6 +233,36 @@ def update_now(ctx: typer.Context, state_dir: Path | None = STATE_DIR_OPTION) ->
     except OSError as exc:
         _fail(f"cannot signal the agent: {exc}")
     typer.echo(f"asked the agent (pid {pid}) to update now")
+
+
+# --- log ---------------------------------------------------------------------------------------------
+
+
+@app.command("log")
+def log_entry(
+    ctx: typer.Context,
+    message: str = typer.Argument(..., help="the message"),
+    level: str = typer.Option("info", "--level", help="debug, info, warning, error, critical or security"),
+    category: str = typer.Option("agent", "--category", help="what the entry is about, e.g. antivirus"),
+    state_dir: Path | None = STATE_DIR_OPTION,
+) -> None:
+    """Add an entry to the agent's log; heartbeats upload it (security entries within a minute)."""
+    settings = _settings(ctx, state_dir)
+    _load_core(FileStateStore(settings.state_dir))  # fails cleanly when not enrolled
+    try:
+        entry = LogSpool(spool_dir(settings.state_dir)).append(level.lower(), message, category=category)
+    except ValueError as exc:
+        _fail(str(exc), code=2)
+    except OSError as exc:
+        _fail(f"cannot write to the log spool in {settings.state_dir}: {exc}")
+    if entry.level == "security":
+        _nudge_agent(settings.state_dir)
+
+
+def _nudge_agent(state_dir: Path) -> None:
+    """Tell a running agent that a security entry waits (best effort: it also looks when it starts)."""
+    with contextlib.suppress(pidfile.AgentNotRunningError, OSError):
+        os.kill(pidfile.running_pid(state_dir), signal.SIGUSR2)
 
 
 # --- status ------------------------------------------------------------------------------------------

@@ -16,12 +16,21 @@ import asyncio
 import contextlib
 import logging
 import random
+from functools import partial
 
 from agent_stub.core import AgentCore
 from agent_stub.locator import FactsReader, LocationTracker
 from agent_stub.mqtt_link import LinkFactory, MqttLink
 from agent_stub.pull import HeartbeatClient, PullLoop
 from agent_stub.push import PushLoop, push_blocker
+from agent_stub.spool import (
+    PRIORITY_DELAY_S,
+    LogSpool,
+    LogUploads,
+    MemoryLogSpool,
+    record_outcome,
+    record_reachability,
+)
 from fabric_core.settings import AgentSettings
 from fabric_core.wire import AgentCommand, EffectiveDocument, Mode
 
@@ -41,6 +50,8 @@ class AgentRuntime:
         hostname: str | None = None,
         rng: random.Random | None = None,
         read_facts: FactsReader | None = None,
+        spool: LogSpool | None = None,
+        priority_delay_s: float = PRIORITY_DELAY_S,
     ) -> None:
         self.core = core
         self.pull = PullLoop(core, client, settings, hostname=hostname, rng=rng)
@@ -52,6 +63,12 @@ class AgentRuntime:
             read_facts=read_facts,
         )
         self.pull.wanted_location = lambda: self.location.wanted
+        # The agent's log (its own events, `policycast-agent log`) rides on heartbeats; security
+        # entries bring the next heartbeat forward.
+        self.spool = spool if spool is not None else MemoryLogSpool()
+        self.logs = LogUploads(self.spool, self.pull.update_now, priority_delay_s=priority_delay_s)
+        self.pull.uploads = self.logs
+        self.pull.on_reachability = partial(record_reachability, self.spool)
         self.push = PushLoop(
             core, link_factory, settings, self._on_command, on_connection=self._on_connection, rng=rng
         )
@@ -73,6 +90,8 @@ class AgentRuntime:
         self._stop = stop
         self.core.transport = "pull"
         detach = self.core.add_listener(self._on_applied)
+        detach_events = self.core.add_outcome_listener(partial(record_outcome, self.spool))
+        uploading = asyncio.get_running_loop().create_task(self.logs.run(stop))
         self._announced = False
         self._reconcile()
         locating = asyncio.get_running_loop().create_task(self.location.run(stop))
@@ -83,6 +102,10 @@ class AgentRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await locating
             detach()
+            detach_events()
+            uploading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await uploading
             await self._end_push(stop)
             self._stop = None
             self.core.record_stopped()
