@@ -131,3 +131,8 @@ class AgentSettings(BaseSettings):
     facts_file: Path | None = Field(
         default=None, description="JSON overriding host facts (tests, simulation)"
     )
+    log_priority_delay_s: float = Field(
+        default=60.0, gt=0, description="security log entries reach the manager within this, heartbeat or not"
+    )
+    log_spool_max_entries: int = Field(default=10_000, ge=10, description="log entries kept while offline")
+    log_batch_size: int = Field(default=500, ge=1, le=1000, description="log entries per upload")
