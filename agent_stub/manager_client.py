@@ -11,14 +11,17 @@ Errors raised here, so that loops can tell "try again later" from "the manager s
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent_stub import AGENT_VERSION
+from fabric_core.canonical import canonical_json, sha256_hex
 from fabric_core.wire import EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse
 
 API_PREFIX = "/agent/v1"
@@ -49,6 +52,31 @@ class ManagerRejected(ManagerError):
     @property
     def unauthorized(self) -> bool:
         return self.status in (401, 403)
+
+
+class ContentFile(BaseModel):
+    """One file of a content revision. Unknown fields are kept: they are part of the manifest's digest."""
+
+    model_config = ConfigDict(extra="allow")
+
+    path: str = Field(min_length=1)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ContentManifest(BaseModel):
+    """`GET /agent/v1/content/{kind}/{revision}`: the files of one revision, sorted by path."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: str
+    revision: int
+    manifest_sha256: str
+    files: list[ContentFile]
+
+    def digest(self) -> str:
+        """The SHA-256 of the canonical file list: what the signed document names, whatever this says."""
+        return sha256_hex(canonical_json([f.model_dump() for f in self.files]))
 
 
 def normalize_server(server: str) -> str:
@@ -146,6 +174,42 @@ class ManagerClient:
             return None, etag
         return response.content, response.headers.get("ETag")
 
+    # --- content -----------------------------------------------------------------------------------
+
+    async def get_manifest(
+        self, kind: str, revision: int, *, etag: str | None = None
+    ) -> tuple[ContentManifest | None, str | None]:
+        """The manifest of one revision and its ETag (its digest), or `(None, etag)` on 304."""
+        headers = dict(self._auth)
+        if etag:
+            headers["If-None-Match"] = etag
+        url = f"{self.server}{API_PREFIX}/content/{kind}/{revision}"
+        response = await _send(self._http, "GET", url, headers=headers)
+        if response.status_code == httpx.codes.NOT_MODIFIED:
+            return None, etag
+        return _parse(ContentManifest, response), response.headers.get("ETag")
+
+    async def download_blob(self, sha256: str, target: Path, *, offset: int = 0) -> None:
+        """Stream blob `sha256` into `target`, appending from `offset` (`Range: bytes=offset-`).
+
+        A 206 appends to the bytes already there; a 200 (the manager ignored the range) truncates and
+        starts over. Bytes received before a failure stay in `target`, so the caller can resume. The
+        caller verifies the digest: nothing here trusts the bytes.
+        """
+        url = f"{self.server}{API_PREFIX}/blobs/{sha256}"
+        headers = {**_headers(), **self._auth, "Accept": "application/octet-stream"}
+        if offset > 0:
+            headers["Range"] = f"bytes={offset}-"
+        try:
+            async with self._http.stream("GET", url, headers=headers) as response:
+                await _raise_for_streamed_status("GET", url, response)
+                mode = "ab" if _resumes(response, offset, url) else "wb"
+                with target.open(mode) as handle:
+                    async for chunk in response.aiter_bytes():
+                        handle.write(chunk)
+        except httpx.TransportError as exc:  # also a connection dropped mid-body
+            raise ManagerUnreachable(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+
 
 def _dump(model: BaseModel) -> bytes:
     return orjson.dumps(model.model_dump(mode="json", exclude_none=True))
@@ -172,6 +236,32 @@ async def _send(
     if response.status_code >= 400:
         raise ManagerRejected(response.status_code, _detail(response))
     return response
+
+
+async def _raise_for_streamed_status(method: str, url: str, response: httpx.Response) -> None:
+    """`_send`'s mapping of error statuses, for a streamed response (whose body is read only on error)."""
+    if response.status_code >= 500:
+        raise ManagerUnreachable(f"{method} {url}: HTTP {response.status_code}")
+    if response.status_code >= 400:
+        await response.aread()
+        raise ManagerRejected(response.status_code, _detail(response))
+
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-\d+/(?:\d+|\*)$")
+
+
+def _resumes(response: httpx.Response, offset: int, url: str) -> bool:
+    """True for a 206 that continues at `offset`, False for a 200 (start over); anything else is bad."""
+    if response.status_code == httpx.codes.OK:
+        return False
+    if response.status_code == httpx.codes.PARTIAL_CONTENT and offset > 0:
+        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        if match is not None and int(match.group(1)) == offset:
+            return True
+    raise ManagerBadResponse(
+        f"GET {url}: HTTP {response.status_code} with Content-Range "
+        f"{response.headers.get('Content-Range')!r} for a download from byte {offset}"
+    )
 
 
 def _detail(response: httpx.Response) -> str:
