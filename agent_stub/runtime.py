@@ -18,6 +18,7 @@ import logging
 import random
 from functools import partial
 
+from agent_stub.content import ContentClient, ContentSync
 from agent_stub.core import AgentCore
 from agent_stub.locator import FactsReader, LocationTracker
 from agent_stub.mqtt_link import LinkFactory, MqttLink
@@ -31,6 +32,7 @@ from agent_stub.spool import (
     record_outcome,
     record_reachability,
 )
+from agent_stub.state import CONTENT_DIR
 from fabric_core.settings import AgentSettings
 from fabric_core.wire import AgentCommand, EffectiveDocument, Mode
 
@@ -76,6 +78,19 @@ class AgentRuntime:
         self._push_task: asyncio.Task[None] | None = None
         self._blocker: str | None = None
         self._announced = False
+        # Content downloads need a client that fetches manifests and blobs (`ManagerClient`); the
+        # heartbeat-only clients of the fleet simulator and of tests have none: no content there.
+        self.content: ContentSync | None = None
+        if isinstance(client, ContentClient):
+            self.content = ContentSync(
+                core,
+                client,
+                settings.state_dir / CONTENT_DIR,
+                rng=rng,
+                retry_min_s=settings.retry_min_s,
+                retry_max_s=settings.retry_max_s,
+            )
+            self.pull.status_sources.append(self.content.status)
 
     @property
     def transport(self) -> Mode:
@@ -95,6 +110,8 @@ class AgentRuntime:
         self._announced = False
         self._reconcile()
         locating = asyncio.get_running_loop().create_task(self.location.run(stop))
+        if self.content is not None:
+            self.content.schedule()  # the held document's content, if a download was cut short
         try:
             await self.pull.run(stop)
         finally:
@@ -107,6 +124,8 @@ class AgentRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await uploading
             await self._end_push(stop)
+            if self.content is not None:
+                await self.content.aclose()
             self._stop = None
             self.core.record_stopped()
 
@@ -114,6 +133,8 @@ class AgentRuntime:
 
     def _on_applied(self, doc: EffectiveDocument) -> None:
         self._reconcile()
+        if self.content is not None:
+            self.content.schedule(doc)
         self.location.evaluate()  # the document may bring other locations or conditions
 
     def _reconcile(self) -> None:

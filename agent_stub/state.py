@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 IDENTITY_FILE = "identity.json"
 CURRENT_FILE = "current.json"
 STATUS_FILE = "status.json"
+CONTENT_DIR = "content"
+"""Content downloads (`agent_stub.content`): blobs, partial files and one tree per revision."""
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 
