@@ -25,6 +25,8 @@ from api.services.change import Change
 from fabric_core.canonical import canonical_json, sha256_hex
 
 SHA256_HEX = 64
+RESERVED_KINDS = frozenset({"blobs", "partial"})
+"""Names the agent's content store uses for itself (state_dir/content/blobs, .../partial)."""
 
 
 class BlobStore:
@@ -101,6 +103,8 @@ class Published:
 
 def publish_revision(change: Change, *, kind: str, files: Iterable[tuple[str, str]], keep: int) -> Published:
     """A new revision of `kind` from (path, sha256) pairs whose blobs were uploaded; older ones pruned."""
+    if kind in RESERVED_KINDS:
+        raise Invalid(f"content kind {kind!r} is reserved; choose another name")
     manifest: dict[str, dict[str, Any]] = {}
     for path, sha256 in files:
         check_path(path)

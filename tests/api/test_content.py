@@ -155,3 +155,9 @@ def test_a_blob_the_agent_already_has_is_not_sent_again(admin: Admin, enroll: An
     digest = publish(admin, "definitions", {"virus.db": b"sigs"})["files"][0]["sha256"]
     again = agent.raw("GET", f"/agent/v1/blobs/{digest}", headers={"If-None-Match": f'"{digest}"'})
     assert again.status_code == 304 and again.content == b""
+
+
+def test_reserved_kinds_are_refused(admin: Admin) -> None:
+    digest = upload(admin, b"x")
+    answer = admin.post("/content/blobs/revisions", {"files": [{"path": "a", "sha256": digest}]}, expect=422)
+    assert "reserved" in answer["detail"]
