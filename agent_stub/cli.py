@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -305,3 +306,80 @@ def _text(value: object) -> str:
     if isinstance(value, datetime):
         return value.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     return str(value)
+
+
+# --- simulate ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def simulate(
+    ctx: typer.Context,
+    *,
+    agents: int = typer.Option(100, "--agents", min=1, help="how many agents to run"),
+    server: str = typer.Option(..., help="manager URL, e.g. http://127.0.0.1:8000"),
+    admin_key: str | None = typer.Option(
+        None, "--admin-key", envvar="POLICYCAST_ADMIN_KEY", help="prepare groups and tokens by the admin API"
+    ),
+    token: list[str] = typer.Option([], "--token", help="enrolment token of a group (repeat: agents spread)"),
+    mode: str = typer.Option("push", help="push, pull or mix (every other group pulls); with --admin-key"),
+    groups: int = typer.Option(10, min=1, help="groups sim-01.. to spread agents over (with --admin-key)"),
+    locations: int = typer.Option(2, min=1, help="locations per group: Default, site-1, ..."),
+    heartbeat_s: int | None = typer.Option(None, "--heartbeat-s", help="the groups' heartbeat interval"),
+    connect_rate: float = typer.Option(500.0, "--connect-rate", min=1, help="MQTT connects per second"),
+    start_rate: float | None = typer.Option(None, "--start-rate", help="agents started per second"),
+    identities: Path | None = typer.Option(None, help="keep identities here and reuse them next time"),
+    mqtt_url: str | None = typer.Option(None, "--mqtt-url", help="override the broker URL of every agent"),
+    duration: float | None = typer.Option(None, help="seconds to run once ready [default: until Ctrl-C]"),
+    summary: Path | None = typer.Option(None, help="also write the JSON summary to this file"),
+    control: bool = typer.Option(False, "--control", help="JSON-lines requests on stdin (benchmarks)"),
+    enrol_only: bool = typer.Option(False, "--enrol-only", help="enrol and keep the identities, then exit"),
+    ready_timeout: float = typer.Option(600.0, "--ready-timeout", help="seconds to wait for the fleet"),
+    seed: int = typer.Option(0, help="random seed"),
+    loop: str = typer.Option("auto", help="event loop: auto (uvloop if installed), uvloop or asyncio"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress on stderr"),
+    log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+) -> None:
+    """Run many agents in this process (the real agent logic, state in memory); print a JSON summary."""
+    from agent_stub import simulate as sim
+
+    level = logging.getLevelNamesMapping().get(log_level.upper())
+    if level is None:
+        _fail(f"unknown log level {log_level!r}")
+    if mode not in ("push", "pull", "mix") or loop not in ("auto", "uvloop", "asyncio"):
+        _fail("--mode is push, pull or mix; --loop is auto, uvloop or asyncio")
+    if not token and not admin_key:
+        _fail("give --admin-key (groups and tokens are prepared) or at least one --token")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
+    try:
+        plan = sim.FleetPlan(
+            agents=agents,
+            server=normalize_server(server),
+            admin_key=admin_key,
+            tokens=tuple(token),
+            mode=mode,  # type: ignore[arg-type]  # checked above
+            groups=groups,
+            locations=locations,
+            heartbeat_s=heartbeat_s,
+            connect_rate=connect_rate,
+            start_rate=start_rate,
+            identities=identities,
+            mqtt_url=mqtt_url,
+            seed=seed,
+            ready_timeout_s=ready_timeout,
+            loop=loop,  # type: ignore[arg-type]  # checked above
+        )
+        options = sim.RunOptions(
+            duration_s=duration,
+            control=control,
+            summary_path=summary,
+            progress=progress,
+            enrol_only=enrol_only,
+        )
+        result = sim.run(plan, ctx.obj, options)
+    except ValueError as exc:
+        _fail(str(exc))
+    except (ManagerUnreachable, ManagerRejected, RuntimeError) as exc:
+        _fail(f"simulation failed: {exc}")
+    if not control:
+        typer.echo(json.dumps(result, indent=2))
