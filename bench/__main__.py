@@ -1,0 +1,107 @@
+"""`python -m bench` (`make bench`): run every benchmark of the package, write each result as JSON.
+
+A benchmark is any module of `bench` exposing `NAME` and `run(args) -> dict` (see `bench/__init__.py`);
+modules are found, not listed. Results go to `bench/results/<NAME>-<date>.json`.
+
+    python -m bench                       every benchmark, default sizes (2,000 agents where a fleet is used)
+    python -m bench --full                the issue's sizes (10,000 agents)
+    python -m bench --only push_fanout    one benchmark (repeat --only for several)
+    python -m bench --agents 500          another fleet size
+    python -m bench --list                the benchmarks found
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import bench
+from bench.common import WORK_DIR, say, write_result
+
+SKIP = frozenset({"common", "__main__"})
+
+
+def discover() -> dict[str, ModuleType]:
+    """Benchmark modules by NAME, in module name order."""
+    found: dict[str, ModuleType] = {}
+    for info in sorted(pkgutil.iter_modules(bench.__path__), key=lambda m: m.name):
+        if info.name in SKIP or info.name.startswith("_"):
+            continue
+        try:
+            module = importlib.import_module(f"bench.{info.name}")
+        except Exception as exc:  # one broken module must not hide the others
+            say(f"[yellow]skipping bench.{info.name}: cannot import it: {exc}[/]")
+            continue
+        name = getattr(module, "NAME", None)
+        runner = getattr(module, "run", None)
+        if isinstance(name, str) and callable(runner):
+            found[name] = module
+    return found
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Policycast's benchmarks.")
+    parser.add_argument("--only", action="append", metavar="NAME", help="run this benchmark (repeatable)")
+    parser.add_argument("--agents", type=int, default=None, help="fleet size (default: 2000; --full: 10000)")
+    parser.add_argument("--full", action="store_true", help="the issue's full sizes")
+    parser.add_argument("--rounds", type=int, default=None, help="repetitions, where a benchmark repeats")
+    parser.add_argument("--fresh", action="store_true", help="discard the kept benchmark state first")
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="kept state (default: bench/.work)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--list", action="store_true", help="list the benchmarks found and exit")
+    parser.add_argument("--no-write", action="store_true", help="do not write result files")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    modules = discover()
+    if args.list:
+        for name, module in modules.items():
+            doc = (module.__doc__ or "").strip().splitlines()
+            print(f"{name:24} {doc[0] if doc else ''}")
+        return 0
+    wanted = args.only or list(modules)
+    unknown = [name for name in wanted if name not in modules]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; found: {', '.join(modules)}", file=sys.stderr)
+        return 2
+    failures = 0
+    summary: list[tuple[str, str]] = []
+    for name in wanted:
+        runner: Callable[[argparse.Namespace], dict[str, Any]] = modules[name].run
+        say(f"[bold]benchmark {name}[/]")
+        began = time.monotonic()
+        try:
+            result = runner(args)
+        except Exception:
+            failures += 1
+            traceback.print_exc()
+            summary.append((name, "FAILED"))
+            continue
+        result.setdefault("name", name)
+        result.setdefault("elapsed_s", round(time.monotonic() - began, 1))
+        if args.no_write:
+            print(json.dumps(result, indent=2, default=str))
+            summary.append((name, "done"))
+        else:
+            path = write_result(name, result)
+            summary.append(
+                (name, str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path))
+            )
+    for name, outcome in summary:
+        say(f"{name}: {outcome}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,585 @@
+"""What the benchmarks share: the stack in a kept data directory, the fleet simulator as a child process,
+and result files.
+
+The stack is `policycast up`'s, from its own pieces (`api.stack.start_broker`, `ManagerThread`,
+`start_bridge`): Mosquitto with Policycast's configuration as a child process, the manager (uvicorn, on
+SQLite) and the bridge on threads of this process. The fleet runs in another process
+(`policycast-agent simulate --control`), so that agents and manager do not share one interpreter lock.
+Both processes read the same clock (`time.time()`), so latencies are measured across them.
+
+Broker accounts cost Mosquitto 10-50 ms each to provision (it rewrites its whole dynamic-security file
+on every change), so the data directory, the broker's files and the simulated agents' identities are
+kept under `bench/.work/fleet/` (gitignored) and reused: the first run at a size enrols and provisions,
+later runs start at once. `--fresh` starts from nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import SecretStr
+from rich.console import Console
+from sqlalchemy import text
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from agent_stub.simulate import percentiles, raise_fd_limit, rss_bytes
+from api.stack import LocalBroker, ManagerThread, admin_key_for, pick_port, start_bridge, start_broker
+from broker_bridge.broker import BrokerLink, Publication
+from broker_bridge.credentials import bridge_password
+from broker_bridge.service import BridgeThread
+from fabric_core.settings import Settings
+from fabric_core.signing import load_signing_key
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+WORK_DIR = BENCH_DIR / ".work"
+RESULTS_DIR = BENCH_DIR / "results"
+DEFAULT_AGENTS = 2000
+FULL_AGENTS = 10_000
+GROUPS = 10
+LOCATIONS = 2
+POLICY_NAME = "bench-firewall"
+HEARTBEAT_PATH = "/agent/v1/heartbeat"
+
+console = Console(stderr=True, highlight=False)
+T = TypeVar("T")
+
+
+def say(message: str) -> None:
+    console.print(f"[dim]{datetime.now().strftime('%H:%M:%S')}[/] {message}")
+
+
+def fleet_size(args: argparse.Namespace) -> int:
+    agents: int | None = getattr(args, "agents", None)
+    if agents:
+        return agents
+    return FULL_AGENTS if getattr(args, "full", False) else DEFAULT_AGENTS
+
+
+def work_dir(args: argparse.Namespace, name: str = "fleet") -> Path:
+    root = Path(getattr(args, "work_dir", None) or WORK_DIR)
+    path = root / name
+    if getattr(args, "fresh", False) and path.exists() and not getattr(args, "_fresh_done", False):
+        shutil.rmtree(path)
+        args._fresh_done = True  # once per `python -m bench` run, not once per benchmark
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wait_until(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.2) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- counting heartbeats at the manager ------------------------------------------------------------------
+
+
+class HeartbeatCounter:
+    """ASGI middleware: heartbeat requests received by the manager, per wall-clock second."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.per_s: Counter[int] = Counter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == HEARTBEAT_PATH:
+            self.per_s[int(time.time())] += 1
+        await self.app(scope, receive, send)
+
+    def window(self, since: float, until: float) -> dict[str, Any]:
+        counts = {s: n for s, n in list(self.per_s.items()) if int(since) <= s <= int(until)}
+        return {
+            "peak_per_s": max(counts.values(), default=0),
+            "total": sum(counts.values()),
+            "per_s": [counts.get(s, 0) for s in range(int(since), int(until) + 1)],
+        }
+
+
+# --- the stack -----------------------------------------------------------------------------------------
+
+
+class Stack:
+    """Mosquitto, the manager and the bridge, on a data directory kept between runs."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        settings = Settings(data_dir=data_dir / "manager")
+        self.admin_key = admin_key_for(settings)
+        self.settings = settings.model_copy(update={"bootstrap_admin_key": SecretStr(self.admin_key)})
+        self.broker: LocalBroker | None = None
+        self.manager: ManagerThread | None = None
+        self.bridge: BridgeThread | None = None
+        self.counter: HeartbeatCounter | None = None
+        self._admin: httpx.Client | None = None
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        raise_fd_limit()  # Mosquitto inherits it: one descriptor per agent
+        load_signing_key(self.settings)  # the broker's bridge password derives from it
+        self.broker = start_broker(self.settings, console)
+        if self.broker is None:
+            raise RuntimeError("the benchmarks need Mosquitto 2 with its dynamic-security plugin")
+        self.settings = self.settings.model_copy(update={"mqtt_url": self.broker.url, "mqtt_enabled": True})
+        self.manager = ManagerThread(self.settings, pick_port(0))
+        self.manager.app.add_middleware(HeartbeatCounter)
+        self.manager.start()
+        self.counter = _find_counter(self.manager)
+        self.bridge = start_bridge(self.settings, self.manager)
+        say(f"stack up: manager {self.manager.url}, broker {self.broker.url}, data {self.data_dir}")
+
+    def stop(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+        if self.bridge is not None:
+            self.bridge.stop()
+        if self.manager is not None:
+            self.manager.stop()
+        if self.broker is not None:
+            self.broker.process.stop()
+
+    # --- admin API ---------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        assert self.manager is not None
+        return self.manager.url
+
+    @property
+    def admin(self) -> httpx.Client:
+        if self._admin is None:
+            self._admin = httpx.Client(
+                base_url=f"{self.url}/api/v1",
+                headers={"Authorization": f"Bearer {self.admin_key}"},
+                timeout=60,
+            )
+        return self._admin
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.admin.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status_code}: {response.text[:300]}")
+        return response.json() if response.content else None
+
+    def ensure_root_policy(self) -> dict[str, Any]:
+        """The firewall policy the benchmarks edit, assigned at the root group.
+
+        Assigned before the fleet's groups are made: they own their settings (so that each may choose
+        push or pull) and so start from a copy of the root's assignments, which names this same policy.
+        """
+        policies = {p["name"]: p for p in self.call("GET", "/policies")}
+        policy = policies.get(POLICY_NAME)
+        if policy is None:
+            policy = self.call(
+                "POST",
+                "/policies",
+                json={"name": POLICY_NAME, "type": "firewall", "body": {"default": "deny", "allow": []}},
+            )
+        root = next(g for g in self.call("GET", "/groups") if g["parent_id"] is None)
+        self.call("PUT", f"/groups/{root['id']}/policies/firewall", json={"policy_id": policy["id"]})
+        return dict(policy)
+
+    def change_policy(self, policy_id: int) -> tuple[float, int]:
+        """The operator's change: one more rule in the policy; returns (time of the response, version)."""
+        body = self.call("GET", f"/policies/{policy_id}")["body"]
+        body["allow"] = [*body.get("allow", []), f"tcp/{10000 + len(body.get('allow', []))}"]
+        response = self.admin.put(f"/policies/{policy_id}", json={"body": body})
+        answered = time.time()
+        if response.status_code != 200:
+            raise RuntimeError(
+                f"PUT /policies/{policy_id}: HTTP {response.status_code}: {response.text[:300]}"
+            )
+        return answered, int(response.json()["version"])
+
+    def sim_groups(self, prefix: str = "sim") -> list[dict[str, Any]]:
+        return [g for g in self.call("GET", "/groups") if str(g["name"]).startswith(f"{prefix}-")]
+
+    def current_documents(self, keys: list[str]) -> dict[str, bytes]:
+        """The current envelope bytes of each "group/location"."""
+        documents = {}
+        for key in keys:
+            group_id, location_id = key.split("/")
+            response = self.admin.get(f"/groups/{group_id}/locations/{location_id}/effective")
+            response.raise_for_status()
+            documents[key] = response.content
+        return documents
+
+    def current_serials(self, keys: list[str]) -> dict[str, int]:
+        return {
+            key: int(json.loads(body)["doc"]["serial"]) for key, body in self.current_documents(keys).items()
+        }
+
+    # --- the manager's view --------------------------------------------------------------------------
+
+    def unprovisioned(self) -> int:
+        assert self.manager is not None
+        with self.manager.fabric.engine.connect() as connection:
+            query = text("SELECT count(*) FROM agents WHERE revoked_at IS NULL AND acl_group_id IS NULL")
+            return int(connection.execute(query).scalar_one())
+
+    def wait_provisioned(self, timeout: float) -> float:
+        began = time.monotonic()
+        last = -1
+        while True:
+            left = self.unprovisioned()
+            if left == 0:
+                return time.monotonic() - began
+            if left != last:
+                say(f"the bridge is provisioning broker accounts: {left} to go")
+                last = left
+            if time.monotonic() - began > timeout:
+                raise TimeoutError(f"{left} broker account(s) still unprovisioned after {timeout:.0f}s")
+            time.sleep(2.0)
+
+    def agents_view(self) -> list[dict[str, Any]]:
+        agents: list[dict[str, Any]] = []
+        while True:
+            page = self.call("GET", "/agents", params={"limit": 1000, "offset": len(agents)})
+            agents.extend(page)
+            if len(page) < 1000:
+                return agents
+
+    # --- the broker ----------------------------------------------------------------------------------
+
+    @property
+    def broker_pid(self) -> int | None:
+        return self.broker.process.pid if self.broker is not None else None
+
+    def publisher(self, client_id: str = "bench-baseline") -> BrokerLink:
+        """A connection with the bridge's rights, to publish straight to the broker."""
+        assert self.broker is not None and self.manager is not None
+        link = BrokerLink(
+            self.settings.mqtt_address,
+            username=self.settings.mqtt_username,
+            password=bridge_password(self.settings, self.manager.fabric.signing_key),
+            client_id=client_id,
+        )
+        link.connect(10)
+        return link
+
+
+def _find_counter(manager: ManagerThread) -> HeartbeatCounter:
+    app: Any = manager.app.middleware_stack
+    while app is not None:
+        if isinstance(app, HeartbeatCounter):
+            return app
+        app = getattr(app, "app", None)
+    raise RuntimeError("the heartbeat counter is not in the manager's middleware stack")
+
+
+def publish_documents(link: BrokerLink, topics_and_payloads: list[tuple[str, bytes]]) -> float:
+    """Publish straight to the broker as the bridge does (QoS 1, all in flight); returns the start time."""
+    started = time.time()
+    link.publish_many(
+        [Publication(topic, payload, qos=1, retain=False) for topic, payload in topics_and_payloads]
+    )
+    return started
+
+
+# --- the simulator as a child process ----------------------------------------------------------------
+
+
+class SimProcess:
+    """`policycast-agent simulate --control`: requests on its stdin, JSON-line answers on its stdout."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        command = [sys.executable, "-m", "agent_stub", "simulate", "--control", "--no-progress", *argv]
+        self.command = command
+        log = log_path.open("ab")
+        self.popen = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=_env()
+        )
+        log.close()
+        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="sim-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with contextlib.suppress(json.JSONDecodeError):
+                self._events.put(json.loads(line))
+        self._events.put(None)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"the simulator sent no {event!r} within {timeout:.0f}s; see {self.log_path}"
+                )
+            try:
+                message = self._events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if message is None:
+                raise RuntimeError(
+                    f"the simulator exited ({self.popen.wait()}); see {self.log_path}:\n{self.tail()}"
+                )
+            if message.get("event") == "error":
+                raise RuntimeError(f"the simulator refused a request: {message.get('detail')}")
+            if message.get("event") == event:
+                return message
+
+    def request(self, op: str, timeout_s: float = 60.0, **fields: Any) -> dict[str, Any]:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(json.dumps({"op": op, "timeout_s": timeout_s, **fields}).encode() + b"\n")
+        self.popen.stdin.flush()
+        return self.expect(op, timeout_s + 60)
+
+    def stop(self, timeout: float = 120.0) -> dict[str, Any] | None:
+        """Stop the fleet (sessions end cleanly); returns its final summary."""
+        if self.popen.poll() is not None:
+            return None
+        summary = None
+        try:
+            assert self.popen.stdin is not None
+            self.popen.stdin.write(b'{"op": "stop"}\n')
+            self.popen.stdin.flush()
+            summary = self.expect("stopped", timeout)
+            self.popen.wait(30)
+        except (TimeoutError, RuntimeError, OSError, subprocess.TimeoutExpired):
+            self.kill()
+        return summary
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def tail(self, lines: int = 20) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+class Fleet:
+    """A simulated fleet on a `Stack`: enrolled (once, kept), provisioned, started and ready."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        agents: int,
+        *,
+        mode: str = "push",
+        connect_rate: float = 500.0,
+        extra: list[str] | None = None,
+        ready_timeout: float | None = None,
+    ) -> None:
+        self.stack = stack
+        self.agents = agents
+        self.identities = stack.data_dir / "identities.json"
+        self.log_path = stack.data_dir / "simulator.log"
+        self.argv = [
+            "--agents",
+            str(agents),
+            "--server",
+            stack.url,
+            "--admin-key",
+            stack.admin_key,
+            "--mode",
+            mode,
+            "--groups",
+            str(GROUPS),
+            "--locations",
+            str(LOCATIONS),
+            "--identities",
+            str(self.identities),
+            "--connect-rate",
+            str(connect_rate),
+            "--log-level",
+            "ERROR",
+            *(extra or []),
+        ]
+        assert stack.broker is not None
+        self.argv += ["--mqtt-url", stack.broker.url]
+        self.ready_timeout = ready_timeout or 120 + agents * 0.05
+        self.process: SimProcess | None = None
+        self.ready: dict[str, Any] = {}
+        self.setup: dict[str, Any] = {}
+
+    def enrol(self) -> None:
+        """Enrol the agents the identities file lacks, and wait for the bridge to provision them."""
+        began = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "agent_stub", "simulate", "--enrol-only", "--no-progress", *self.argv],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"enrolment failed:\n{result.stderr[-2000:]}")
+        summary = json.loads(result.stdout)
+        self.setup["enrolled_now"] = summary["enrolled_now"]
+        self.setup["enrol_s"] = round(time.monotonic() - began, 1)
+        if summary["enrolled_now"]:
+            say(f"enrolled {summary['enrolled_now']} new agent(s) in {self.setup['enrol_s']}s")
+        provision_s = self.stack.wait_provisioned(timeout=600 + self.agents * 0.2)
+        self.setup["provision_wait_s"] = round(provision_s, 1)
+
+    def start(self) -> dict[str, Any]:
+        self.enrol()
+        say(f"starting {self.agents} simulated agents")
+        self.process = SimProcess(self.argv, self.log_path)
+        self.ready = self.process.expect("ready", self.ready_timeout + 120)
+        if not self.ready.get("ok"):
+            raise RuntimeError(
+                f"the fleet was not ready in {self.ready_timeout:.0f}s: {self.ready.get('documents')} "
+                f"documents, {self.ready.get('push_sessions')} push sessions of {self.agents}"
+            )
+        self.setup["ready_s"] = self.ready["timings"].get("ready_s")
+        self.setup["start_s"] = self.ready["timings"].get("start_s")
+        say(f"fleet ready: {self.ready['push_sessions']} push sessions, {self.ready['documents']} documents")
+        return self.ready
+
+    @property
+    def sim(self) -> SimProcess:
+        assert self.process is not None
+        return self.process
+
+    def keys(self) -> list[str]:
+        return sorted(k for k in self.ready["serials"] if k != "none")
+
+    def stop(self) -> dict[str, Any] | None:
+        return self.process.stop() if self.process is not None else None
+
+    def __enter__(self) -> Fleet:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+@contextlib.contextmanager
+def stack_and_fleet(
+    args: argparse.Namespace, agents: int, **fleet_options: Any
+) -> Iterator[tuple[Stack, Fleet]]:
+    with Stack(work_dir(args)) as stack:
+        stack.ensure_root_policy()
+        with Fleet(stack, agents, **fleet_options) as fleet:
+            yield stack, fleet
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mosquitto = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        from broker_bridge.mosquitto import mosquitto_binary
+
+        out = subprocess.run(
+            [mosquitto_binary(), "-h"], capture_output=True, text=True, timeout=5, check=False
+        )
+        mosquitto = (out.stdout or out.stderr).splitlines()[0].strip()
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mosquitto": mosquitto,
+        "commit": commit,
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def result_path(name: str, when: datetime | None = None) -> Path:
+    stamp = (when or datetime.now(UTC)).strftime("%Y-%m-%dT%H%M%SZ")
+    return RESULTS_DIR / f"{name}-{stamp}.json"
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = result_path(name)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def ratio(value: float | None, baseline: float | None) -> float | None:
+    if value is None or not baseline:
+        return None
+    return round(value / baseline, 2)
+
+
+__all__ = [
+    "DEFAULT_AGENTS",
+    "FULL_AGENTS",
+    "Fleet",
+    "SimProcess",
+    "Stack",
+    "fleet_size",
+    "machine",
+    "percentiles",
+    "publish_documents",
+    "ratio",
+    "rss_bytes",
+    "say",
+    "stack_and_fleet",
+    "wait_until",
+    "write_result",
+]

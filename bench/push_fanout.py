@@ -1,0 +1,186 @@
+"""Benchmark 1, push fan-out: one operator change reaching every push agent.
+
+A fleet of push agents (2,000 by default, 10,000 with `--full`) over 10 groups x 2 locations, each with
+its MQTT session up. An operator edits the firewall policy assigned at the root (`PUT /policies/{id}`):
+each of the 20 (group, location) documents gets a new serial, the bridge publishes them, the broker fans
+them out, and each agent verifies and applies its document. Measured per agent: from the admin API's
+response (wall clock in this process) to the moment the agent applied the new serial (wall clock in the
+simulator's process, taken in an `AgentCore` listener).
+
+Baseline, in the same run, against the same subscribers and broker: the current documents (the same
+size) published straight to the broker on the same 20 topics, as the bridge publishes (QoS 1, all in
+flight), measured from just before the first publish to the moment each agent handled the message
+(verified it and found it was the serial it holds: the same signature and parsing work as an apply).
+The ratio says what the manager and the bridge add to a bare broker fan-out.
+
+Targets (issue [4/4]): p99 <= 1 s and <= 2x the baseline's p99, every agent converged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+from bench.common import (
+    Stack,
+    fleet_size,
+    machine,
+    publish_documents,
+    ratio,
+    say,
+    stack_and_fleet,
+    wait_until,
+)
+from fabric_core.topics import config_topic
+
+NAME = "push_fanout"
+ROUNDS = 3
+TARGET_P99_S = 1.0
+TARGET_RATIO = 2.0
+SETTLE_S = 3.0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    agents = fleet_size(args)
+    rounds = int(getattr(args, "rounds", None) or ROUNDS)
+    with stack_and_fleet(args, agents) as (stack, fleet):
+        policy = stack.ensure_root_policy()
+        steady = fleet.sim.request("wait_converged", timeout_s=120)
+        if not steady["ok"]:
+            raise RuntimeError(f"the fleet did not converge before the change: {steady}")
+        keys = fleet.keys()
+        prefix = stack.settings.mqtt_prefix
+        link = stack.publisher()
+        measured: list[dict[str, Any]] = []
+        try:
+            for number in range(1, rounds + 1):
+                time.sleep(SETTLE_S)
+                documents = stack.current_documents(keys)
+                messages = [
+                    (config_topic(prefix, *key.split("/")), body) for key, body in sorted(documents.items())
+                ]
+                started = publish_documents(link, messages)
+                baseline = fleet.sim.request("wait_messages", since=started, timeout_s=120)
+                time.sleep(SETTLE_S)
+                answered, version = stack.change_policy(policy["id"])
+                change = fleet.sim.request("wait_converged", since=answered, timeout_s=120)
+                sizes = [len(body) for body in stack.current_documents(keys).values()]
+                measured.append(_round(number, baseline, change, documents, sizes, version))
+                say(
+                    f"round {number}: policycast p99 {change['latency_s'].get('p99')}s "
+                    f"({change['converged']}/{change['agents']} converged), baseline p99 "
+                    f"{baseline['latency_s'].get('p99')}s ({baseline['received']}/{baseline['agents']})"
+                )
+        finally:
+            link.close()
+        view = _manager_view(stack, agents)
+        final = fleet.sim.request("summary")
+    return _result(args, agents, fleet.setup, measured, view, final)
+
+
+def _round(
+    number: int,
+    baseline: dict[str, Any],
+    change: dict[str, Any],
+    documents: dict[str, bytes],
+    sizes: list[int],
+    version: int,
+) -> dict[str, Any]:
+    base, real = baseline["latency_s"], change["latency_s"]
+    return {
+        "round": number,
+        "policy_version": version,
+        "baseline": {
+            "agents": baseline["agents"],
+            "received": baseline["received"],
+            "payload_bytes": sorted({len(body) for body in documents.values()}),
+            **{k: base.get(k) for k in ("p50", "p99", "max")},
+        },
+        "policycast": {
+            "agents": change["agents"],
+            "converged": change["converged"],
+            "payload_bytes": sorted(set(sizes)),
+            **{k: real.get(k) for k in ("p50", "p99", "max")},
+        },
+        "ratio_p50": ratio(real.get("p50"), base.get("p50")),
+        "ratio_p99": ratio(real.get("p99"), base.get("p99")),
+    }
+
+
+def _manager_view(stack: Stack, agents: int) -> dict[str, Any]:
+    """What the operator sees: every agent up to date and on push (from their MQTT state reports)."""
+
+    def settled() -> list[dict[str, Any]] | None:
+        view = stack.agents_view()
+        good = [a for a in view if a["up_to_date"] and a["mode"] == "push" and a["online"]]
+        return view if len(good) >= agents else None
+
+    try:
+        view = wait_until(settled, timeout=60, what="the manager to see every agent up to date", interval=1)
+    except TimeoutError:
+        view = stack.agents_view()
+    return {
+        "agents_listed": len(view),
+        "up_to_date": sum(1 for a in view if a["up_to_date"]),
+        "push": sum(1 for a in view if a["mode"] == "push"),
+        "online": sum(1 for a in view if a["online"]),
+    }
+
+
+def _median(rounds: list[dict[str, Any]], side: str, key: str) -> float | None:
+    values = [r[side][key] for r in rounds if r[side].get(key) is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def _result(
+    args: argparse.Namespace,
+    agents: int,
+    setup: dict[str, Any],
+    rounds: list[dict[str, Any]],
+    view: dict[str, Any],
+    final: dict[str, Any],
+) -> dict[str, Any]:
+    p99 = _median(rounds, "policycast", "p99")
+    base_p99 = _median(rounds, "baseline", "p99")
+    all_converged = all(r["policycast"]["converged"] == r["policycast"]["agents"] == agents for r in rounds)
+    all_received = all(r["baseline"]["received"] == r["baseline"]["agents"] == agents for r in rounds)
+    result: dict[str, Any] = {
+        "name": NAME,
+        "agents": agents,
+        "groups_x_locations": "10 x 2",
+        "rounds": rounds,
+        "median": {
+            "policycast": {k: _median(rounds, "policycast", k) for k in ("p50", "p99", "max")},
+            "baseline": {k: _median(rounds, "baseline", k) for k in ("p50", "p99", "max")},
+            "ratio_p99": ratio(p99, base_p99),
+        },
+        "all_converged": all_converged,
+        "all_received_baseline": all_received,
+        "manager_view": view,
+        "targets": {"p99_s": TARGET_P99_S, "ratio_p99": TARGET_RATIO},
+        "met": {
+            "p99": p99 is not None and p99 <= TARGET_P99_S,
+            "ratio": (ratio(p99, base_p99) or 99) <= TARGET_RATIO,
+            "converged": all_converged,
+        },
+        "setup": setup,
+        "simulator": {
+            "loop": final["plan"]["loop"],
+            "rss_per_agent_bytes": final["rss_bytes"]["per_agent"],
+            "heartbeats": final["heartbeats"],
+            "mqtt": final["mqtt"],
+        },
+        "command": f"python -m bench --only {NAME} --agents {agents}",
+        "machine": machine(),
+        "notes": (
+            "Times are wall clock: the change from the admin API's response in the benchmark process, the "
+            "baseline from just before its first publish; each to the agent's apply (policycast) or message "
+            "handled (baseline) in the simulator process. The manager and the bridge run on threads of the "
+            "benchmark process, Mosquitto and the simulator in processes of their own, all on this machine."
+        ),
+    }
+    if getattr(args, "agents", None) is None and not getattr(args, "full", False):
+        result["notes"] += f" Measured with {agents} agents (the default); --full runs 10,000."
+    return result
