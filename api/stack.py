@@ -218,6 +218,7 @@ class AgentFleet:
             clients, runs = [], []
             for state_dir in self.state_dirs:
                 core = AgentCore.from_store(FileStateStore(state_dir))
+                own = settings.model_copy(update={"state_dir": state_dir})  # its own content store
                 client = ManagerClient.for_agent(
                     server=core.identity.server,
                     agent_id=core.identity.agent_id,
@@ -225,7 +226,7 @@ class AgentFleet:
                     timeout_s=settings.request_timeout_s,
                 )
                 clients.append(client)
-                runtime = AgentRuntime(core, client, settings, hostname=core.identity.hostname)
+                runtime = AgentRuntime(core, client, own, hostname=core.identity.hostname)
                 runs.append(runtime.run(self.stop_event))
             ready.set()
             try:

@@ -14,6 +14,7 @@ from api.models import (
     EnrollmentToken,
     Group,
     Location,
+    OutboxEntry,
 )
 from api.resolution import load_tree
 from api.services.change import Change
@@ -108,6 +109,9 @@ def delete_group(change: Change, *, group_id: int) -> None:
     if agents:
         raise Conflict(f"group {group_id} still has {agents} agent(s): move or revoke them first")
     _discard_own_state(session, group_id)
+    for document in session.exec(select(EffectiveConfig).where(col(EffectiveConfig.group_id) == group_id)):
+        # An empty envelope tells the bridge to clear the group's retained documents on the broker.
+        session.add(OutboxEntry(group_id=group_id, location_id=document.location_id, serial=0, envelope=b""))
     for table in (Agent, EnrollmentToken, EffectiveConfig):  # revoked agents and unused tokens go too
         session.exec(delete(table).where(col(table.group_id) == group_id))
     session.delete(group)

@@ -317,3 +317,26 @@ def test_deleting_a_location_clears_its_retained_document(stack: Stack) -> None:
     assert not late.connect().is_failure
     assert not late.subscribe(topic).is_failure
     assert late.received(within=0.5) == []  # nothing retained any more
+
+
+def test_deleting_a_group_clears_its_retained_documents(stack: Stack) -> None:
+    admin = stack.admin
+    root = admin.root()
+    doomed = admin.group("Doomed", root["id"])
+    topic = config_topic(PREFIX, doomed["id"], admin.default_location(root["id"])["id"])
+    password = stack.broker.provision("reader", doomed["id"])  # an account that may read that group
+
+    def retained() -> list[bytes]:
+        reader = stack.broker.client("reader", password)
+        assert not reader.connect().is_failure
+        assert not reader.subscribe(topic).is_failure
+        payloads = [m.payload for m in reader.received(within=0.5) if m.retain]
+        reader.close()
+        return payloads
+
+    wait_for(retained, timeout=10, what="the group's retained document")
+
+    admin.delete(f"/groups/{doomed['id']}")
+
+    wait_for(lambda: pending_outbox(stack) == 0, timeout=10, what="the clearing to be published")
+    assert retained() == []
