@@ -89,6 +89,7 @@ def serve(
         workers=workers,
         log_level=log_level,
         access_log=False,
+        server_header=False,  # 17 bytes on every heartbeat answer, for nobody (docs/performance.md)
     )
 
 
@@ -183,6 +184,42 @@ def up(
         settings, agents=agents, port=port, exit_when_converged=exit_when_converged, console=console
     )
     raise typer.Exit(code)
+
+
+class ModeChoice(StrEnum):
+    push = "push"
+    pull = "pull"
+
+
+@app.command()
+def plan(
+    agents: Annotated[int, typer.Option(min=0, help="how many agents")],
+    mode: Annotated[ModeChoice, typer.Option(help="push (MQTT) or pull (heartbeats only)")] = ModeChoice.push,
+    heartbeat: Annotated[str, typer.Option(help="heartbeat interval: 300s, 5m, 1h")] = "5m",
+    utilisation: Annotated[
+        float, typer.Option(min=0.01, max=1.0, help="plan api cores to run at this share of capacity")
+    ] = 0.5,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+) -> None:
+    """Request rate, bandwidth, broker connections and api cores for a fleet, from measured costs."""
+    import json
+
+    from api.capacity import describe, measured_costs, parse_duration
+    from api.capacity import plan as make_plan
+
+    try:
+        interval = parse_duration(heartbeat)
+    except ValueError as exc:
+        fail(str(exc))
+    costs = measured_costs()
+    result = make_plan(agents, mode.value, interval, costs=costs, utilisation=utilisation)
+    if as_json:
+        sys.stdout.write(json.dumps({"plan": result.as_dict(), "costs": vars(costs)}, indent=2) + "\n")
+        return
+    table = Table(show_header=False, box=None)
+    for what, value in describe(result, costs):
+        table.add_row(f"[bold]{what}[/]", value)
+    console.print(table)
 
 
 @admin_app.command("create-key")
