@@ -732,13 +732,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.heartbeat_throughput", description=__doc__)
     add_arguments(parser)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{NAME}.json", help="results file")
+    parser.add_argument("--out", type=Path, help=f"results file (default bench/results/{NAME}-<date>.json)")
     args = parser.parse_args(argv)
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or RESULTS_DIR / f"{NAME}-{datetime.now(UTC).strftime('%Y-%m-%dT%H%M%SZ')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
-    print(f"errors: {result['errors']}; results in {args.out}")
+    print(f"errors: {result['errors']}; results in {out}")
 
 
 if __name__ == "__main__":

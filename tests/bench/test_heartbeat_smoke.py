@@ -1,0 +1,61 @@
+"""Benchmark 2's harness, small: a few hundred heartbeats and baseline requests, every answer checked.
+
+A smoke test of the harness (real `policycast serve` and uvicorn processes, the benchmark's own load
+client), asserting correctness only, never a time: the machines that run the suite are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bench import heartbeat_throughput as bench
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_small_benchmark_2_answers_every_heartbeat_right():
+    args = argparse.Namespace(
+        workers=[1], connections=8, agents=24, requests=300, rounds=1, no_asgi_floor=True, quick=True
+    )
+
+    result = bench.run(args)
+
+    assert result["name"] == bench.NAME == "heartbeat_throughput"
+    run = result["by_workers"]["1"]
+    for side in ("baseline", "heartbeat"):
+        assert run[side]["errors"] == 0, run[side]["first_error"]
+        assert run[side]["requests_checked"] >= 300
+        assert run[side]["bytes_out_per_request"] > 0
+    assert result["errors"] == 0
+    assert run["ratio"] is not None and run["ratio"] > 0
+    assert result["summary"]["agents_per_core_at_5min"] > 0
+    assert result["machine"]["cores"]
+
+
+def test_the_harness_counts_wrong_answers(tmp_path: Path):
+    """The check is not vacuous: answers for another serial are all counted as errors."""
+    server = bench.baseline_server(tmp_path, 1)
+    requests = [
+        bench.http_request(
+            "POST",
+            bench.HEARTBEAT_PATH,
+            bench.heartbeat_body(7, 1, i),
+            bench.request_headers(server.port, "s"),
+        )
+        for i in range(4)
+    ]
+    with bench._running(server):
+        right = asyncio.run(
+            bench.run_load("127.0.0.1", server.port, [requests], bench.baseline_validator(7), total=50)
+        )
+        wrong = asyncio.run(
+            bench.run_load("127.0.0.1", server.port, [requests], bench.baseline_validator(8), total=50)
+        )
+
+    assert (right.requests, right.errors) == (50, 0)
+    assert (wrong.requests, wrong.errors) == (50, 50)
+    assert "200" in (wrong.first_error or "")
