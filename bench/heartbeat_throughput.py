@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -473,31 +474,171 @@ async def _wait_healthy(url: str, within: float = 60) -> None:
             await asyncio.sleep(0.1)
 
 
-def heartbeat_validator(serial: int, heartbeat_s: int = AGENT_HEARTBEAT_S) -> Validate:
-    """200 and exactly `{"changed": false, "serial": <current>, "next_heartbeat_s": <interval ± 50 %>}`."""
-    low, high = heartbeat_s // 2, heartbeat_s * 2
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    """200 and exactly `{"changed":false,"serial":<current>,"next_heartbeat_s":<interval ± 50 %>}`."""
 
-    def validate(status: int, body: bytes) -> bool:
+    serial: int
+    heartbeat_s: int = AGENT_HEARTBEAT_S
+
+    def __call__(self, status: int, body: bytes) -> bool:
         if status != 200:
             return False
         reply = orjson.loads(body)
         return (
             len(reply) == 3
             and reply["changed"] is False
-            and reply["serial"] == serial
-            and low <= reply["next_heartbeat_s"] <= high
+            and reply["serial"] == self.serial
+            and self.heartbeat_s // 2 <= reply["next_heartbeat_s"] <= self.heartbeat_s * 2
         )
 
-    return validate
+    def lua(self) -> str:
+        """The same check in Lua, for wrk (the manager writes these bytes in this order)."""
+        pattern = f'^{{"changed":false,"serial":{self.serial},"next_heartbeat_s":(%d+)}}$'
+        return (
+            f"local n = tonumber(body:match('{pattern}'))\n"
+            f"return status == 200 and n ~= nil and n >= {self.heartbeat_s // 2} "
+            f"and n <= {self.heartbeat_s * 2}"
+        )
 
 
-def baseline_validator(serial: int) -> Validate:
-    expected = {"changed": False, "serial": serial, "next_heartbeat_s": 300}
+@dataclass(frozen=True)
+class BaselineAnswer:
+    """200 and `{"changed": false, "serial": <serial>, "next_heartbeat_s": 300}`."""
 
-    def validate(status: int, body: bytes) -> bool:
+    serial: int
+
+    def __call__(self, status: int, body: bytes) -> bool:
+        expected = {"changed": False, "serial": self.serial, "next_heartbeat_s": 300}
         return status == 200 and orjson.loads(body) == expected
 
-    return validate
+    def lua(self) -> str:
+        expected = f'{{"changed":false,"serial":{self.serial},"next_heartbeat_s":300}}'
+        return f"return status == 200 and body == '{expected}'"
+
+
+def heartbeat_validator(serial: int, heartbeat_s: int = AGENT_HEARTBEAT_S) -> HeartbeatAnswer:
+    return HeartbeatAnswer(serial, heartbeat_s)
+
+
+def baseline_validator(serial: int) -> BaselineAnswer:
+    return BaselineAnswer(serial)
+
+
+# --- wrk, the other load client ---------------------------------------------------------------------
+
+_WRK_SCRIPT = """
+requests = {%(requests)s}
+checked, errors, counter = 0, 0, 0
+threads = {}
+
+function setup(thread)
+  thread:set("counter", #threads * 7919)
+  table.insert(threads, thread)
+end
+
+function request()
+  counter = counter + 1
+  return requests[(counter %% #requests) + 1]
+end
+
+local function right(status, body)
+%(check)s
+end
+
+function response(status, headers, body)
+  checked = checked + 1
+  if not right(status, body) then errors = errors + 1 end
+end
+
+function done(summary, latency, requests)
+  local c, e = 0, 0
+  for _, thread in ipairs(threads) do
+    c = c + thread:get("checked")
+    e = e + thread:get("errors")
+  end
+  local s = summary.errors
+  io.write(string.format("POLICYCAST %%d %%d %%d %%d %%d %%d %%d %%d %%d %%d\\n", c, e, summary.requests,
+    summary.duration, summary.bytes, s.connect + s.read + s.write + s.timeout,
+    latency:percentile(50), latency:percentile(99), s.status, s.timeout))
+end
+"""
+
+
+def _lua_string(data: bytes) -> str:
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\{b:03d}" for b in data) + '"'
+
+
+async def run_wrk(
+    host: str,
+    port: int,
+    requests: Sequence[Sequence[bytes]],
+    validate: HeartbeatAnswer | BaselineAnswer,
+    *,
+    duration: float,
+    warmup: float,
+    server_pid: int | None = None,
+    threads: int = 1,
+) -> LoadResult:
+    """The same load with wrk (`apt-get install wrk`): `len(requests)` connections on `threads`
+    threads, the requests of every agent in turn, every response checked by the Lua version of
+    `validate`. It spends far less CPU per request than a Python client, which matters on a small
+    machine where the client and two workers share the cores."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError(
+            "wrk is not installed: run `make wrk` (apt-get install wrk) or use --client python"
+        )
+    flat = [r for own in requests for r in own]
+    script = _WRK_SCRIPT % {
+        "requests": ",\n".join(_lua_string(r) for r in flat),
+        "check": validate.lua(),
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="policycast-wrk-") as file:
+        file.write(script)
+        file.flush()
+        base = [wrk, "-t", str(threads), "-c", str(len(requests)), "--timeout", "10s", "-s", file.name]
+        url = f"http://{host}:{port}{HEARTBEAT_PATH}"
+        if warmup > 0:
+            await _wrk([*base, "-d", f"{max(1, round(warmup))}s", url])
+        cpu_before = _children_cpu()
+        server_before = process_tree_cpu(server_pid) if server_pid else 0.0
+        fields = await _wrk([*base, "-d", f"{max(1, round(duration))}s", url])
+        server_cpu = (process_tree_cpu(server_pid) - server_before) if server_pid else 0.0
+        client_cpu = _children_cpu() - cpu_before
+    checked, errors, count, micros, received, socket_errors, p50, p99, _, _ = fields
+    seconds = micros / 1e6
+    return LoadResult(
+        requests=count,
+        errors=errors + socket_errors + max(0, count - checked),
+        seconds=round(seconds, 3),
+        rps=round(count / seconds, 1) if seconds else 0.0,
+        p50_ms=round(p50 / 1000, 3),
+        p99_ms=round(p99 / 1000, 3),
+        bytes_out_per_request=round(sum(map(len, flat)) / len(flat), 1),
+        bytes_in_per_request=round(received / count, 1) if count else 0.0,
+        client_cpu_s=round(client_cpu, 3),
+        server_cpu_s=round(server_cpu, 3),
+        server_rps_per_core=round(count / server_cpu, 1) if server_cpu > 0 else 0.0,
+        first_error=None if not errors else f"{errors} wrong answers (wrk does not keep them)",
+    )
+
+
+async def _wrk(argv: list[str]) -> list[int]:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await process.communicate()
+    text = out.decode(errors="replace")
+    line = next((x for x in text.splitlines() if x.startswith("POLICYCAST ")), None)
+    if process.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({process.returncode}):\n{text}")
+    return [int(float(x)) for x in line.split()[1:]]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def split(requests: list[bytes], connections: int) -> list[list[bytes]]:
@@ -521,6 +662,7 @@ class Options:
     asgi_floor: bool = True
     database_url: str | None = None
     total: int | None = None  # a fixed number of requests per measurement instead of a duration
+    client: str = "python"  # or "wrk"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -528,14 +670,18 @@ class Options:
         options = cls(
             workers=list(getattr(args, "workers", None) or [1, 2]),
             connections=int(getattr(args, "connections", None) or 64),
-            agents=int(getattr(args, "agents", None) or (64 if quick else 256)),
+            # not `args.agents`: that is `python -m bench`'s fleet size for the push benchmarks
+            agents=int(getattr(args, "heartbeat_agents", None) or (64 if quick else 256)),
             duration=float(getattr(args, "duration", None) or (3.0 if quick else 10.0)),
             warmup=float(getattr(args, "warmup", None) or (1.5 if quick else 3.0)),
             rounds=int(getattr(args, "rounds", None) or (1 if quick else 3)),
             asgi_floor=not bool(getattr(args, "no_asgi_floor", False)),
             database_url=getattr(args, "database_url", None),
             total=getattr(args, "requests", None),
+            client=getattr(args, "client", None) or ("wrk" if shutil.which("wrk") else "python"),
         )
+        if options.client == "wrk" and options.total is not None:
+            options.client = "python"  # wrk runs for a time, not a count
         return options
 
 
@@ -555,12 +701,23 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "fastapi": fastapi.__version__,
         "uvicorn": uvicorn.__version__,
+        "load_avg_at_start": os.getloadavg(),
     }
 
 
 async def _measure(
-    server: Server, requests: list[list[bytes]], validate: Validate, options: Options
+    server: Server, requests: list[list[bytes]], validate: HeartbeatAnswer | BaselineAnswer, options: Options
 ) -> LoadResult:
+    if options.client == "wrk":
+        return await run_wrk(
+            "127.0.0.1",
+            server.port,
+            requests,
+            validate,
+            duration=options.duration,
+            warmup=options.warmup,
+            server_pid=server.pid,
+        )
     return await run_load(
         "127.0.0.1",
         server.port,
@@ -675,6 +832,14 @@ def _report(
         scaling = round(two["heartbeat"]["rps"] / one["heartbeat"]["rps"], 3)
         summary.update(scaling_2w_over_1w=scaling, target_scaling_met=scaling >= 1.6)
         summary["baseline_scaling_2w_over_1w"] = round(two["baseline"]["rps"] / one["baseline"]["rps"], 3)
+        # What the two workers got of the machine (the client and any neighbour share its cores), and
+        # how much work each CPU-second of them did compared with one worker's.
+        summary["server_cores_used_1w"] = _cores(one["heartbeat"], "server_cpu_s")
+        summary["server_cores_used_2w"] = _cores(two["heartbeat"], "server_cpu_s")
+        summary["client_cores_used_2w"] = _cores(two["heartbeat"], "client_cpu_s")
+        summary["per_core_efficiency_2w"] = round(
+            two["heartbeat"]["server_rps_per_core"] / one["heartbeat"]["server_rps_per_core"], 3
+        )
     if floor and one:
         summary["asgi_floor_rps_1w"] = floor["rps"]
         summary["asgi_floor_over_fastapi"] = round(floor["rps"] / one["baseline"]["rps"], 3)
@@ -683,8 +848,12 @@ def _report(
         "name": NAME,
         "date": started.isoformat(timespec="seconds"),
         "machine": machine(),
-        "client": "bench.heartbeat_throughput: asyncio + uvloop raw-socket HTTP/1.1 keep-alive, "
-        "one request in flight per connection, every response checked",
+        "client": (
+            "wrk (C, epoll) with a Lua script: every agent's request in turn, every response checked"
+            if options.client == "wrk"
+            else "bench.heartbeat_throughput: asyncio + uvloop raw-socket HTTP/1.1 keep-alive, "
+            "one request in flight per connection, every response checked"
+        ),
         "config": {
             "connections": options.connections,
             "agents": options.agents,
@@ -692,12 +861,17 @@ def _report(
             "warmup_s": options.warmup,
             "rounds": options.rounds,
             "database": "sqlite" if not options.database_url else options.database_url.split(":", 1)[0],
+            "client": options.client,
         },
         "summary": summary,
         "errors": errors,
         "by_workers": by_workers,
         "asgi_floor_1w": floor,
     }
+
+
+def _cores(result: dict[str, Any], key: str) -> float:
+    return round(result[key] / result["seconds"], 2) if result["seconds"] else 0.0
 
 
 def _loop_runner() -> asyncio.Runner:
@@ -719,7 +893,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, nargs="+", help="worker counts to measure (default 1 2)")
     parser.add_argument("--connections", type=int, help="keep-alive connections (default 64)")
-    parser.add_argument("--agents", type=int, help="enrolled agents (default 256)")
+    parser.add_argument("--agents", dest="heartbeat_agents", type=int, help="enrolled agents (default 256)")
     parser.add_argument("--duration", type=float, help="seconds measured per round (default 10)")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per round (default 3)")
     parser.add_argument("--rounds", type=int, help="rounds, alternating baseline and heartbeat (default 3)")
@@ -727,6 +901,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-asgi-floor", action="store_true", help="skip the raw ASGI reference")
     parser.add_argument("--database-url", help="POLICYCAST_DATABASE_URL (an empty database); default SQLite")
     parser.add_argument("--quick", action="store_true", help="short rounds, one of each")
+    parser.add_argument(
+        "--client", choices=["python", "wrk"], help="load generator (default: wrk when installed)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,13 @@ pytestmark = pytest.mark.e2e
 
 def test_a_small_benchmark_2_answers_every_heartbeat_right():
     args = argparse.Namespace(
-        workers=[1], connections=8, agents=24, requests=300, rounds=1, no_asgi_floor=True, quick=True
+        workers=[1],
+        connections=8,
+        heartbeat_agents=24,
+        requests=300,
+        rounds=1,
+        no_asgi_floor=True,
+        quick=True,
     )
 
     result = bench.run(args)
@@ -59,3 +66,27 @@ def test_the_harness_counts_wrong_answers(tmp_path: Path):
     assert (right.requests, right.errors) == (50, 0)
     assert (wrong.requests, wrong.errors) == (50, 50)
     assert "200" in (wrong.first_error or "")
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make wrk)")
+def test_the_wrk_client_checks_every_answer_too(tmp_path: Path):
+    server = bench.baseline_server(tmp_path, 1)
+    headers = bench.request_headers(server.port, "secret")
+    requests = [
+        [bench.http_request("POST", bench.HEARTBEAT_PATH, bench.heartbeat_body(7, 1, i), headers)]
+        for i in range(4)
+    ]
+    with bench._running(server):
+        right = asyncio.run(
+            bench.run_wrk(
+                "127.0.0.1", server.port, requests, bench.baseline_validator(7), duration=1, warmup=0
+            )
+        )
+        wrong = asyncio.run(
+            bench.run_wrk(
+                "127.0.0.1", server.port, requests, bench.baseline_validator(8), duration=1, warmup=0
+            )
+        )
+
+    assert right.requests > 0 and right.errors == 0
+    assert wrong.requests > 0 and wrong.errors >= wrong.requests
