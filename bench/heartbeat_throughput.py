@@ -306,8 +306,11 @@ def free_port() -> int:
 class Server:
     """A server under test in its own process group, its output in a log file."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, port: int) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, port: int, root: Path = ROOT
+    ) -> None:
         self.name = name
+        self.root = root
         self.argv = argv
         self.env = env
         self.port = port
@@ -326,7 +329,7 @@ class Server:
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=self.root,
                 start_new_session=True,  # its own process group: uvicorn and its workers stop together
             )
         deadline = time.monotonic() + timeout
@@ -357,21 +360,23 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def _env(**overrides: str) -> dict[str, str]:
+def _env(root: Path = ROOT, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYCAST_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     env.update(overrides)
     return env
 
 
-def manager_server(workdir: Path, workers: int, database_url: str | None = None) -> Server:
+def manager_server(workdir: Path, workers: int, database_url: str | None = None, root: Path = ROOT) -> Server:
+    """`policycast serve`, from this checkout or from `root` (another one, e.g. an older commit's)."""
     port = free_port()
     data_dir = workdir / f"manager-{workers}w"
     settings = {"POLICYCAST_DATA_DIR": str(data_dir), "POLICYCAST_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY}
     if database_url:
         settings["POLICYCAST_DATABASE_URL"] = database_url
     argv = [sys.executable, "-m", "api", "serve", "--port", str(port), "--workers", str(workers)]
-    return Server(f"manager-{workers}w", [*argv, "--log-level", "warning"], _env(**settings), workdir, port)
+    argv += ["--log-level", "warning"]
+    return Server(f"manager-{workers}w", argv, _env(root, **settings), workdir, port, root)
 
 
 def baseline_server(workdir: Path, workers: int, *, floor: bool = False) -> Server:
@@ -663,6 +668,7 @@ class Options:
     database_url: str | None = None
     total: int | None = None  # a fixed number of requests per measurement instead of a duration
     client: str = "python"  # or "wrk"
+    manager_root: Path = ROOT  # the checkout the manager is served from
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -677,6 +683,7 @@ class Options:
             rounds=int(getattr(args, "rounds", None) or (1 if quick else 3)),
             asgi_floor=not bool(getattr(args, "no_asgi_floor", False)),
             database_url=getattr(args, "database_url", None),
+            manager_root=Path(getattr(args, "manager_root", None) or ROOT),
             total=getattr(args, "requests", None),
             client=getattr(args, "client", None) or ("wrk" if shutil.which("wrk") else "python"),
         )
@@ -753,7 +760,7 @@ def _running(*servers: Server) -> Iterator[None]:
 
 async def _compare(workdir: Path, workers: int, options: Options) -> dict[str, Any]:
     """Baseline and heartbeat with `workers` workers, alternating round by round."""
-    manager = manager_server(workdir, workers, options.database_url)
+    manager = manager_server(workdir, workers, options.database_url, options.manager_root)
     baseline = baseline_server(workdir, workers)
     with _running(manager, baseline):
         fleet = await prepare_fleet(manager, options.agents)
@@ -862,12 +869,23 @@ def _report(
             "rounds": options.rounds,
             "database": "sqlite" if not options.database_url else options.database_url.split(":", 1)[0],
             "client": options.client,
+            "manager_root": str(options.manager_root),
+            "manager_commit": _commit(options.manager_root),
         },
         "summary": summary,
         "errors": errors,
         "by_workers": by_workers,
         "asgi_floor_1w": floor,
     }
+
+
+def _commit(root: Path) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=False
+        )
+        return out.stdout.strip()
+    return ""
 
 
 def _cores(result: dict[str, Any], key: str) -> float:
@@ -900,6 +918,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, help="a fixed number of requests per round instead")
     parser.add_argument("--no-asgi-floor", action="store_true", help="skip the raw ASGI reference")
     parser.add_argument("--database-url", help="POLICYCAST_DATABASE_URL (an empty database); default SQLite")
+    parser.add_argument(
+        "--manager-root",
+        type=Path,
+        help="serve the manager from this checkout (e.g. a `git worktree` of an older commit, to measure "
+        "before and after a change); the baselines are served from this one",
+    )
     parser.add_argument("--quick", action="store_true", help="short rounds, one of each")
     parser.add_argument(
         "--client", choices=["python", "wrk"], help="load generator (default: wrk when installed)"
