@@ -69,24 +69,22 @@ def test_the_harness_counts_wrong_answers(tmp_path: Path):
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make wrk)")
-def test_the_wrk_client_checks_every_answer_too(tmp_path: Path):
+def test_the_wrk_client_counts_refusals_and_checks_a_sample(tmp_path: Path):
     server = bench.baseline_server(tmp_path, 1)
     headers = bench.request_headers(server.port, "secret")
-    requests = [
-        [bench.http_request("POST", bench.HEARTBEAT_PATH, bench.heartbeat_body(7, 1, i), headers)]
-        for i in range(4)
-    ]
-    with bench._running(server):
-        right = asyncio.run(
-            bench.run_wrk(
-                "127.0.0.1", server.port, requests, bench.baseline_validator(7), duration=1, warmup=0
-            )
-        )
-        wrong = asyncio.run(
-            bench.run_wrk(
-                "127.0.0.1", server.port, requests, bench.baseline_validator(8), duration=1, warmup=0
-            )
-        )
 
-    assert right.requests > 0 and right.errors == 0
-    assert wrong.requests > 0 and wrong.errors >= wrong.requests
+    def requests(body: bytes) -> list[list[bytes]]:
+        return [[bench.http_request("POST", bench.HEARTBEAT_PATH, body, headers)] for _ in range(4)]
+
+    good, refused = requests(bench.heartbeat_body(7, 1, 0)), requests(b'{"serial": -1, "mode": "pull"}')
+    with bench._running(server):
+
+        def load(requests: list[list[bytes]], serial: int) -> bench.LoadResult:
+            check = bench.baseline_validator(serial)
+            return asyncio.run(bench.run_wrk("127.0.0.1", server.port, requests, check, duration=1, warmup=0))
+
+        right, wrong, refusals = load(good, 7), load(good, 8), load(refused, 7)
+
+    assert right.requests > 0 and right.errors == 0 and right.bodies_checked >= bench.WRK_SAMPLE
+    assert wrong.errors >= bench.WRK_SAMPLE, "the sample's bodies are checked"
+    assert refusals.errors >= refusals.requests, "every 422 counts"
