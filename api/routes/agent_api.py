@@ -222,17 +222,25 @@ class HeartbeatFastPath:
             await self.app(scope, receive, send)
             return
         fabric: Fabric | None = getattr(self.state, "fabric", None)
-        length = -1
+        length: bytes | None = None
         authorization: bytes | None = None
-        json_body = False
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                length = int(value) if value.isdigit() else -1
+        content_type: bytes | None = None
+        for name, value in scope["headers"]:  # the first of each, as Starlette's `headers.get` reads them
+            if name == b"content-length" and length is None:
+                length = value
             elif name == b"authorization" and authorization is None:
                 authorization = value
-            elif name == b"content-type":
-                json_body = value.split(b";", 1)[0].strip().lower() == b"application/json"
-        if fabric is None or authorization is None or not json_body or not 0 < length <= FAST_BODY_LIMIT:
+            elif name == b"content-type" and content_type is None:
+                content_type = value
+        if (
+            fabric is None
+            or authorization is None
+            or content_type is None
+            or content_type.split(b";", 1)[0].strip().lower() != b"application/json"
+            or length is None
+            or not length.isdigit()
+            or not 0 < int(length) <= FAST_BODY_LIMIT
+        ):
             await self.app(scope, receive, send)
             return
         body = b""
