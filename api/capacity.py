@@ -226,8 +226,10 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2:
         sys.exit("usage: python -m api.capacity heartbeat_throughput-<date>.json wire_cost-<date>.json")
     throughput, wire = (json.loads(Path(name).read_text()) for name in argv)
+    costs = costs_from_results(throughput, wire)
+    costs["source"] = ", ".join(f"bench/results/{Path(name).name}" for name in argv)
     target = Path(__file__).with_name(COSTS_FILE)
-    target.write_text(json.dumps(costs_from_results(throughput, wire), indent=2) + "\n")
+    target.write_text(json.dumps(costs, indent=2) + "\n")
     print(f"wrote {target}")
 
 
