@@ -42,18 +42,17 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP) mosquitto wrk
+bench: $(STAMP) mosquitto
 	$(BIN)/python -m bench
 
-# Benchmark 2 loads the manager with wrk when it is installed (far less CPU per request than a Python
-# client, which matters when the client and two workers share a small machine); else with its own client.
+# wrk, for `python -m bench.heartbeat_throughput --client wrk` (benchmark 2's other load client).
 wrk:
 	@if ! command -v wrk >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "installing wrk (apt-get)"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
 		else \
-			echo "note: wrk is not installed ('sudo apt-get install -y wrk'); benchmark 2 uses its Python client"; \
+			echo "error: install wrk, e.g. 'sudo apt-get install -y wrk'"; exit 1; \
 		fi; \
 	fi
 

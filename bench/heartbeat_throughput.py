@@ -15,7 +15,10 @@ The load generator is this module's own asyncio client (uvloop, `asyncio.Protoco
 requests, a minimal HTTP/1.1 response parser): it needs nothing outside Python, checks every response
 body, and counts the bytes it sends and receives. Its CPU time is reported, as is the servers': per-core
 figures are requests per CPU-second of the server processes, which holds on a shared, noisy machine
-where the client and the server compete for the same cores.
+where the client and the server compete for the same cores. `--client wrk` loads with wrk instead
+(`make wrk`): static requests, one agent per wrk thread, non-2xx answers counted, and a sample checked
+in full by the Python client after each run. On the 2-core VM of docs/performance.md both clients
+cost about 30 µs of CPU per request, most of it the kernel's loopback TCP, which runs in the sender.
 
     python -m bench.heartbeat_throughput                  # full run, writes bench/results/
     python -m bench.heartbeat_throughput --quick          # a few seconds per measurement
@@ -680,7 +683,7 @@ class Options:
             database_url=getattr(args, "database_url", None),
             manager_root=Path(getattr(args, "manager_root", None) or ROOT),
             total=getattr(args, "requests", None),
-            client=getattr(args, "client", None) or ("wrk" if shutil.which("wrk") else "python"),
+            client=getattr(args, "client", None) or "python",
         )
         if options.client == "wrk" and options.total is not None:
             options.client = "python"  # wrk runs for a time, not a count
@@ -923,7 +926,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="short rounds, one of each")
     parser.add_argument(
-        "--client", choices=["python", "wrk"], help="load generator (default: wrk when installed)"
+        "--client", choices=["python", "wrk"], help="load generator (default: the Python client)"
     )
 
 
