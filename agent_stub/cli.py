@@ -333,6 +333,9 @@ def simulate(
     summary: Path | None = typer.Option(None, help="also write the JSON summary to this file"),
     control: bool = typer.Option(False, "--control", help="JSON-lines requests on stdin (benchmarks)"),
     enrol_only: bool = typer.Option(False, "--enrol-only", help="enrol and keep the identities, then exit"),
+    bare: bool = typer.Option(
+        False, "--bare", help="baseline: MQTT connect and subscribe only, no agent logic (with --admin-key)"
+    ),
     ready_timeout: float = typer.Option(600.0, "--ready-timeout", help="seconds to wait for the fleet"),
     seed: int = typer.Option(0, help="random seed"),
     loop: str = typer.Option("auto", help="event loop: auto (uvloop if installed), uvloop or asyncio"),
@@ -349,6 +352,8 @@ def simulate(
         _fail("--mode is push, pull or mix; --loop is auto, uvloop or asyncio")
     if not token and not admin_key:
         _fail("give --admin-key (groups and tokens are prepared) or at least one --token")
+    if bare and not admin_key:
+        _fail("--bare needs --admin-key (it looks up the locations of its agents)")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
     try:
@@ -368,6 +373,7 @@ def simulate(
             seed=seed,
             ready_timeout_s=ready_timeout,
             loop=loop,  # type: ignore[arg-type]  # checked above
+            bare=bare,
         )
         options = sim.RunOptions(
             duration_s=duration,

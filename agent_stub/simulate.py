@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import logging
 import math
 import os
@@ -51,13 +52,13 @@ from pydantic import BaseModel, ConfigDict
 from agent_stub.core import AgentCore
 from agent_stub.facts import HostFacts
 from agent_stub.manager_client import ManagerClient, ManagerError, ManagerUnreachable, normalize_server
-from agent_stub.mqtt_link import LinkOptions, MessageHandler, MqttLink
-from agent_stub.push import topic_prefix
+from agent_stub.mqtt_link import LinkError, LinkOptions, MessageHandler, MqttLink
+from agent_stub.push import backoff_s, topic_prefix
 from agent_stub.runtime import AgentRuntime
 from agent_stub.state import AgentStatus, Identity, MemoryStateStore
 from fabric_core.serials import NO_SERIAL
-from fabric_core.settings import AgentSettings
-from fabric_core.topics import all_configs_filter
+from fabric_core.settings import AgentSettings, MqttAddress
+from fabric_core.topics import all_configs_filter, cmd_topic, config_topic
 from fabric_core.wire import EffectiveDocument, HeartbeatRequest, HeartbeatResponse, Mode
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class FleetPlan:
     start_rate: float | None = None
     """Agents started per second (each sends its first heartbeat at once); default: connect_rate."""
     jitter_s: float = 0.05
-    http_connections: int = 64
+    http_connections: int = 16
     enrol_concurrency: int = 8
     identities: Path | None = None
     mqtt_url: str | None = None
@@ -115,6 +116,8 @@ class FleetPlan:
     seed: int = 0
     ready_timeout_s: float = 600.0
     loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    bare: bool = False
+    """A baseline: `BareAgent`s (MQTT connect and subscribe only) instead of agents; needs admin_key."""
 
     def mode_of_group(self, index: int) -> Mode:
         if self.mode == "mix":
@@ -175,6 +178,18 @@ def raise_fd_limit() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         return hard
     return soft
+
+
+def cache_missing_sniffio() -> None:
+    """Make a missing `sniffio` fail fast on import.
+
+    httpcore imports `sniffio` on every request (to tell asyncio from trio) and falls back to asyncio when
+    it is absent, as it is with recent anyio. A failed import is not cached: each one searches sys.path
+    on disk, which cost about a tenth of the simulator's CPU. `None` in `sys.modules` is Python's own way
+    of saying "not importable", answered without a search.
+    """
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -316,21 +331,28 @@ class _ObservedStore(MemoryStateStore):
 
 
 class _CountingClient:
-    """The agent's `ManagerClient`, counting heartbeats as they leave."""
+    """The agent's `ManagerClient`, counting heartbeats as they leave.
 
-    __slots__ = ("_inner", "_stats")
+    Requests wait for one of the pool's connections in a FIFO semaphore of the pool's size rather than
+    in httpcore's own queue, whose every hand-over scans all waiting requests: with thousands waiting
+    (a fleet starting, or reconnecting after an outage) that scan alone used most of the simulator's CPU.
+    """
 
-    def __init__(self, inner: ManagerClient, stats: FleetStats) -> None:
+    __slots__ = ("_inner", "_slots", "_stats")
+
+    def __init__(self, inner: ManagerClient, stats: FleetStats, slots: asyncio.Semaphore) -> None:
         self._inner = inner
         self._stats = stats
+        self._slots = slots
 
     async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse:
-        self._stats.heartbeat(request.mode)
-        try:
-            return await self._inner.heartbeat(request)
-        except ManagerError:
-            self._stats.heartbeat_failures += 1
-            raise
+        async with self._slots:
+            self._stats.heartbeat(request.mode)
+            try:
+                return await self._inner.heartbeat(request)
+            except ManagerError:
+                self._stats.heartbeat_failures += 1
+                raise
 
 
 class SimLink(MqttLink):
@@ -341,7 +363,7 @@ class SimLink(MqttLink):
         options: LinkOptions,
         on_message: MessageHandler,
         *,
-        agent: SimAgent,
+        agent: _Timestamps,
         pacer: Pacer,
         stats: FleetStats,
         config_head: str,
@@ -369,36 +391,64 @@ class SimLink(MqttLink):
             self._agent.config_message_handled()
 
 
-class SimAgent:
-    """One agent of the fleet: the real core and runtime, plus the timestamps benchmarks read."""
+class _Timestamps:
+    """What every simulated agent, full or bare, tells benchmarks (wall clock)."""
 
-    __slots__ = (
-        "_fleet",
-        "applied",
-        "config_at",
-        "core",
-        "index",
-        "runtime",
-        "session_at",
-        "site",
-        "transport",
-    )
+    __slots__ = ("_fleet", "config_at", "index", "session_at", "site", "transport")
 
     def __init__(self, fleet: Fleet, index: int, sim: SimIdentity) -> None:
         self._fleet = fleet
         self.index = index
         self.site = sim.site
+        self.config_at = 0.0
+        """When the agent last finished handling a message on a config topic."""
+        self.session_at = 0.0
+        """When the agent's push session last came up."""
+        self.transport: Mode | None = None
+
+    @property
+    def push_session(self) -> bool:
+        return self.transport == "push"
+
+    def config_message_handled(self) -> None:
+        self.config_at = time.time()
+        self._fleet.poke(self)
+
+    def _set_transport(self, transport: Mode | None) -> None:
+        self.transport = transport
+        if transport == "push":
+            self.session_at = time.time()
+        self._fleet.poke(self)
+
+    def _link_for(self, options: LinkOptions, on_message: MessageHandler, prefix: str) -> SimLink:
+        fleet = self._fleet
+        return SimLink(
+            options,
+            on_message,
+            agent=self,
+            pacer=fleet.pacer,
+            stats=fleet.stats,
+            config_head=fleet.config_head(prefix),
+        )
+
+
+def _with_broker(identity: Identity, mqtt_url: str | None) -> Identity:
+    if mqtt_url and identity.mqtt is not None:
+        return identity.model_copy(update={"mqtt": identity.mqtt.model_copy(update={"url": mqtt_url})})
+    return identity
+
+
+class SimAgent(_Timestamps):
+    """One agent of the fleet: the real core and runtime, plus the timestamps benchmarks read."""
+
+    __slots__ = ("applied", "core", "runtime")
+
+    def __init__(self, fleet: Fleet, index: int, sim: SimIdentity) -> None:
+        super().__init__(fleet, index, sim)
         self.applied: list[tuple[int, float, float]] = []
         """(serial, applied at, issued at) of the last few applied documents, wall clock."""
-        self.config_at = 0.0
-        self.session_at = 0.0
-        self.transport: Mode | None = None
-        identity = sim.identity
-        if fleet.plan.mqtt_url and identity.mqtt is not None:
-            identity = identity.model_copy(
-                update={"mqtt": identity.mqtt.model_copy(update={"url": fleet.plan.mqtt_url})}
-            )
-        store = _ObservedStore(identity, self._on_transport)
+        identity = _with_broker(sim.identity, fleet.plan.mqtt_url)
+        store = _ObservedStore(identity, self._set_transport)
         self.core = AgentCore(identity=identity, store=store)
         self.core.add_listener(self._on_applied)
         client = ManagerClient(
@@ -407,7 +457,7 @@ class SimAgent:
         facts = fleet.facts_of_site(self.site)
         self.runtime = AgentRuntime(
             self.core,
-            _CountingClient(client, fleet.stats),
+            _CountingClient(client, fleet.stats, fleet.http_slots),
             fleet.settings,
             link_factory=self._link,
             hostname=identity.hostname,
@@ -421,8 +471,23 @@ class SimAgent:
         return None if doc is None else (doc.group_id, doc.location_id)
 
     @property
-    def push_session(self) -> bool:
-        return self.transport == "push"
+    def serial(self) -> int:
+        return self.core.serial
+
+    @property
+    def mode(self) -> Mode:
+        return self.core.mode
+
+    @property
+    def has_document(self) -> bool:
+        return self.core.document is not None
+
+    @property
+    def sessions(self) -> int:
+        return self.runtime.push.sessions
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.runtime.run(stop)
 
     def applied_at(self, serial: int) -> float | None:
         """When the agent first applied `serial` or a later one (of the last few it remembers)."""
@@ -430,15 +495,7 @@ class SimAgent:
         return min(times) if times else None
 
     def _link(self, options: LinkOptions, on_message: MessageHandler) -> SimLink:
-        fleet = self._fleet
-        return SimLink(
-            options,
-            on_message,
-            agent=self,
-            pacer=fleet.pacer,
-            stats=fleet.stats,
-            config_head=fleet.config_head(self.core),
-        )
+        return self._link_for(options, on_message, topic_prefix(self.core.identity))
 
     def _on_applied(self, doc: EffectiveDocument) -> None:
         self.applied.append((doc.serial, time.time(), doc.issued_at.timestamp()))
@@ -446,15 +503,87 @@ class SimAgent:
             del self.applied[0]
         self._fleet.poke(self)
 
-    def _on_transport(self, transport: Mode | None) -> None:
-        self.transport = transport
-        if transport == "push":
-            self.session_at = time.time()
-        self._fleet.poke(self)
 
-    def config_message_handled(self) -> None:
-        self.config_at = time.time()
-        self._fleet.poke(self)
+class BareAgent(_Timestamps):
+    """A baseline: the agent's broker account and topics on the same `MqttLink`, without the agent.
+
+    It connects (through the same pacer), subscribes to its cmd topic and its (group, location) config
+    topic, and reconnects with the push loop's back-off when the connection drops. No document is
+    verified or applied, no state is reported, no heartbeat is sent: what is left is the MQTT floor.
+    """
+
+    __slots__ = ("_rng", "_settings", "key", "link", "sessions", "topics")
+
+    serial = NO_SERIAL
+    mode: Mode = "push"
+
+    def __init__(self, fleet: Fleet, index: int, sim: SimIdentity, key: DocumentKey) -> None:
+        super().__init__(fleet, index, sim)
+        identity = _with_broker(sim.identity, fleet.plan.mqtt_url)
+        credentials = identity.mqtt
+        if credentials is None:
+            raise ValueError(f"agent {identity.agent_id} has no broker account")
+        prefix = topic_prefix(identity)
+        self.key: DocumentKey | None = key
+        self.topics = (cmd_topic(prefix, identity.agent_id), config_topic(prefix, *key))
+        self._settings = fleet.settings
+        self._rng = random.Random(fleet.plan.seed * 1_000_003 + index)
+        self.sessions = 0
+        options = LinkOptions(
+            address=MqttAddress.parse(credentials.url),
+            client_id=identity.agent_id,
+            username=credentials.username,
+            password=credentials.password,
+            keepalive_s=fleet.settings.mqtt_keepalive_s,
+            session_expiry_s=fleet.settings.mqtt_session_expiry_s,
+            timeout_s=fleet.settings.request_timeout_s,
+        )
+        self.link = self._link_for(options, self._on_message, prefix)
+
+    @property
+    def has_document(self) -> bool:
+        return self.config_at > 0
+
+    def applied_at(self, serial: int) -> float | None:
+        return None
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        return None  # SimLink timestamps config messages
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self._settings
+        failures = 0
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                try:
+                    await self.link.connect()
+                    for topic in self.topics:
+                        await self.link.subscribe(topic, qos=1)
+                    self.sessions += 1
+                    failures = 0
+                    self._set_transport("push")
+                    lost = asyncio.ensure_future(self.link.disconnected.wait())
+                    await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    lost.cancel()
+                    self._set_transport(None)
+                except Exception as exc:
+                    if not isinstance(exc, LinkError):  # a bug must not end the baseline's reconnects
+                        log.error("bare client %d: unexpected error", self.index, exc_info=exc)
+                    self._set_transport(None)
+                    self.link.abort()
+                    failures += 1
+                    delay = backoff_s(failures, settings.reconnect_min_s, settings.reconnect_max_s, self._rng)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(stopped), timeout=delay)
+        finally:
+            stopped.cancel()
+            with contextlib.suppress(LinkError, TimeoutError):
+                await self.link.close()
+
+
+AnyAgent = SimAgent | BareAgent
+Predicate = Callable[[Any], bool]
 
 
 # --- waiting for the fleet -------------------------------------------------------------------------------
@@ -463,7 +592,7 @@ class SimAgent:
 class _Wait:
     """Agents still short of a condition; re-checked for one agent whenever something happens to it."""
 
-    def __init__(self, agents: Sequence[SimAgent], predicate: Callable[[SimAgent], bool]) -> None:
+    def __init__(self, agents: Sequence[AnyAgent], predicate: Predicate) -> None:
         self.predicate = predicate
         self.agents = list(agents)
         self.pending = {agent.index for agent in agents if not predicate(agent)}
@@ -471,7 +600,7 @@ class _Wait:
         if not self.pending:
             self.done.set()
 
-    def check(self, agent: SimAgent) -> None:
+    def check(self, agent: _Timestamps) -> None:
         if agent.index in self.pending and self.predicate(agent):
             self.pending.discard(agent.index)
             if not self.pending:
@@ -579,7 +708,9 @@ class Fleet:
         self.http = httpx.AsyncClient(
             transport=self._transport, timeout=httpx.Timeout(settings.request_timeout_s, pool=None)
         )
-        self.agents: list[SimAgent] = []
+        self.http_slots = asyncio.Semaphore(plan.http_connections)
+        self._admin: httpx.AsyncClient | None = None
+        self.agents: list[AnyAgent] = []
         self._waits: list[_Wait] = []
         self._facts: dict[int, HostFacts] = {}
         self._config_heads: dict[str, str] = {}
@@ -602,24 +733,26 @@ class Fleet:
             self._facts[site] = HostFacts(extra=extra)
         return self._facts[site]
 
-    def config_head(self, core: AgentCore) -> str:
-        prefix = topic_prefix(core.identity)
+    def config_head(self, prefix: str) -> str:
         if prefix not in self._config_heads:
             self._config_heads[prefix] = all_configs_filter(prefix).removesuffix("#")
         return self._config_heads[prefix]
 
-    def poke(self, agent: SimAgent) -> None:
+    def poke(self, agent: _Timestamps) -> None:
         for wait in self._waits:
             wait.check(agent)
 
     def admin(self) -> httpx.AsyncClient:
+        """The admin API (its own connection: never queued behind the agents' heartbeats)."""
         if not self.plan.admin_key:
             raise RuntimeError("this needs the manager's admin API (--admin-key)")
-        return httpx.AsyncClient(
-            base_url=f"{normalize_server(self.plan.server)}/api/v1",
-            headers={"Authorization": f"Bearer {self.plan.admin_key}"},
-            timeout=30.0,
-        )
+        if self._admin is None:
+            self._admin = httpx.AsyncClient(
+                base_url=f"{normalize_server(self.plan.server)}/api/v1",
+                headers={"Authorization": f"Bearer {self.plan.admin_key}"},
+                timeout=30.0,
+            )
+        return self._admin
 
     # --- enrolment ----------------------------------------------------------------------------------
 
@@ -640,27 +773,47 @@ class Fleet:
         chosen = [*known[: self.reused], *enrolled]
         self.timings["enrol_s"] = round(time.monotonic() - began, 3)
         began = time.monotonic()
-        self.agents = [SimAgent(self, index, sim) for index, sim in enumerate(chosen)]
+        if self.plan.bare:
+            keys = await self._bare_keys(chosen)
+            self.agents = [BareAgent(self, i, sim, keys[i]) for i, sim in enumerate(chosen)]
+        else:
+            self.agents = [SimAgent(self, index, sim) for index, sim in enumerate(chosen)]
         self.timings["build_s"] = round(time.monotonic() - began, 3)
+
+    async def _bare_keys(self, chosen: Sequence[SimIdentity]) -> list[DocumentKey]:
+        """The (group, location) each agent would be in: its group, and the location of its site."""
+        admin = self.admin()
+        by_group: dict[int, dict[str, int]] = {}
+        for group_id in sorted({sim.identity.group_id for sim in chosen}):
+            locations = _ok(await admin.get(f"/groups/{group_id}/locations"))
+            names = {loc["name"]: int(loc["id"]) for loc in locations}
+            names[""] = next(int(loc["id"]) for loc in locations if loc["is_default"])
+            by_group[group_id] = names
+        keys = []
+        for sim in chosen:
+            names = by_group[sim.identity.group_id]
+            site = site_name(sim.site) if sim.site else ""
+            keys.append((sim.identity.group_id, names.get(site, names[""])))
+        return keys
 
     async def _tokens(self, indices: range) -> list[str]:
         """A token per agent to enrol: the given ones in turn, or one per group made by the admin API."""
         plan = self.plan
         if plan.tokens:
             return [plan.tokens[i % len(plan.tokens)] for i in indices]
-        async with self.admin() as admin:
-            group_ids = await prepare_groups(admin, plan)
-            if not indices:
-                return []
-            per_group = Counter(i % len(group_ids) for i in indices)
-            by_group: dict[int, str] = {}
-            for slot, count in per_group.items():
-                response = await admin.post(
-                    f"/groups/{group_ids[slot]}/enrollment-tokens",
-                    json={"max_uses": count, "expires_in_s": 86400},
-                )
-                _check(response)
-                by_group[slot] = response.json()["token"]
+        admin = self.admin()
+        group_ids = await prepare_groups(admin, plan)
+        if not indices:
+            return []
+        per_group = Counter(i % len(group_ids) for i in indices)
+        by_group: dict[int, str] = {}
+        for slot, count in per_group.items():
+            response = await admin.post(
+                f"/groups/{group_ids[slot]}/enrollment-tokens",
+                json={"max_uses": count, "expires_in_s": 86400},
+            )
+            _check(response)
+            by_group[slot] = response.json()["token"]
         return [by_group[i % len(group_ids)] for i in indices]
 
     async def _enrol(self, indices: range, tokens: list[str]) -> list[SimIdentity]:
@@ -711,7 +864,7 @@ class Fleet:
         loop = asyncio.get_running_loop()
         for number, agent in enumerate(self.agents, start=1):
             await pacer.wait()
-            task = loop.create_task(agent.runtime.run(self.stop_event), name=f"agent-{agent.index}")
+            task = loop.create_task(agent.run(self.stop_event), name=f"agent-{agent.index}")
             self._tasks.append(task)
             if number % 100 == 0 or number == total:
                 self.progress.update("started", number, total)
@@ -720,8 +873,8 @@ class Fleet:
                 self.progress.refresh()
         self.timings["start_s"] = round(time.monotonic() - began, 3)
 
-    def _ready(self, agent: SimAgent) -> bool:
-        return agent.core.document is not None and (agent.core.mode != "push" or agent.push_session)
+    def _ready(self, agent: AnyAgent) -> bool:
+        return agent.has_document and (agent.mode != "push" or agent.push_session)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Until every agent holds a document and every push agent has its session up."""
@@ -745,6 +898,9 @@ class Fleet:
     async def stop(self, timeout_s: float = 60.0) -> None:
         """Stop every agent (push sessions end cleanly) and close the pool."""
         self.stop_event.set()
+        failed = [task for task in self._tasks if task.done() and not task.cancelled() and task.exception()]
+        for task in failed[:5]:
+            log.error("%s ended early", task.get_name(), exc_info=task.exception())
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
             for task in pending:
@@ -752,16 +908,18 @@ class Fleet:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         await self.http.aclose()
+        if self._admin is not None:
+            await self._admin.aclose()
 
     # --- what the fleet holds ----------------------------------------------------------------------
 
     @property
     def documents(self) -> int:
-        return sum(1 for agent in self.agents if agent.core.document is not None)
+        return sum(1 for agent in self.agents if agent.has_document)
 
     @property
     def push_wanted(self) -> int:
-        return sum(1 for agent in self.agents if agent.core.mode == "push")
+        return sum(1 for agent in self.agents if agent.mode == "push")
 
     @property
     def push_sessions(self) -> int:
@@ -771,7 +929,7 @@ class Fleet:
         spread: dict[str, Counter[int]] = defaultdict(Counter)
         for agent in self.agents:
             key = agent.key
-            spread[key_text(key) if key else "none"][agent.core.serial] += 1
+            spread[key_text(key) if key else "none"][agent.serial] += 1
         return {key: {str(s): n for s, n in sorted(c.items())} for key, c in sorted(spread.items())}
 
     async def current_serials(self) -> dict[DocumentKey, int]:
@@ -780,29 +938,29 @@ class Fleet:
         keys = {agent.key for agent in self.agents if agent.key is not None}
         if self.plan.admin_key:
             current: dict[DocumentKey, int] = {}
-            async with self.admin() as admin:
-                for group_id, location_id in sorted(keys):
-                    response = await admin.get(f"/groups/{group_id}/locations/{location_id}/effective")
-                    _check(response)
-                    current[(group_id, location_id)] = int(orjson.loads(response.content)["doc"]["serial"])
+            admin = self.admin()
+            for group_id, location_id in sorted(keys):
+                response = await admin.get(f"/groups/{group_id}/locations/{location_id}/effective")
+                _check(response)
+                current[(group_id, location_id)] = int(orjson.loads(response.content)["doc"]["serial"])
             self.current_known = current
             return current
         best: dict[DocumentKey, int] = {}
         for agent in self.agents:
             if agent.key is not None:
-                best[agent.key] = max(best.get(agent.key, NO_SERIAL), agent.core.serial)
+                best[agent.key] = max(best.get(agent.key, NO_SERIAL), agent.serial)
         return best
 
-    def converged(self, serials: dict[DocumentKey, int]) -> Callable[[SimAgent], bool]:
-        def holds(agent: SimAgent) -> bool:
+    def converged(self, serials: dict[DocumentKey, int]) -> Predicate:
+        def holds(agent: AnyAgent) -> bool:
             key = agent.key
-            return key is not None and key in serials and agent.core.serial >= serials[key]
+            return key is not None and key in serials and agent.serial >= serials[key]
 
         return holds
 
     # --- waits (for benchmarks) ----------------------------------------------------------------------
 
-    def _watch(self, agents: Sequence[SimAgent], predicate: Callable[[SimAgent], bool]) -> _Wait:
+    def _watch(self, agents: Sequence[AnyAgent], predicate: Predicate) -> _Wait:
         wait = _Wait(agents, predicate)
         self._waits.append(wait)
         return wait
@@ -813,11 +971,11 @@ class Fleet:
 
     async def _wait(
         self,
-        agents: Sequence[SimAgent],
-        predicate: Callable[[SimAgent], bool],
+        agents: Sequence[AnyAgent],
+        predicate: Predicate,
         timeout_s: float,
         *,
-        recheck: Callable[[], Awaitable[Callable[[SimAgent], bool] | None]] | None = None,
+        recheck: Callable[[], Awaitable[Predicate | None]] | None = None,
     ) -> _Wait:
         wait = self._watch(agents, predicate)
         deadline = time.monotonic() + timeout_s
@@ -850,7 +1008,7 @@ class Fleet:
         fixed = serials is not None
         expected = serials if serials is not None else await self.current_serials()
 
-        async def refresh() -> Callable[[SimAgent], bool] | None:
+        async def refresh() -> Predicate | None:
             if fixed:
                 return None
             expected.update(await self.current_serials())
@@ -858,25 +1016,28 @@ class Fleet:
 
         wait = await self._wait(self.agents, self.converged(expected), timeout_s, recheck=refresh)
         latencies: list[float] = []
+        by_key: dict[str, list[float]] = defaultdict(list)
         if since is not None:
             for agent in self.agents:
                 key = agent.key
                 at = agent.applied_at(expected[key]) if key in expected and key is not None else None
-                if at is not None and agent.index not in wait.pending:
+                if at is not None and key is not None and agent.index not in wait.pending:
                     latencies.append(at - since)
+                    by_key[key_text(key)].append(at - since)
         return {
             "ok": wait.done.is_set(),
             "agents": len(self.agents),
             "converged": len(self.agents) - len(wait.pending),
             "expected_serials": {key_text(k): v for k, v in sorted(expected.items())},
             "latency_s": percentiles(latencies) if since is not None else None,
+            "latency_by_key_s": {k: [round(min(v), 3), round(max(v), 3)] for k, v in sorted(by_key.items())},
             "waited_s": round(time.monotonic() - began, 3),
         }
 
     async def wait_messages(self, *, since: float, timeout_s: float) -> dict[str, Any]:
         """Until every push agent has handled a config message after `since` (a baseline's fan-out)."""
         began = time.monotonic()
-        push = [agent for agent in self.agents if agent.core.mode == "push"]
+        push = [agent for agent in self.agents if agent.mode == "push"]
         wait = await self._wait(push, lambda agent: agent.config_at >= since, timeout_s)
         latencies = [agent.config_at - since for agent in push if agent.config_at >= since]
         return {
@@ -893,20 +1054,34 @@ class Fleet:
         """Until every push agent has a session that came up after `since` and, with `serials`, holds
         its expected serial. Times run from `since` to the later of both, per agent."""
         began = time.monotonic()
-        push = [agent for agent in self.agents if agent.core.mode == "push"]
+        push = [agent for agent in self.agents if agent.mode == "push"]
         holds = self.converged(serials) if serials is not None else (lambda agent: True)
 
-        def back(agent: SimAgent) -> bool:
+        def back(agent: AnyAgent) -> bool:
+            if isinstance(agent, BareAgent):  # no serial to hold: the session is all
+                return agent.push_session and agent.session_at >= since
             return agent.push_session and agent.session_at >= since and holds(agent)
 
         wait = await self._wait(push, back, timeout_s)
+        stuck = [
+            {
+                "index": agent.index,
+                "transport": agent.transport,
+                "session_at": agent.session_at,
+                "config_at": agent.config_at,
+                "key": key_text(agent.key) if agent.key else None,
+                "serial": agent.serial,
+            }
+            for agent in push
+            if agent.index in wait.pending
+        ][:5]
         times: list[float] = []
         for agent in push:
             if agent.index in wait.pending:
                 continue
             at = agent.session_at
             key = agent.key
-            if serials is not None and key is not None:
+            if serials is not None and key is not None and not isinstance(agent, BareAgent):
                 applied = agent.applied_at(serials[key])
                 at = max(at, applied if applied is not None else since)
             times.append(at - since)
@@ -915,6 +1090,8 @@ class Fleet:
             "agents": len(push),
             "back": len(push) - len(wait.pending),
             "time_s": percentiles(times),
+            "not_back_sample": stuck,
+            "config_message_since": sum(1 for agent in push if agent.config_at >= since),
             "waited_s": round(time.monotonic() - began, 3),
         }
 
@@ -927,13 +1104,14 @@ class Fleet:
         values = [
             applied - issued
             for agent in self.agents
+            if isinstance(agent, SimAgent)
             for _, applied, issued in agent.applied[-1:]
             if issued > self.ready_at
         ]
         return percentiles(values) if values else None
 
     def summary(self) -> dict[str, Any]:
-        modes = Counter(agent.core.mode for agent in self.agents if agent.core.document is not None)
+        modes = Counter(agent.mode for agent in self.agents if agent.has_document)
         current = self.current_known or {}
         holds = self.converged(current) if current else None
         now_rss = rss_bytes()
@@ -966,7 +1144,7 @@ class Fleet:
             "mqtt": {
                 "connects": self.stats.connects,
                 "connect_failures": self.stats.connect_failures,
-                "sessions": sum(agent.runtime.push.sessions for agent in self.agents),
+                "sessions": sum(agent.sessions for agent in self.agents),
             },
             "rates": self.stats.rates(),
             "rss_bytes": {
@@ -1070,6 +1248,7 @@ class RunOptions:
 def run(plan: FleetPlan, settings: AgentSettings, options: RunOptions) -> dict[str, Any]:
     """Run the simulation on a fresh event loop; returns the summary (also written as asked)."""
     raise_fd_limit()
+    cache_missing_sniffio()
     runner = _loop_factory(plan.loop)
     with asyncio.Runner(loop_factory=runner) as loop_runner:
         return loop_runner.run(_main(plan, settings, options))

@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--agents", type=int, default=None, help="fleet size (default: 2000; --full: 10000)")
     parser.add_argument("--full", action="store_true", help="the issue's full sizes")
     parser.add_argument("--rounds", type=int, default=None, help="repetitions, where a benchmark repeats")
+    parser.add_argument(
+        "--connect-rate",
+        type=float,
+        default=None,
+        help="simulated MQTT connects per second (fleet benchmarks)",
+    )
     parser.add_argument("--fresh", action="store_true", help="discard the kept benchmark state first")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="kept state (default: bench/.work)")
     parser.add_argument("--seed", type=int, default=0)

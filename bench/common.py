@@ -240,6 +240,21 @@ class Stack:
             key: int(json.loads(body)["doc"]["serial"]) for key, body in self.current_documents(keys).items()
         }
 
+    def wait_quiet(self, *, below_per_s: int = 5, seconds: int = 2, timeout: float = 300.0) -> float:
+        """Wait until the manager has received fewer than `below_per_s` heartbeats in each of the last
+        `seconds` whole seconds (a fleet that just came up still reports its sessions for a while)."""
+        assert self.counter is not None
+        counter = self.counter
+        began = time.monotonic()
+        while True:
+            now = int(time.time())
+            recent = [counter.per_s.get(now - back, 0) for back in range(1, seconds + 1)]
+            if all(count < below_per_s for count in recent):
+                return time.monotonic() - began
+            if time.monotonic() - began > timeout:
+                raise TimeoutError(f"the manager still receives {recent} heartbeats per second")
+            time.sleep(0.25)
+
     # --- the manager's view --------------------------------------------------------------------------
 
     def unprovisioned(self) -> int:
@@ -315,7 +330,7 @@ class SimProcess:
 
     def __init__(self, argv: list[str], log_path: Path) -> None:
         self.log_path = log_path
-        command = [sys.executable, "-m", "agent_stub", "simulate", "--control", "--no-progress", *argv]
+        command = [sys.executable, "-m", "agent_stub", "simulate", "--control", *argv]
         self.command = command
         log = log_path.open("ab")
         self.popen = subprocess.Popen(
@@ -464,7 +479,11 @@ class Fleet:
 
     def start(self) -> dict[str, Any]:
         self.enrol()
-        say(f"starting {self.agents} simulated agents")
+        return self.launch()
+
+    def launch(self) -> dict[str, Any]:
+        """Start the simulator (agents already enrolled and provisioned) and wait until it is ready."""
+        say(f"starting {self.agents} simulated {'bare MQTT clients' if '--bare' in self.argv else 'agents'}")
         self.process = SimProcess(self.argv, self.log_path)
         self.ready = self.process.expect("ready", self.ready_timeout + 120)
         if not self.ready.get("ok"):

@@ -1,0 +1,99 @@
+"""Benchmark 6, memory: resident memory per simulated agent, and of the broker per connection.
+
+A fleet of push agents (2,000 by default, 10,000 with `--full`) is started and left to settle; then:
+
+- the simulator's resident set size (RSS) after a garbage collection, minus its RSS before it built any
+  agent (after its imports), divided by the number of agents: what one agent costs in the simulator
+  (identity, `AgentCore` with its parsed document, runtime, paho client, log spool, timestamps);
+- Mosquitto's RSS with every agent connected, minus its RSS before they connected (accounts and
+  persistent sessions already loaded), divided by the number of connections;
+- the manager process's RSS growth over the same time (manager and bridge share the benchmark's
+  process: their caches of agents, the bridge's state ingest), divided by the number of agents.
+
+Baseline, in the same run: the same broker accounts as bare MQTT clients (`simulate --bare`: an
+`MqttLink` with its paho client, subscribed to the agent's topics, no agent logic), measured the same
+way: the share of an agent's memory that is its MQTT client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from bench.common import Fleet, Stack, fleet_size, machine, ratio, rss_bytes, say, work_dir
+
+NAME = "memory"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    agents = fleet_size(args)
+    with Stack(work_dir(args)) as stack:
+        stack.ensure_root_policy()
+        full = _measure(stack, agents, bare=False)
+        bare = _measure(stack, agents, bare=True)
+    result: dict[str, Any] = {
+        "name": NAME,
+        "agents": agents,
+        "simulated_agent_bytes": full["simulator_per_agent_bytes"],
+        "bare_mqtt_client_bytes": bare["simulator_per_agent_bytes"],
+        "ratio_agent_to_bare_client": ratio(
+            full["simulator_per_agent_bytes"], bare["simulator_per_agent_bytes"]
+        ),
+        "broker_per_connection_bytes": full["broker_per_connection_bytes"],
+        "broker_per_connection_bytes_bare": bare["broker_per_connection_bytes"],
+        "manager_process_per_agent_bytes": full["manager_process_per_agent_bytes"],
+        "agents_run": full,
+        "bare_run": bare,
+        "command": f"python -m bench --only {NAME} --agents {agents}",
+        "machine": machine(),
+        "notes": (
+            "RSS from /proc/<pid>/status. The broker already holds every account and persistent session "
+            "before the fleet connects (they were provisioned and kept from earlier runs), so its figure "
+            "is the cost of a live connection on top of its session."
+        ),
+    }
+    if getattr(args, "agents", None) is None and not getattr(args, "full", False):
+        result["notes"] += f" Measured with {agents} agents (the default); --full runs 10,000."
+    return result
+
+
+def _measure(stack: Stack, agents: int, *, bare: bool) -> dict[str, Any]:
+    assert stack.broker_pid is not None
+    fleet = Fleet(stack, agents, extra=["--bare"] if bare else [])
+    fleet.enrol()
+    stack.wait_quiet()
+    broker_before = rss_bytes(stack.broker_pid)
+    manager_before = rss_bytes(os.getpid())
+    try:
+        ready = fleet.launch()
+        stack.wait_quiet()
+        collected = fleet.sim.request("collect")
+        broker_after = rss_bytes(stack.broker_pid)
+        manager_after = rss_bytes(os.getpid())
+        summary = fleet.sim.request("summary", refresh=False)
+    finally:
+        fleet.stop()
+    sim_start = summary["rss_bytes"]["start"]
+    connected = summary["push_sessions"]
+    measured = {
+        "agents": agents,
+        "push_sessions": connected,
+        "simulator_rss_start_bytes": sim_start,
+        "simulator_rss_ready_bytes": ready["rss_bytes"]["ready"],
+        "simulator_rss_after_gc_bytes": collected["rss_bytes"],
+        "simulator_per_agent_bytes": round((collected["rss_bytes"] - sim_start) / agents),
+        "broker_rss_before_bytes": broker_before,
+        "broker_rss_connected_bytes": broker_after,
+        "broker_per_connection_bytes": round((broker_after - broker_before) / connected)
+        if connected
+        else None,
+        "manager_process_rss_before_bytes": manager_before,
+        "manager_process_rss_after_bytes": manager_after,
+        "manager_process_per_agent_bytes": round((manager_after - manager_before) / agents),
+    }
+    kind = "bare client" if bare else "agent"
+    each = measured["simulator_per_agent_bytes"] / 1024
+    broker = (measured["broker_per_connection_bytes"] or 0) / 1024
+    say(f"{kind}: {each:.1f} KiB each in the simulator, broker {broker:.1f} KiB per connection")
+    return measured
