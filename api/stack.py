@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -319,6 +320,7 @@ def forget_stale_agents(agents_dir: Path, broker_url: str | None) -> None:
 def run_stack(
     settings: Settings, *, agents: int, port: int, exit_when_converged: bool, console: Console
 ) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as cleanly as Ctrl-C does
     key = admin_key_for(settings)
     settings = settings.model_copy(update={"bootstrap_admin_key": SecretStr(key)})
     chosen = pick_port(port)
@@ -382,6 +384,10 @@ def run_stack(
         if broker is not None:
             broker.process.stop()
         console.print("stopped")
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def start_bridge(settings: Settings, manager: ManagerThread) -> BridgeThread:
