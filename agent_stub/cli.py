@@ -203,7 +203,14 @@ async def _serve(core: AgentCore, settings: AgentSettings) -> None:
         secret=identity.secret,
         timeout_s=settings.request_timeout_s,
     )
-    runtime = AgentRuntime(core, client, settings, spool=LogSpool(spool_dir(settings.state_dir)))
+    spool = LogSpool(
+        spool_dir(settings.state_dir),
+        max_entries=settings.log_spool_max_entries,
+        batch_size=settings.log_batch_size,
+    )
+    runtime = AgentRuntime(
+        core, client, settings, spool=spool, priority_delay_s=settings.log_priority_delay_s
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, runtime.update_now)
@@ -251,7 +258,8 @@ def log_entry(
     settings = _settings(ctx, state_dir)
     _load_core(FileStateStore(settings.state_dir))  # fails cleanly when not enrolled
     try:
-        entry = LogSpool(spool_dir(settings.state_dir)).append(level.lower(), message, category=category)
+        spool = LogSpool(spool_dir(settings.state_dir), max_entries=settings.log_spool_max_entries)
+        entry = spool.append(level.lower(), message, category=category)
     except ValueError as exc:
         _fail(str(exc), code=2)
     except OSError as exc:
