@@ -82,6 +82,36 @@ def work_dir(args: argparse.Namespace, name: str = "fleet") -> Path:
     return path
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time a process has used so far (Linux), 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by the simulator, Mosquitto and this process (manager and bridge) since start."""
+
+    def __init__(self, stack: Stack, sim: SimProcess) -> None:
+        self._stack = stack
+        self.pids = {"simulator": sim.pid, "broker": stack.broker_pid, "manager_and_bridge": os.getpid()}
+        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.began = time.monotonic()
+
+    def read(self) -> dict[str, float]:
+        used = {name: round(cpu_seconds(pid) - self.start[name], 2) for name, pid in self.pids.items()}
+        broker = self._stack.broker_pid
+        if (
+            broker != self.pids["broker"]
+        ):  # restarted meanwhile: the new process's time (the old one's is gone)
+            used["broker"] = round(cpu_seconds(broker), 2)
+        return {**used, "wall": round(time.monotonic() - self.began, 2)}
+
+
 def wait_until(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.2) -> T:
     deadline = time.monotonic() + timeout
     while True:
@@ -261,6 +291,13 @@ class Stack:
         assert self.manager is not None
         with self.manager.fabric.engine.connect() as connection:
             query = text("SELECT count(*) FROM agents WHERE revoked_at IS NULL AND acl_group_id IS NULL")
+            return int(connection.execute(query).scalar_one())
+
+    def accounts(self) -> int:
+        """Agents with a broker account."""
+        assert self.manager is not None
+        with self.manager.fabric.engine.connect() as connection:
+            query = text("SELECT count(*) FROM agents WHERE acl_group_id IS NOT NULL")
             return int(connection.execute(query).scalar_one())
 
     def wait_provisioned(self, timeout: float) -> float:

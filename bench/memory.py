@@ -6,7 +6,8 @@ A fleet of push agents (2,000 by default, 10,000 with `--full`) is started and l
   agent (after its imports), divided by the number of agents: what one agent costs in the simulator
   (identity, `AgentCore` with its parsed document, runtime, paho client, log spool, timestamps);
 - Mosquitto's RSS with every agent connected, minus its RSS before they connected (accounts and
-  persistent sessions already loaded), divided by the number of connections;
+  persistent sessions already loaded), divided by the number of connections; and its RSS minus that
+  of an empty Mosquitto (only the bridge's account), divided by the accounts it holds;
 - the manager process's RSS growth over the same time (manager and bridge share the benchmark's
   process: their caches of agents, the bridge's state ingest), divided by the number of agents.
 
@@ -19,19 +20,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
+from api.stack import pick_port
 from bench.common import Fleet, Stack, fleet_size, machine, ratio, rss_bytes, say, work_dir
+from broker_bridge.mosquitto import BrokerLayout, MosquittoProcess, find_dynsec_plugin, write_broker_files
 
 NAME = "memory"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     agents = fleet_size(args)
+    with tempfile.TemporaryDirectory(prefix="policycast-bench-broker-") as scratch:
+        empty = empty_broker_rss(Path(scratch))
     with Stack(work_dir(args)) as stack:
         stack.ensure_root_policy()
         full = _measure(stack, agents, bare=False)
         bare = _measure(stack, agents, bare=True)
+        accounts = stack.accounts()
     result: dict[str, Any] = {
         "name": NAME,
         "agents": agents,
@@ -41,21 +50,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             full["simulator_per_agent_bytes"], bare["simulator_per_agent_bytes"]
         ),
         "broker_per_connection_bytes": full["broker_per_connection_bytes"],
-        "broker_per_connection_bytes_bare": bare["broker_per_connection_bytes"],
+        "broker_per_agent_bytes": round((full["broker_rss_connected_bytes"] - empty) / accounts),
+        "broker_rss_empty_bytes": empty,
+        "broker_accounts_and_sessions": accounts,
         "manager_process_per_agent_bytes": full["manager_process_per_agent_bytes"],
         "agents_run": full,
         "bare_run": bare,
         "command": f"python -m bench --only {NAME} --agents {agents}",
         "machine": machine(),
         "notes": (
-            "RSS from /proc/<pid>/status. The broker already holds every account and persistent session "
-            "before the fleet connects (they were provisioned and kept from earlier runs), so its figure "
-            "is the cost of a live connection on top of its session."
+            "RSS from /proc/<pid>/status. The broker holds every account and persistent session before "
+            "the fleet connects (provisioned and kept from earlier runs): broker_per_connection_bytes is "
+            "what connecting adds on top (Mosquitto reuses memory freed while loading its state, so it "
+            "can be 0); broker_per_agent_bytes is its RSS with the fleet connected minus an empty "
+            "broker's, divided by the accounts it holds (account, roles, session, connection)."
         ),
     }
     if getattr(args, "agents", None) is None and not getattr(args, "full", False):
         result["notes"] += f" Measured with {agents} agents (the default); --full runs 10,000."
     return result
+
+
+def empty_broker_rss(directory: Path) -> int:
+    """RSS of a Mosquitto with Policycast's configuration and no account but the bridge's."""
+    layout = BrokerLayout(directory)
+    port = pick_port(0)
+    write_broker_files(
+        layout=layout,
+        port=port,
+        bind="127.0.0.1",
+        bridge_username="policycast-bridge",
+        bridge_password="unused-in-this-measurement",
+        prefix="policycast",
+        plugin_path=find_dynsec_plugin(),
+    )
+    process = MosquittoProcess(layout, port)
+    process.start()
+    try:
+        time.sleep(1.0)
+        return rss_bytes(process.pid or 0)
+    finally:
+        process.stop()
 
 
 def _measure(stack: Stack, agents: int, *, bare: bool) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from bench.common import (
+    CpuMeter,
     Stack,
     fleet_size,
     machine,
@@ -64,16 +65,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     (config_topic(prefix, *key.split("/")), body) for key, body in sorted(documents.items())
                 ]
                 stack.wait_quiet()
+                meter = CpuMeter(stack, fleet.sim)
                 started = publish_documents(link, messages)
                 baseline = fleet.sim.request("wait_messages", since=started, timeout_s=120)
+                baseline["cpu_s"] = meter.read()
                 time.sleep(SETTLE_S)
                 stack.wait_quiet()
                 before = stack.current_serials(keys)
                 # Waited for: a serial newer than the one held before, per (group, location): known
                 # without asking the manager during the fan-out. Checked to be the current one after.
                 newer = {key: serial + 1 for key, serial in before.items()}
+                meter = CpuMeter(stack, fleet.sim)
                 answered, version = stack.change_policy(policy["id"])
                 change = fleet.sim.request("wait_converged", serials=newer, since=answered, timeout_s=120)
+                change["cpu_s"] = meter.read()
                 after = stack.current_documents(keys)
                 current = fleet.sim.request("wait_converged", serials=_serials(after), timeout_s=30)
                 change["converged"] = min(change["converged"], current["converged"])
@@ -112,12 +117,15 @@ def _round(
             "received": baseline["received"],
             "payload_bytes": sorted({len(body) for body in documents.values()}),
             **{k: base.get(k) for k in ("p50", "p99", "max")},
+            "cpu_s": baseline.get("cpu_s"),
         },
         "policycast": {
             "agents": change["agents"],
             "converged": change["converged"],
             "payload_bytes": sorted(set(sizes)),
             **{k: real.get(k) for k in ("p50", "p99", "max")},
+            "cpu_s": change.get("cpu_s"),
+            "by_key_s": change.get("latency_by_key_s"),
         },
         "ratio_p50": ratio(real.get("p50"), base.get("p50")),
         "ratio_p99": ratio(real.get("p99"), base.get("p99")),
