@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Depends, Query, status
 
 from api.deps import ChangeDep, FabricDep, SessionDep, ViewerDep
 from api.models import Agent, LogRecord, utcnow
@@ -138,37 +139,29 @@ def update_group_now(group_id: int, change: ChangeDep) -> dict[str, int | str]:
     return {"group_id": group_id, "agents": len(agents_asked), "status": "requested"}
 
 
+@dataclass
+class LogFilters:
+    """The query parameters both log listings take."""
+
+    level: LogLevel | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: Limit = 100
+    offset: Offset = 0
+
+
+LogFiltersDep = Annotated[LogFilters, Depends()]
+
+
 @router.get("/agents/{agent_id}/logs", response_model=list[LogOut])
-def agent_logs(
-    agent_id: str,
-    session: SessionDep,
-    _: ViewerDep,
-    level: LogLevel | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: Limit = 100,
-    offset: Offset = 0,
-) -> list[LogOut]:
+def agent_logs(agent_id: str, session: SessionDep, _: ViewerDep, filters: LogFiltersDep) -> list[LogOut]:
     agents.get_agent(session, agent_id=agent_id)
-    found = logs.query_logs(
-        session, agent_id=agent_id, level=level, since=since, until=until, limit=limit, offset=offset
-    )
+    found = logs.query_logs(session, agent_id=agent_id, **asdict(filters))
     return [_log_out(record) for record in found]
 
 
 @router.get("/groups/{group_id}/logs", response_model=list[LogOut])
-def group_logs(
-    group_id: int,
-    session: SessionDep,
-    _: ViewerDep,
-    level: LogLevel | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: Limit = 100,
-    offset: Offset = 0,
-) -> list[LogOut]:
+def group_logs(group_id: int, session: SessionDep, _: ViewerDep, filters: LogFiltersDep) -> list[LogOut]:
     groups.get_group(session, group_id=group_id)
-    found = logs.query_logs(
-        session, group_id=group_id, level=level, since=since, until=until, limit=limit, offset=offset
-    )
+    found = logs.query_logs(session, group_id=group_id, **asdict(filters))
     return [_log_out(record) for record in found]
