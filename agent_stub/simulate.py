@@ -274,6 +274,8 @@ class FleetStats:
     pull_heartbeats_per_s: Counter[int] = field(default_factory=Counter)
     """Heartbeats sent while the agent had no push session (push agents falling back, and pull agents)."""
     heartbeat_failures: int = 0
+    heartbeat_failures_per_s: Counter[int] = field(default_factory=Counter)
+    heartbeat_failure_kinds: Counter[str] = field(default_factory=Counter)
     connects: int = 0
     connects_per_s: Counter[int] = field(default_factory=Counter)
     connect_failures: int = 0
@@ -284,6 +286,12 @@ class FleetStats:
         self.heartbeats_per_s[second] += 1
         if transport == "pull":
             self.pull_heartbeats_per_s[second] += 1
+
+    def heartbeat_failed(self, exc: Exception) -> None:
+        self.heartbeat_failures += 1
+        self.heartbeat_failures_per_s[int(time.time())] += 1
+        cause = exc.__cause__
+        self.heartbeat_failure_kinds[type(cause or exc).__name__] += 1
 
     def connect(self) -> None:
         self.connects += 1
@@ -297,10 +305,11 @@ class FleetStats:
                 if (since is None or s >= int(since)) and (until is None or s <= int(until))
             }
 
-        beats, pulls, connects = (
+        beats, pulls, connects, failures = (
             window(self.heartbeats_per_s),
             window(self.pull_heartbeats_per_s),
             window(self.connects_per_s),
+            window(self.heartbeat_failures_per_s),
         )
         return {
             "heartbeats_peak_per_s": max(beats.values(), default=0),
@@ -309,6 +318,8 @@ class FleetStats:
             "heartbeats": sum(beats.values()),
             "pull_heartbeats": sum(pulls.values()),
             "connects": sum(connects.values()),
+            "heartbeat_failures": sum(failures.values()),
+            "heartbeat_failure_kinds": dict(self.heartbeat_failure_kinds),
         }
 
 
@@ -350,8 +361,8 @@ class _CountingClient:
             self._stats.heartbeat(request.mode)
             try:
                 return await self._inner.heartbeat(request)
-            except ManagerError:
-                self._stats.heartbeat_failures += 1
+            except ManagerError as exc:
+                self._stats.heartbeat_failed(exc)
                 raise
 
 
@@ -1140,6 +1151,7 @@ class Fleet:
                 "total": sum(self.stats.heartbeats.values()),
                 "by_transport": dict(self.stats.heartbeats),
                 "failures": self.stats.heartbeat_failures,
+                "failure_kinds": dict(self.stats.heartbeat_failure_kinds),
             },
             "mqtt": {
                 "connects": self.stats.connects,

@@ -112,6 +112,40 @@ class CpuMeter:
         return {**used, "wall": round(time.monotonic() - self.began, 2)}
 
 
+class ManagerProbe:
+    """GET /healthz every `interval` seconds on a thread of its own: how responsive the manager stays."""
+
+    def __init__(self, url: str, interval: float = 0.5) -> None:
+        self.url = f"{url}/healthz"
+        self.interval = interval
+        self.latencies: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="manager-probe", daemon=True)
+
+    def __enter__(self) -> ManagerProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                began = time.monotonic()
+                try:
+                    client.get(self.url).raise_for_status()
+                    self.latencies.append(time.monotonic() - began)
+                except httpx.HTTPError:
+                    self.failures += 1
+                self._stop.wait(self.interval)
+
+    def result(self) -> dict[str, Any]:
+        return {"healthz_latency_s": percentiles(self.latencies), "failures": self.failures}
+
+
 def wait_until(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.2) -> T:
     deadline = time.monotonic() + timeout
     while True:
@@ -626,6 +660,7 @@ __all__ = [
     "DEFAULT_AGENTS",
     "FULL_AGENTS",
     "Fleet",
+    "ManagerProbe",
     "SimProcess",
     "Stack",
     "fleet_size",

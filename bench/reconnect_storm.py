@@ -29,7 +29,7 @@ import argparse
 import time
 from typing import Any
 
-from bench.common import CpuMeter, Fleet, Stack, fleet_size, machine, ratio, say, work_dir
+from bench.common import CpuMeter, Fleet, ManagerProbe, Stack, fleet_size, machine, ratio, say, work_dir
 
 NAME = "reconnect_storm"
 OUTAGES_S = (0.0, 5.0)
@@ -107,6 +107,7 @@ def _storm(stack: Stack, fleet: Fleet, outage_s: float, *, policy_id: int | None
     before = stack.current_serials(keys)
     say(f"stopping the broker for {outage_s:g}s ({'bare clients' if bare else 'agents'})")
     meter = CpuMeter(stack, fleet.sim)
+    probe = ManagerProbe(stack.url).__enter__()
     stopping = time.time()
     stack.broker.process.stop()
     stopped = time.time()
@@ -126,6 +127,7 @@ def _storm(stack: Stack, fleet: Fleet, outage_s: float, *, policy_id: int | None
     stack.wait_quiet()
     settled = time.time()
     cpu = meter.read()
+    probe.__exit__(None, None, None)
     heartbeats = stack.counter.window(stopping, settled)
     during_outage = stack.counter.window(stopped, listening - 1)  # whole seconds while it was down
     rates = fleet.sim.request("rates", since=stopping, until=settled)
@@ -153,5 +155,6 @@ def _storm(stack: Stack, fleet: Fleet, outage_s: float, *, policy_id: int | None
         },
         "simulator_rates": rates,
         "cpu_s_from_stop_until_quiet": cpu,
+        "manager_probe": probe.result(),
         "converged_after": None if bare else summary.get("converged"),
     }
