@@ -26,10 +26,22 @@ Target (issue [4/4]): all back within 10 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Any
 
-from bench.common import CpuMeter, Fleet, ManagerProbe, Stack, fleet_size, machine, ratio, say, work_dir
+from bench.common import (
+    CpuMeter,
+    Fleet,
+    ManagerProbe,
+    Stack,
+    fleet_size,
+    machine,
+    ratio,
+    say,
+    wait_until,
+    work_dir,
+)
 
 NAME = "reconnect_storm"
 OUTAGES_S = (0.0, 5.0)
@@ -123,7 +135,16 @@ def _storm(stack: Stack, fleet: Fleet, outage_s: float, *, policy_id: int | None
     # From the restart command: a fast agent may connect between the broker's listen() and this process
     # noticing it (its session would otherwise seem to predate the restart).
     back = fleet.sim.request("wait_sessions", since=restarting, serials=newer, timeout_s=limit)
-    # Heartbeats set off by the storm may still be on their way when the last agent is back.
+    # Each agent reports its new session with a heartbeat: the simulator may still be sending them when
+    # the last agent is back (its event loop is busy with the reconnects). Wait for them, then for quiet.
+    if not bare:
+        with contextlib.suppress(TimeoutError):
+            wait_until(
+                lambda: fleet.sim.request("rates", since=stopping)["heartbeats"] >= back["back"],
+                timeout=180,
+                what="the session reports",
+                interval=1.0,
+            )
     stack.wait_quiet()
     settled = time.time()
     cpu = meter.read()
