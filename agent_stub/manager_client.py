@@ -91,6 +91,16 @@ def _headers() -> dict[str, str]:
     return {"User-Agent": f"policycast-agent/{AGENT_VERSION}", "Accept": _JSON}
 
 
+LEAN_DROPPED = ("Accept", "Accept-Encoding", "Connection", "User-Agent")
+"""Headers a heartbeat goes without (docs/performance.md, benchmark 3: 118 of its bytes). The manager
+answers JSON whatever `Accept` says and never compresses; HTTP/1.1 keeps connections alive without
+`Connection: keep-alive`; the agent's version reaches the manager in the heartbeat's `status` (sent
+after every start), and the manager keeps no access log to read a `User-Agent` from. What is left: Host,
+Content-Length (both written by httpx), Authorization and Content-Type. Removed from the request, not
+from the client, so a client shared among agents (the fleet simulator) keeps its defaults for other
+requests: enrolment, config fetches and downloads still say who they are."""
+
+
 class ManagerClient:
     """Authenticated calls of one agent.
 
@@ -152,8 +162,12 @@ class ManagerClient:
         return _parse(EnrollResponse, response)
 
     async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse:
+        """One heartbeat, with only the headers the manager needs (`LEAN_DROPPED`): it is most of the
+        agent's traffic, and at a few hundred bytes each, every header counts."""
         url = f"{self.server}{API_PREFIX}/heartbeat"
-        response = await _send(self._http, "POST", url, content=_dump(request), headers=self._auth)
+        response = await _send(
+            self._http, "POST", url, content=_dump(request), headers=self._auth, drop=LEAN_DROPPED
+        )
         return _parse(HeartbeatResponse, response)
 
     async def get_config(
@@ -222,13 +236,21 @@ async def _send(
     *,
     content: bytes | None = None,
     headers: dict[str, str] | None = None,
+    drop: tuple[str, ...] = (),
 ) -> httpx.Response:
-    """One request, with transport failures and error statuses turned into `ManagerError`s."""
+    """One request, with transport failures and error statuses turned into `ManagerError`s.
+
+    `drop`: headers not to send, whether the agent's (`_headers`) or the client's defaults (httpx's
+    `Accept`, `Accept-Encoding`, `Connection`, `User-Agent`).
+    """
     all_headers = {**_headers(), **(headers or {})}
     if content is not None:
         all_headers["Content-Type"] = _JSON
     try:
-        response = await http.request(method, url, content=content, headers=all_headers)
+        request = http.build_request(method, url, content=content, headers=all_headers)
+        for name in drop:
+            request.headers.pop(name, None)
+        response = await http.send(request)
     except httpx.TransportError as exc:  # connect errors, timeouts, dropped connections
         raise ManagerUnreachable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
     if response.status_code >= 500:

@@ -5,12 +5,18 @@ The first heartbeat goes out at once; then the loop sleeps as long as the manage
 refuses the agent, the loop backs off exponentially with full jitter, never longer than one heartbeat
 interval, while the last good document stays in force (it is already on disk). `update_now()` cuts any
 sleep short ("Update policy now").
+
+The heartbeat's `status` is sent only when the manager may not hold it (docs/protocol.md): on the first
+heartbeat after start (the agent cannot know what the manager holds), whenever it differs from the
+status of the last heartbeat answered 2xx, and after any heartbeat that failed (it may or may not have
+arrived). Otherwise it is left out, and the manager keeps the one it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import random
 import socket
@@ -22,7 +28,7 @@ from agent_stub import AGENT_VERSION
 from agent_stub.core import AgentCore
 from agent_stub.manager_client import ManagerRejected, ManagerUnreachable
 from fabric_core.settings import AgentSettings
-from fabric_core.wire import HEARTBEAT_MAX_S, HeartbeatRequest, HeartbeatResponse, LogBatch
+from fabric_core.wire import HEARTBEAT_MAX_S, HeartbeatRequest, HeartbeatResponse, LogBatch, Mode
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,12 @@ class PullLoop:
         self._wake = asyncio.Event()
         self._failures = 0
         self._last_error: str | None = None
+        self._acknowledged_status: dict[str, Any] | None = None
+        """The status the manager holds for sure: that of the last heartbeat answered 2xx (sent, or
+        left out as unchanged); None when unknown (before the first answer, after any failure)."""
+        self._reported_mode: Mode | None = None
+        """The transport the manager holds for sure: that of the last heartbeat answered 2xx."""
+        self._in_flight = False
         self.heartbeats = 0
         """Successful heartbeats so far (for tests and the simulator's counters)."""
         self.uploads: Uploads | None = None
@@ -99,6 +111,17 @@ class PullLoop:
     def update_now(self) -> None:
         """Heartbeat at once instead of finishing the current sleep. Safe from a signal handler."""
         self._wake.set()
+
+    def report_transport(self) -> None:
+        """Heartbeat at once unless the manager already holds the agent's transport.
+
+        A push session coming up must reach the operator's view, but after a broker restart a whole
+        fleet comes back within seconds: most agents last told the manager "push" (their sessions were
+        only briefly down) and need not heartbeat at all. A heartbeat in flight may carry the old
+        transport, so it counts as unknown.
+        """
+        if self._in_flight or self._reported_mode != self._core.transport:
+            self.update_now()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Heartbeat until `stop` is set; a heartbeat in flight is abandoned when it is."""
@@ -120,7 +143,12 @@ class PullLoop:
         """One heartbeat; returns how long to wait before the next one."""
         # Cleared before sending: a request for an update made while this one is in flight still counts.
         self._wake.clear()
-        request = self._request()
+        status = self._status()
+        request = self._request(status)
+        # Unknown until this one is answered: a failure, or a cancellation in flight, means resending.
+        self._acknowledged_status = None
+        self._reported_mode = None
+        self._in_flight = True
         try:
             response = await self._client.heartbeat(request)
         except ManagerUnreachable as exc:
@@ -140,22 +168,32 @@ class PullLoop:
             # A bug must not end the loop: the agent keeps enforcing and keeps trying.
             log.exception("heartbeat failed unexpectedly")
             return self._failed(f"unexpected error: {exc!r}", level=logging.DEBUG)
+        finally:
+            self._in_flight = False
         if request.logs is not None and self.uploads is not None:
             self.uploads.acknowledge(request.logs.batch_id)  # stored once, even if this was a retry
+        self._acknowledged_status = status
+        self._reported_mode = request.mode
         return self._succeeded(response)
 
     # --- internals ---------------------------------------------------------------------------------
 
-    def _request(self) -> HeartbeatRequest:
+    def _status(self) -> dict[str, Any]:
+        """The agent's status now; a deep copy, so that a source changing its own dicts later cannot
+        change what is remembered as acknowledged."""
         status: dict[str, Any] = {"hostname": self._hostname, "agent_version": AGENT_VERSION}
         for source in self.status_sources:
             status.update(source())
+        return copy.deepcopy(status)
+
+    def _request(self, status: dict[str, Any]) -> HeartbeatRequest:
         wanted = self.wanted_location() if self.wanted_location is not None else None
         return HeartbeatRequest(
             serial=self._core.serial,
             location_id=wanted if wanted is not None else self._core.location_id,
             mode=self._core.transport,
-            status=status,
+            # Left out when the manager holds it already: absent means unchanged.
+            status=None if status == self._acknowledged_status else status,
             logs=self.uploads.next_batch() if self.uploads is not None else None,
         )
 

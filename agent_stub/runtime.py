@@ -180,12 +180,13 @@ class AgentRuntime:
         self.core.transport = "push" if up else "pull"
         log.info("transport: %s", self.core.transport)
         if up:
-            # Tell the manager at once, as with a new serial: otherwise the heartbeat that reported the
-            # document (sent while the session was still coming up, so saying pull) stays the last word
-            # for a whole interval. Sessions come up rarely, and after an outage at jittered times.
+            # Tell the manager at once if its last word from us says otherwise: the heartbeat that
+            # reported the document (sent while the session was still coming up, so saying pull) would
+            # stand for a whole interval. After a broker restart most agents last said push, and stay
+            # quiet: a fleet coming back must not all heartbeat at once (benchmark 4).
             # Not when the session drops: the will says so, and a broker outage must not make a whole
             # fleet heartbeat at the same moment.
-            self.pull.update_now()
+            self.pull.report_transport()
 
     def _on_command(self, command: AgentCommand) -> None:
         if command.command == "update_now":

@@ -1087,13 +1087,17 @@ class Fleet:
             if agent.index in wait.pending
         ][:5]
         times: list[float] = []
+        sessions: list[float] = []  # the session alone, and the serial alone: which one kept an agent
+        serials_at: list[float] = []
         for agent in push:
             if agent.index in wait.pending:
                 continue
             at = agent.session_at
+            sessions.append(at - since)
             key = agent.key
             if serials is not None and key is not None and not isinstance(agent, BareAgent):
                 applied = agent.applied_at(serials[key])
+                serials_at.append((applied if applied is not None else since) - since)
                 at = max(at, applied if applied is not None else since)
             times.append(at - since)
         return {
@@ -1101,6 +1105,8 @@ class Fleet:
             "agents": len(push),
             "back": len(push) - len(wait.pending),
             "time_s": percentiles(times),
+            "session_s": percentiles(sessions),
+            "serial_s": percentiles(serials_at) if serials_at else None,
             "not_back_sample": stuck,
             "config_message_since": sum(1 for agent in push if agent.config_at >= since),
             "waited_s": round(time.monotonic() - began, 3),

@@ -7,7 +7,8 @@ from memory. It polls the `fabric_counters` row every `cache_refresh_s`: every c
 
 `HeartbeatLedger` keeps what each heartbeat reports (last seen, serial held, location, mode, status) in
 memory and writes it in one batch every `heartbeat_flush_s`, so no heartbeat writes to the database
-(except for log uploads, which are the point of those requests).
+(except for log uploads, which are the point of those requests). Agents send `status` only when it
+changed: a heartbeat without one keeps the status recorded before it, in memory and in the database.
 """
 
 from __future__ import annotations
@@ -172,8 +173,17 @@ class Sighting:
     serial: int
     location_id: int
     mode: str
-    status: dict[str, Any]
+    status: dict[str, Any] | None
+    """None: the agent did not send one (unchanged); the stored status stays."""
     served_update: bool
+
+    def after(self, older: Sighting) -> Sighting:
+        """This sighting, keeping what it does not override of an older one not written yet."""
+        return replace(
+            self,
+            status=self.status if self.status is not None else older.status,
+            served_update=self.served_update or older.served_update,
+        )
 
 
 class HeartbeatLedger:
@@ -181,10 +191,17 @@ class HeartbeatLedger:
 
     def __init__(self) -> None:
         self._pending: dict[str, Sighting] = {}
-        self._lock = threading.Lock()
+        self._unwritten: dict[str, Sighting] = {}
+        """Sightings of a flush that failed, merged into the next one. Touched only by `flush` (under
+        the lock), never by `record`, which runs on the event loop while a flush runs in a thread."""
+        self._lock = threading.Lock()  # one flush at a time
+        self._swap = threading.Lock()
+        """Held for a dict lookup and store in `record`, and for the swap in `flush`: without it a
+        sighting recorded as the flush (another thread) takes the dict could land in the taken dict,
+        mid-iteration, and be lost. Never held across the database write, which would stall the loop."""
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending.keys() | self._unwritten.keys())
 
     def record(
         self,
@@ -193,17 +210,24 @@ class HeartbeatLedger:
         serial: int,
         location_id: int,
         mode: str,
-        status: dict[str, Any],
+        status: dict[str, Any] | None,
         served_update: bool,
     ) -> None:
-        previous = self._pending.get(agent_id)
-        served_update = served_update or (previous is not None and previous.served_update)
-        self._pending[agent_id] = Sighting(utcnow(), serial, location_id, mode, status, served_update)
+        """Note one heartbeat; `status` None (not sent) keeps the last status recorded or stored."""
+        sighting = Sighting(utcnow(), serial, location_id, mode, status, served_update)
+        with self._swap:
+            previous = self._pending.get(agent_id)
+            self._pending[agent_id] = sighting if previous is None else sighting.after(previous)
 
     def flush(self, engine: Engine) -> int:
         """Write what was recorded since the last flush; return how many agents it touched."""
         with self._lock:
-            pending, self._pending = self._pending, {}
+            with self._swap:
+                pending, self._pending = self._pending, {}
+            for agent_id, older in self._unwritten.items():
+                newer = pending.get(agent_id)
+                pending[agent_id] = older if newer is None else newer.after(older)
+            self._unwritten = {}
             if not pending:
                 return 0
             rows = [
@@ -220,23 +244,25 @@ class HeartbeatLedger:
             ]
             statement = text(
                 "UPDATE agents SET last_seen = :last_seen, serial = :serial, location_id = :location_id, "
-                "mode = :mode, status = :status, "
+                "mode = :mode, status = COALESCE(:status, status), "
                 "update_requested = CASE WHEN :clear THEN false ELSE update_requested END "
                 # The bridge writes these columns too (from MQTT state): the newer observation wins.
                 "WHERE id = :id AND (last_seen IS NULL OR last_seen <= :last_seen)"
             ).bindparams(
-                bindparam("status", type_=JSON), bindparam("last_seen", type_=DateTime(timezone=True))
+                # none_as_null: a status not sent is SQL NULL (COALESCE keeps the stored one), not 'null'
+                bindparam("status", type_=JSON(none_as_null=True)),
+                bindparam("last_seen", type_=DateTime(timezone=True)),
             )
             try:
                 with engine.begin() as connection:
                     connection.execute(statement, rows)
             except OperationalError:
-                # The database is away: keep every sighting (newer ones win) for the next flush.
+                # The database is away: keep every sighting for the next flush, where newer ones win
+                # but keep what they do not override (a status sent only before the outage).
                 log.warning(
                     "heartbeat bookkeeping flush failed; keeping %d sightings for the next one", len(rows)
                 )
-                for agent_id, sighting in pending.items():
-                    self._pending.setdefault(agent_id, sighting)
+                self._unwritten = pending
                 raise
             except _DATA_ERRORS:
                 # One bad row must not stall everyone's bookkeeping: write them one by one, drop the bad.

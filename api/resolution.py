@@ -14,13 +14,22 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import Table, bindparam, insert, update
 from sqlmodel import Session, col, delete, select
 
 from api.db import allocate_serials
-from api.models import Assignment, ContentRevision, EffectiveConfig, Group, Location, OutboxEntry, Policy
+from api.models import (
+    Assignment,
+    ContentRevision,
+    EffectiveConfig,
+    Group,
+    Location,
+    OutboxEntry,
+    Policy,
+    utcnow,
+)
 from fabric_core.canonical import canonical_json, sha256_hex
 from fabric_core.signing import SigningKey
 
@@ -153,6 +162,17 @@ def _policy_entry(tree: Tree, assignment: Assignment, owner_id: int, scope: str)
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A document whose body changed (or is new), waiting for its serial."""
+
+    group_id: int
+    document: DocumentBody
+    digest: str
+    stored: bool
+    """Whether the pair has a row in `effective_configs` already (updated) or not (inserted)."""
+
+
 @dataclass(frozen=True)
 class RefreshResult:
     changed: list[tuple[int, int, int]]
@@ -176,57 +196,114 @@ def refresh_documents(
         targets = list(seen)
     if not targets:
         return RefreshResult([], [])
-    existing = {
-        (row.group_id, row.location_id): row
-        for row in session.exec(
-            select(EffectiveConfig).where(col(EffectiveConfig.group_id).in_(targets))
+    # The keys and hashes only: the stored envelopes are not needed to tell what changed.
+    existing: dict[tuple[int, int], str] = {
+        (int(group_id), int(location_id)): digest
+        for group_id, location_id, digest in session.execute(
+            select(_EFFECTIVE.c.group_id, _EFFECTIVE.c.location_id, _EFFECTIVE.c.body_sha256).where(
+                _EFFECTIVE.c.group_id.in_(targets)
+            )
         ).all()
     }
-    pending: list[tuple[int, DocumentBody, str]] = []
+    pending: list[Pending] = []
     for group_id in targets:
         for document in resolve_group(tree, group_id):
             digest = document.sha256
-            row = existing.pop((group_id, document.location_id), None)
-            if row is None or row.body_sha256 != digest:
-                pending.append((group_id, document, digest))
+            stored = existing.pop((group_id, document.location_id), None)
+            if stored != digest:
+                pending.append(Pending(group_id, document, digest, stored is not None))
     removed = list(existing)
+    by_group: dict[int, list[int]] = defaultdict(list)
     for group_id, location_id in removed:
+        by_group[group_id].append(location_id)
+    for group_id, location_ids in by_group.items():
         session.exec(
             delete(EffectiveConfig).where(
-                col(EffectiveConfig.group_id) == group_id, col(EffectiveConfig.location_id) == location_id
+                col(EffectiveConfig.group_id) == group_id, col(EffectiveConfig.location_id).in_(location_ids)
             )
         )
+    if removed:
         # An empty envelope tells the bridge to clear the retained document of a pair that is gone.
-        session.add(OutboxEntry(group_id=group_id, location_id=location_id, serial=0, envelope=b""))
+        now = utcnow()
+        session.execute(
+            insert(_OUTBOX),
+            [
+                {"group_id": g, "location_id": loc, "serial": 0, "envelope": b"", "created_at": now}
+                for g, loc in removed
+            ],
+        )
     changed = _issue(session, signing_key=signing_key, pending=pending)
     session.flush()
     return RefreshResult(changed, removed)
 
 
+_EFFECTIVE: Table = EffectiveConfig.__table__  # type: ignore[attr-defined]
+_OUTBOX: Table = OutboxEntry.__table__  # type: ignore[attr-defined]
+_UPDATE_EFFECTIVE = (
+    update(_EFFECTIVE)
+    .where(_EFFECTIVE.c.group_id == bindparam("key_group_id"))
+    .where(_EFFECTIVE.c.location_id == bindparam("key_location_id"))
+)
+
+
 def _issue(
-    session: Session, *, signing_key: SigningKey, pending: list[tuple[int, DocumentBody, str]]
+    session: Session, *, signing_key: SigningKey, pending: list[Pending]
 ) -> list[tuple[int, int, int]]:
-    """Give each pending document a serial, sign it, store it and queue it for the bridge."""
+    """Give each pending document a serial, sign it, store it and queue it for the bridge.
+
+    Written in bulk, one statement per kind of write whatever the number of documents (executemany:
+    the stored documents updated, the new ones inserted, the outbox rows inserted), with no ORM object
+    per row. A `merge` and an ORM outbox row per document cost a SELECT and a flush each: a change at
+    the root of 3,000 documents took about 4 s to its outbox that way (benchmark 5,
+    `bench/resolution_scale.py`), and about 0.6 s this way.
+    """
     if not pending:
         return []
     serials = allocate_serials(session, len(pending))
-    issued_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    now = utcnow()
+    issued_at = now.isoformat().replace("+00:00", "Z")
     changed = []
-    for serial, (group_id, document, digest) in zip(serials, pending, strict=True):
+    updates: list[dict[str, Any]] = []
+    inserts: list[dict[str, Any]] = []
+    outbox: list[dict[str, Any]] = []
+    for serial, item in zip(serials, pending, strict=True):
+        document = item.document
+        location_id = document.location_id
         envelope = signing_key.sign_envelope({**document.body, "serial": serial, "issued_at": issued_at})
-        session.merge(
-            EffectiveConfig(
-                group_id=group_id,
-                location_id=document.location_id,
-                is_default=document.is_default,
-                serial=serial,
-                body_sha256=digest,
-                heartbeat_s=document.heartbeat_s,
-                envelope=envelope,
-            )
+        values = {
+            "is_default": document.is_default,
+            "serial": serial,
+            "body_sha256": item.digest,
+            "heartbeat_s": document.heartbeat_s,
+            "envelope": envelope,
+            "updated_at": now,
+        }
+        if item.stored:
+            updates.append({"key_group_id": item.group_id, "key_location_id": location_id, **values})
+        else:
+            inserts.append({"group_id": item.group_id, "location_id": location_id, **values})
+        outbox.append(
+            {
+                "group_id": item.group_id,
+                "location_id": location_id,
+                "serial": serial,
+                "envelope": envelope,
+                "created_at": now,
+            }
         )
-        session.add(
-            OutboxEntry(group_id=group_id, location_id=document.location_id, serial=serial, envelope=envelope)
-        )
-        changed.append((group_id, document.location_id, serial))
+        changed.append((item.group_id, location_id, serial))
+    session.flush()  # whatever the caller left pending goes first, as it would have with ORM objects
+    if updates:
+        session.execute(_UPDATE_EFFECTIVE, updates)
+        _expire_loaded(session, {(g, loc) for g, loc, _ in changed})
+    if inserts:
+        session.execute(insert(_EFFECTIVE), inserts)
+    session.execute(insert(_OUTBOX), outbox)
     return changed
+
+
+def _expire_loaded(session: Session, keys: set[tuple[int, int]]) -> None:
+    """Documents this session loaded before they were rewritten: reload them on next access."""
+    for instance in list(session.identity_map.values()):
+        if isinstance(instance, EffectiveConfig) and (instance.group_id, instance.location_id) in keys:
+            session.expire(instance)

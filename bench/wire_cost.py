@@ -3,12 +3,17 @@
 Everything is counted by the kernel on the agent's own socket (`TCP_INFO`: bytes sent and received,
 segments in and out, pure ACKs included), never estimated from message sizes:
 
-- pull: the reference agent's HTTP client (`agent_stub.manager_client.ManagerClient` over its
-  keep-alive `httpx` connection) heartbeating a real manager (`policycast serve`). An unchanged
-  heartbeat is request + response on an open connection, headers included; the heartbeats are spaced
-  out (`--gap`, more than Linux's 200 ms delayed-ACK ceiling), so that ACKs are counted as a real agent,
-  which heartbeats every few minutes, sends them: on their own, not piggybacked on the next request.
-  The baseline is SEPM's published 3-5 KB per heartbeat.
+- pull: the reference agent (`agent_stub.pull.PullLoop` and `agent_stub.core.AgentCore`, talking
+  through `agent_stub.manager_client.ManagerClient` over its keep-alive `httpx` connection) heartbeating
+  a real manager (`policycast serve`). An unchanged heartbeat is request + response on an open
+  connection, headers included: the agent sends only Host, Content-Length, Authorization and
+  Content-Type, and leaves its unchanged `status` out. The heartbeats are spaced out (`--gap`, more than
+  Linux's 200 ms delayed-ACK ceiling), so that ACKs are counted as a real agent, which heartbeats every
+  few minutes, sends them: on their own, not piggybacked on the next request. For comparison, on the
+  same connection: the agent before it trimmed its heartbeats (httpx's default headers plus its own
+  `Accept` and `User-Agent`, and the status every time), and a hand-written client that sends the same
+  lean request in one write (the protocol's floor). The baseline is SEPM's published 3-5 KB per
+  heartbeat.
 - push, idle: a paho MQTT 5 client on a real Mosquitto with the agent's keep-alive, counting the
   PINGREQ/PINGRESP rounds (2 + 2 bytes of MQTT each) and their TCP segments, scaled to an hour at
   `POLICYCAST_AGENT_MQTT_KEEPALIVE_S` (60 s by default).
@@ -140,69 +145,95 @@ class _SocketOf:
         self.last = response
 
 
-async def _pull(server: Server, heartbeats: int, gap: float) -> dict[str, Any]:
-    from agent_stub import AGENT_VERSION
+async def _root_with_policies(admin: httpx.AsyncClient) -> tuple[int, list[dict[str, Any]]]:
+    """The root group, with a 10-rule firewall and an antivirus policy assigned."""
+    root = next(g for g in (await admin.get("/groups")).json() if g["parent_id"] is None)["id"]
+    policies = []
+    for name, kind, body in (("Firewall", "firewall", FIREWALL), ("Antivirus", "antivirus", ANTIVIRUS)):
+        policy = (await admin.post("/policies", json={"name": name, "type": kind, "body": body})).json()
+        response = await admin.put(f"/groups/{root}/policies/{kind}", json={"policy_id": policy["id"]})
+        response.raise_for_status()
+        policies.append(policy)
+    return root, policies
+
+
+def _reference_agent(url: str, enrolment: Any, http: httpx.AsyncClient) -> tuple[Any, Any]:
+    """The reference agent's core (state in memory) and pull loop, talking through `ManagerClient`."""
+    from agent_stub.core import AgentCore
     from agent_stub.manager_client import ManagerClient
-    from fabric_core.wire import HeartbeatRequest
+    from agent_stub.pull import PullLoop
+    from agent_stub.state import Identity, MemoryStateStore
+    from fabric_core.settings import AgentSettings
+
+    client = ManagerClient(server=url, agent_id=enrolment.agent_id, secret=enrolment.secret, http=http)
+    identity = Identity.from_enrollment(server=url, response=enrolment, hostname="wire-cost-pc")
+    core = AgentCore(identity=identity, store=MemoryStateStore(identity))
+    return core, PullLoop(core, client, AgentSettings(), hostname="wire-cost-pc")
+
+
+async def _pull(server: Server, heartbeats: int, gap: float) -> dict[str, Any]:
+    from agent_stub.manager_client import ManagerClient
 
     url = f"http://127.0.0.1:{server.port}"
     admin = httpx.AsyncClient(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     async with admin:
-        root = next(g for g in (await admin.get("/groups")).json() if g["parent_id"] is None)["id"]
-        policies = []
-        for name, kind, body in (("Firewall", "firewall", FIREWALL), ("Antivirus", "antivirus", ANTIVIRUS)):
-            policy = (await admin.post("/policies", json={"name": name, "type": kind, "body": body})).json()
-            response = await admin.put(f"/groups/{root}/policies/{kind}", json={"policy_id": policy["id"]})
-            response.raise_for_status()
-            policies.append(policy)
+        root, policies = await _root_with_policies(admin)
         token = (await admin.post(f"/groups/{root}/enrollment-tokens", json={})).json()["token"]
         enrolment = await ManagerClient.enroll(server=url, token=token, hostname="wire-cost-pc", facts={})
-
         hook = _SocketOf()
         http = httpx.AsyncClient(timeout=10, event_hooks={"response": [hook]})
-        agent = ManagerClient(server=url, agent_id=enrolment.agent_id, secret=enrolment.secret, http=http)
-        status = {"hostname": "wire-cost-pc", "agent_version": AGENT_VERSION}  # as agent_stub.pull sends
-
-        def request(serial: int, location_id: int | None) -> HeartbeatRequest:
-            return HeartbeatRequest(serial=serial, location_id=location_id, mode="pull", status=status)
+        core, agent = _reference_agent(url, enrolment, http)
 
         async with http:
-            first = await agent.heartbeat(request(0, None))  # opens the connection, gets the document
-            assert first.changed and first.config is not None
-            serial, location = first.serial, int(first.config.doc["location_id"])
+            await agent.heartbeat_once()  # opens the connection, sends the status, gets the document
+            assert core.document is not None and hook.last is not None
+            first_request = hook.last.request.content
+            assert b'"status"' in first_request, first_request
+            serial, location = core.serial, core.location_id
+            assert location is not None
+            await asyncio.sleep(gap)
+            await agent.heartbeat_once()  # reports the applied serial: now the manager holds it all
             await asyncio.sleep(gap)
             before = Counters.of(hook.socket)
             for _ in range(heartbeats):
-                reply = await agent.heartbeat(request(serial, location))
-                assert not reply.changed and reply.serial == serial, reply
+                await agent.heartbeat_once()
+                assert hook.last is not None and hook.last.status_code == 200, hook.last
+                reply = orjson.loads(hook.last.content)
+                assert not reply["changed"] and reply["serial"] == serial, reply
                 await asyncio.sleep(gap)
             unchanged = WireCost.of(Counters.of(hook.socket) - before, heartbeats)
             assert hook.last is not None
-            request_headers = dict(hook.last.request.headers)
+            request_headers = _shown(hook.last.request.headers)
             response_headers = dict(hook.last.headers)
             request_body = hook.last.request.content
             response_body = hook.last.content
+            assert b'"status"' not in request_body, request_body
+
+            previous = await _previous_agent(
+                http, hook, url, enrolment.secret, _heartbeat_with_status(serial, location), heartbeats, gap
+            )
 
             # a policy change: the operator edits the firewall; the next heartbeat brings the document
             firewall = policies[0]
             edited = {"rules": [*FIREWALL["rules"], {"name": "rule-new", "action": "deny", "port": 23}]}
             (await admin.put(f"/policies/{firewall['id']}", json={"body": edited})).raise_for_status()
             before = Counters.of(hook.socket)
-            reply = await agent.heartbeat(request(serial, location))
-            assert reply.changed and reply.serial > serial, reply
+            await agent.heartbeat_once()
+            assert core.serial > serial, "the heartbeat did not bring the new document"
             await asyncio.sleep(gap)
             changed = WireCost.of(Counters.of(hook.socket) - before, 1)
             envelope = _envelope_bytes(hook.last.content)
+            new_serial = core.serial
         lean = {
             name: await asyncio.to_thread(
-                _lean_heartbeats, server.port, enrolment.secret, body, heartbeats, gap, reply.serial
+                _lean_heartbeats, server.port, enrolment.secret, body, heartbeats, gap, new_serial
             )
             for name, body in (
-                ("same_body", request(reply.serial, location).model_dump_json(exclude_none=True).encode()),
                 (
-                    "without_status",
-                    b'{"serial":%d,"location_id":%d,"mode":"pull"}' % (reply.serial, location),
+                    "same_body",
+                    b'{"serial":%d,"location_id":%d,"mode":"pull"}' % (new_serial, location),
                 ),
+                ("with_status", _heartbeat_with_status(new_serial, location)),
             )
         }
     return {
@@ -213,15 +244,56 @@ async def _pull(server: Server, heartbeats: int, gap: float) -> dict[str, Any]:
         "response_headers": response_headers,
         "response_body": response_body.decode(),
         "response_head_bytes": unchanged.app_bytes_in - len(response_body),
+        "first_request_body": first_request.decode(),
+        "previous_agent": previous,
         "changed_heartbeat": asdict(changed),
         "lean_client": lean,
         "document": {
             "group_id": root,
             "location_id": location,
-            "serial": reply.serial,
+            "serial": new_serial,
             "envelope_bytes": len(envelope),
         },
         "_envelope": envelope,
+    }
+
+
+def _heartbeat_with_status(serial: int, location_id: int) -> bytes:
+    """An unchanged heartbeat's body as the agent sent it every time before: with its status."""
+    from agent_stub import AGENT_VERSION
+    from fabric_core.wire import HeartbeatRequest
+
+    status = {"hostname": "wire-cost-pc", "agent_version": AGENT_VERSION}  # as agent_stub.pull builds it
+    request = HeartbeatRequest(serial=serial, location_id=location_id, mode="pull", status=status)
+    return request.model_dump_json(exclude_none=True).encode()
+
+
+async def _previous_agent(
+    http: httpx.AsyncClient, hook: _SocketOf, url: str, secret: str, body: bytes, count: int, gap: float
+) -> dict[str, Any]:
+    """Unchanged heartbeats as the agent sent them before it trimmed them, on the same connection:
+    httpx's default headers plus the agent's `Accept` and `User-Agent`, and the status every time."""
+    from agent_stub import AGENT_VERSION
+
+    headers = {
+        "User-Agent": f"policycast-agent/{AGENT_VERSION}",
+        "Accept": "application/json",
+        "Authorization": f"Bearer {secret}",
+        "Content-Type": "application/json",
+    }
+    before = Counters.of(hook.socket)
+    response = None
+    for _ in range(count):
+        response = await http.post(f"{url}/agent/v1/heartbeat", content=body, headers=headers)
+        assert response.status_code == 200 and not response.json()["changed"], response.text
+        await asyncio.sleep(gap)
+    assert response is not None
+    cost = WireCost.of(Counters.of(hook.socket) - before, count)
+    return {
+        **asdict(cost),
+        "request_headers": _shown(response.request.headers),
+        "request_body": body.decode(),
+        "request_head_bytes": cost.app_bytes_out - len(body),
     }
 
 
@@ -253,7 +325,8 @@ def _lean_heartbeats(
             time.sleep(gap)
         assert before is not None
         cost = WireCost.of(Counters.of(sock) - before, count)
-    return {"request": (head + body).decode(), **asdict(cost)}
+    shown = (head + body).decode().replace(secret, f"<{len(secret)} characters>")
+    return {"request": shown, **asdict(cost)}
 
 
 def _envelope_bytes(heartbeat_response: bytes) -> bytes:
@@ -428,8 +501,12 @@ async def _run(heartbeats: int, gap: float, keepalive: int, idle_s: float) -> di
         "summary": {
             "unchanged_heartbeat_bytes": unchanged["app_bytes"],
             "unchanged_heartbeat_ip_bytes": unchanged["ip_bytes"],
-            "lean_client_bytes": pull["lean_client"]["same_body"]["app_bytes"],
-            "lean_client_without_status_bytes": pull["lean_client"]["without_status"]["app_bytes"],
+            "unchanged_heartbeat_segments": unchanged["segments_out"] + unchanged["segments_in"],
+            "previous_agent_bytes": pull["previous_agent"]["app_bytes"],
+            "previous_agent_ip_bytes": pull["previous_agent"]["ip_bytes"],
+            "one_write_client_bytes": pull["lean_client"]["same_body"]["app_bytes"],
+            "one_write_client_ip_bytes": pull["lean_client"]["same_body"]["ip_bytes"],
+            "one_write_client_with_status_bytes": pull["lean_client"]["with_status"]["app_bytes"],
             "target_bytes": TARGET_BYTES,
             "target_met": unchanged["app_bytes"] <= TARGET_BYTES,
             "baseline_sepm_bytes": list(SEPM_BYTES),
@@ -480,3 +557,13 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _shown(headers: httpx.Headers) -> dict[str, str]:
+    """Headers as the result file keeps them: the bearer secret's length counts, not its value."""
+    shown = dict(headers)
+    for name in list(shown):
+        if name.lower() == "authorization":
+            scheme, _, secret = shown[name].partition(" ")
+            shown[name] = f"{scheme} <{len(secret)} characters>"
+    return shown

@@ -44,23 +44,28 @@ class Publisher(Protocol):
 def relay_outbox(engine: Engine, publisher: Publisher, *, prefix: str, batch: int, timeout: float) -> int:
     """Publish the oldest pending documents; return how many outbox rows were settled."""
     with Session(engine) as session:
-        rows = session.exec(
-            select(OutboxEntry)
+        rows = session.exec(  # plain rows, not ORM objects: a fleet-wide change has thousands
+            select(
+                col(OutboxEntry.id),
+                col(OutboxEntry.group_id),
+                col(OutboxEntry.location_id),
+                OutboxEntry.envelope,
+            )
             .where(col(OutboxEntry.published_at).is_(None))
             .order_by(col(OutboxEntry.id))
             .limit(batch)
         ).all()
     if not rows:
         return 0
-    newest: dict[tuple[int, int], OutboxEntry] = {}
-    for row in rows:  # ascending id is ascending serial: the last one per topic wins
-        newest[(row.group_id, row.location_id)] = row
+    newest: dict[tuple[int, int], tuple[int, bytes]] = {}
+    for row_id, group_id, location_id, envelope in rows:  # ascending id is ascending serial: the last wins
+        newest[(group_id, location_id)] = (int(row_id or 0), bytes(envelope))
     messages = [
-        Message(config_topic(prefix, row.group_id, row.location_id), row.envelope, qos=1, retain=True)
-        for row in sorted(newest.values(), key=lambda r: r.id or 0)
+        Message(config_topic(prefix, group_id, location_id), envelope, qos=1, retain=True)
+        for (group_id, location_id), (_, envelope) in sorted(newest.items(), key=lambda item: item[1][0])
     ]
     publisher.publish_many(messages, timeout=timeout)
-    _mark(engine, OutboxEntry, [row.id for row in rows if row.id is not None])
+    _mark(engine, OutboxEntry, [int(row_id) for row_id, *_ in rows if row_id is not None])
     log.debug("published %d document(s), settled %d outbox row(s)", len(messages), len(rows))
     return len(rows)
 

@@ -2,7 +2,8 @@
 
 One round: flush ingested state; renew the lease; if held, reconcile broker accounts (when something
 changed), then relay documents and commands. A broker or database that is away is retried with
-exponential back-off and full jitter; the outbox keeps what waits meanwhile.
+exponential back-off and full jitter; the outbox keeps what waits meanwhile. A broker that comes back
+ends the back-off at once.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class Bridge:
                     failures += 1
                     delay = random.uniform(0, min(MAX_BACKOFF_S, 0.5 * 2**failures))
                     log.warning("bridge round failed (%s); retrying in %.1fs", exc, delay)
-                    stop.wait(delay)
+                    self._pause(delay, stop)
                     continue
                 if failures:
                     log.info("bridge working again after %d failed round(s)", failures)
@@ -87,6 +88,20 @@ class Bridge:
                     stop.wait(self.settings.bridge_poll_s)
         finally:
             self._release()
+
+    def _pause(self, delay: float, stop: threading.Event) -> None:
+        """Back off after a failed round, but resume as soon as a lost broker connection is back.
+
+        The link reconnects by itself; the documents published while the broker was away wait for the
+        next round, so sleeping out a grown back-off here would keep the whole fleet on old serials.
+        """
+        deadline = time.monotonic() + delay
+        was_down = not self.link.connected.is_set()
+        while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            if was_down and self.link.connected.wait(min(remaining, 0.1)):
+                return
+            if not was_down:
+                stop.wait(remaining)
 
     def round(self) -> bool:
         """One pass; True if there may be more work right away."""

@@ -220,7 +220,14 @@ class HeartbeatRequest(_Strict):
     serial: int = Field(ge=0, description="the serial of the document the agent enforces; 0 for none")
     location_id: int | None = Field(default=None, description="the location the agent chose; null: Default")
     mode: Mode
-    status: dict[str, Any] = Field(default_factory=dict)
+    status: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "free-form, kept on the agent row (`content`: `{kind: revision}`, the content revisions held). "
+            "Absent or null: unchanged since the last status the manager acknowledged with a 2xx; the "
+            "manager keeps what it holds (`{}` if the agent never sent one). An object replaces it."
+        ),
+    )
     logs: LogBatch | None = None
 
 

@@ -112,7 +112,9 @@ async def _document(fabric: Fabric, agent: KnownAgent, location_id: int | None) 
 async def heartbeat(body: HeartbeatRequest, request: Request) -> Response:
     """Report what the agent holds; learn whether its document changed and when to come back.
 
-    Served from memory: no database write unless the request carries a log batch.
+    `status` may be left out when it has not changed since the last heartbeat answered 2xx: the manager
+    then keeps the status it holds. Served from memory: no database write unless the request carries a
+    log batch.
     """
     # Not `FabricDep`: FastAPI runs a plain-function dependency in the thread pool, a thread hop that
     # cost more than the whole heartbeat.
@@ -155,7 +157,7 @@ def _require_storable(body: HeartbeatRequest) -> None:
     """Refuse what the database cannot hold: it would fail the batched bookkeeping of every agent."""
     if body.serial > MAX_SERIAL:
         raise Invalid(f"serial {body.serial} is beyond the 64-bit range")
-    if body.status and not is_plain_json(body.status):
+    if body.status is not None and not is_plain_json(body.status):
         raise Invalid(f"status must be {PLAIN_JSON}")
     if body.logs is not None:
         for index, entry in enumerate(body.logs.entries):
@@ -296,15 +298,14 @@ def _fast_heartbeat(fabric: Fabric, authorization: bytes, body: bytes) -> bytes 
     serial = request.get("serial")
     location_id = request.get("location_id")
     mode = request.get("mode")
-    agent_status = request.get("status", {})
+    agent_status = request.get("status")  # absent or null: unchanged, the manager keeps what it holds
     if (
         type(serial) is not int
         or not 0 <= serial <= MAX_SERIAL
         or not (location_id is None or type(location_id) is int)
         or type(mode) is not str
         or mode not in _MODES
-        or type(agent_status) is not dict
-        or not _plain(agent_status)
+        or not (agent_status is None or (type(agent_status) is dict and _plain(agent_status)))
     ):
         return None
     found = fabric.view.document_for(agent.group_id, location_id)

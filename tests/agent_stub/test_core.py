@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from agent_stub import core as agent_core
 from agent_stub.core import AgentCore, NotEnrolledError, Outcome
 from agent_stub.state import CURRENT_FILE, FileStateStore, MemoryStateStore
 from fabric_core.signing import SigningKey
@@ -301,3 +302,30 @@ def test_the_transport_is_kept_in_the_status(core: AgentCore, file_store: FileSt
     assert file_store.load_status().transport == "pull"  # type: ignore[union-attr]
     core.record_stopped()
     assert core.transport == "pull" and file_store.load_status().transport is None  # type: ignore[union-attr]
+
+
+def test_the_bytes_held_again_are_stale_without_a_second_signature_check(
+    core: AgentCore, applied: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retained copy on re-subscribing, a republish after a broker restart: the same bytes."""
+    checks: list[object] = []
+    real = agent_core.open_envelope
+    monkeypatch.setattr(agent_core, "open_envelope", lambda *a: checks.append(a) or real(*a))
+
+    outcome = core.offer(applied, "mqtt", expect=(GROUP_ID, LOCATION_ID))
+
+    assert outcome.status is Outcome.STALE and outcome.serial == 5
+    assert checks == []
+    # Anything else is checked as ever: one byte more (JSON whitespace) is another envelope.
+    assert core.offer(applied + b" ", "mqtt").status is Outcome.STALE
+    assert len(checks) == 1
+    # And a copy for another (group, location) than the topic says is refused, held bytes or not.
+    assert core.offer(applied, "mqtt", expect=(GROUP_ID, LOCATION_ID + 1)).status is Outcome.REJECTED
+
+
+def test_the_bytes_held_are_remembered_across_a_restart(
+    applied: bytes, file_store: FileStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    restarted = AgentCore.from_store(file_store)  # verified once, on load
+    monkeypatch.setattr(agent_core, "open_envelope", lambda *a: pytest.fail("verified twice"))
+    assert restarted.offer(applied, "mqtt").status is Outcome.STALE

@@ -13,12 +13,14 @@ import httpx
 import orjson
 import pytest
 
+from agent_stub import AGENT_VERSION
 from agent_stub.core import AgentCore
 from agent_stub.manager_client import ManagerClient
 from agent_stub.pull import PullLoop
 from agent_stub.state import FileStateStore
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
+from fabric_core.wire import HeartbeatRequest, HeartbeatResponse
 from tests.agent_stub.conftest import LOCATION_ID, make_doc, wait_until
 
 
@@ -282,3 +284,96 @@ def test_a_broken_next_heartbeat_is_clamped(core: AgentCore, manager: FakeManage
         return delay
 
     assert asyncio.run(scenario()) == 0.25
+
+
+# --- status: sent first, then only when changed or after a failure ----------------------------------
+
+
+def test_status_is_sent_first_then_only_when_changed(core: AgentCore, manager: FakeManager) -> None:
+    settings = AgentSettings(retry_min_s=0.01, retry_max_s=0.02)
+    held: dict[str, int] = {}  # the same dict every time, changed in place: the loop must copy it
+
+    async def scenario() -> None:
+        loop, client = _loop(core, manager, settings)
+        loop.status_sources.append(lambda: {"content": held})
+        await loop.heartbeat_once()  # the first after start: the manager's copy is unknown
+        await loop.heartbeat_once()  # applied serial reported; status unchanged
+        await loop.heartbeat_once()
+        held["definitions"] = 1
+        await loop.heartbeat_once()  # changed: sent
+        await loop.heartbeat_once()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+    sent = [r.get("status") for r in manager.requests]
+    first = {"hostname": "host-1", "agent_version": AGENT_VERSION, "content": {}}
+    assert sent == [first, None, None, {**first, "content": {"definitions": 1}}, None]
+    assert [r["serial"] for r in manager.requests] == [0, 5, 5, 5, 5]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ConnectError("refused"), httpx.ReadTimeout("lost answer"), 503, 401, 422],
+    ids=["connect", "timeout", "503", "401", "422"],
+)
+def test_status_is_sent_again_after_a_failed_heartbeat(
+    core: AgentCore, manager: FakeManager, failure: Exception | int
+) -> None:
+    """A heartbeat that failed may or may not have reached the manager (a lost answer), and a refused
+    one changed nothing there: the next one carries the status, changed or not."""
+    settings = AgentSettings(retry_min_s=0.01, retry_max_s=0.02)
+    held: dict[str, int] = {}
+
+    async def scenario() -> None:
+        loop, client = _loop(core, manager, settings)
+        loop.status_sources.append(lambda: {"content": held})
+        await loop.heartbeat_once()
+        await loop.heartbeat_once()
+        manager.failures = [failure]
+        await loop.heartbeat_once()  # unchanged, fails
+        await loop.heartbeat_once()  # status again
+        await loop.heartbeat_once()
+        held["definitions"] = 2
+        manager.failures = [failure]
+        await loop.heartbeat_once()  # changed, fails
+        await loop.heartbeat_once()  # sent again
+        await loop.heartbeat_once()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+    sent = [r.get("status") for r in manager.requests]
+    status = {"hostname": "host-1", "agent_version": AGENT_VERSION, "content": {}}
+    changed = {**status, "content": {"definitions": 2}}
+    assert sent == [status, None, None, status, None, changed, changed, None]
+
+
+def test_status_is_sent_again_after_a_heartbeat_abandoned_in_flight(
+    core: AgentCore, signing_key: SigningKey, settings: AgentSettings
+) -> None:
+    """Stopping the loop abandons a heartbeat in flight: whether it arrived is unknown."""
+    release = asyncio.Event()
+    requests: list[dict[str, Any]] = []
+
+    class Slow:
+        async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse:
+            requests.append(request.model_dump(exclude_none=True))
+            if len(requests) == 2:
+                await release.wait()
+            return HeartbeatResponse(changed=False, serial=0, next_heartbeat_s=60)
+
+    async def scenario() -> None:
+        loop = PullLoop(core, Slow(), settings)
+        await loop.heartbeat_once()
+        beat = asyncio.create_task(loop.heartbeat_once())
+        await wait_until(lambda: len(requests) == 2)
+        beat.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await beat
+        await loop.heartbeat_once()
+        await loop.heartbeat_once()
+
+    asyncio.run(scenario())
+
+    assert ["status" in r for r in requests] == [True, False, True, False]

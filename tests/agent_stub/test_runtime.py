@@ -141,5 +141,24 @@ def test_transport_is_pull_while_the_broker_is_away(key: SigningKey, push_settin
         r.runtime.update_now()
         await wait_until(lambda: r.manager.requests[-1].mode == "pull")
         await wait_until(lambda: r.core.transport == "push")
+        # The manager last heard "pull": the session coming back is reported at once.
+        await wait_until(lambda: r.manager.requests[-1].mode == "push")
+
+    rig.run(scenario)
+
+
+def test_a_session_back_after_a_blip_costs_no_heartbeat(
+    key: SigningKey, push_settings: AgentSettings
+) -> None:
+    """After a broker restart the manager already holds "push" from each agent: none heartbeats."""
+    rig = _rig(key, push_settings, mode="push")
+
+    async def scenario(r: Rig) -> None:
+        await wait_until(lambda: bool(r.manager.requests) and r.manager.requests[-1].mode == "push")
+        count = len(r.manager.requests)
+        r.broker.link.drop()
+        await wait_until(lambda: r.runtime.push.sessions == 2 and r.core.transport == "push")
+        await asyncio.sleep(0.05)
+        assert len(r.manager.requests) == count
 
     rig.run(scenario)

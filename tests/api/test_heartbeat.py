@@ -9,10 +9,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
+from api.heartbeat import HeartbeatLedger
 from api.main import create_app
 from api.models import Agent
+from api.routes import agent_api
 from fabric_core.errors import BadSignature
 from fabric_core.settings import Settings
 from fabric_core.signing import VerifyKey, open_envelope
@@ -294,3 +297,116 @@ def test_update_now_of_unknown_or_revoked_agents_is_refused(admin, enroll):
     admin.post("/agents/no-such-agent/update-now", {}, expect=404)
     admin.delete(f"/agents/{agent.id}")
     admin.post(f"/agents/{agent.id}/update-now", {}, expect=409)
+
+
+# --- status: sent when it changed, kept when absent --------------------------------------------------
+
+
+@pytest.fixture(params=["fast path", "route"])
+def door(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[bytes]]:
+    """Which door serves the everyday heartbeat: the fast path, or the FastAPI route (fast path off).
+    Returns the door and the bodies the fast path answered."""
+    answered: list[bytes] = []
+    real = agent_api._fast_heartbeat
+
+    def spy(fabric: Any, authorization: bytes, body: bytes) -> bytes | None:
+        answer = real(fabric, authorization, body)
+        if answer is not None:
+            answered.append(body)
+        return answer
+
+    monkeypatch.setattr(agent_api, "_fast_heartbeat", spy)
+    if request.param == "route":
+        monkeypatch.setattr(agent_api, "FAST_BODY_LIMIT", 0)
+    return request.param, answered
+
+
+def stored_status(client: TestClient, agent: AgentClient) -> Any:
+    """The agent's status in the database, once what the ledger holds is written."""
+    fabric = client.app.state.fabric
+    fabric.ledger.flush(fabric.engine)
+    with Session(fabric.engine) as session:
+        row = session.get(Agent, agent.id)
+        assert row is not None
+        return row.status
+
+
+def test_a_heartbeat_without_status_keeps_the_stored_status(client, enroll, door):
+    path, answered = door
+    agent = enroll()
+    serial = agent.heartbeat(serial=0)["serial"]  # the agent's first heartbeat ever, without status
+    assert stored_status(client, agent) == {}
+
+    status = {"hostname": "pc-1", "agent_version": "1.2.3", "content": {"definitions": 4}}
+    assert agent.heartbeat(serial=serial, status=status)["changed"] is False
+    assert stored_status(client, agent) == status
+    agent.heartbeat(serial=serial)  # absent: unchanged
+    assert stored_status(client, agent) == status
+    agent.heartbeat(serial=serial, status=None)  # null: the same
+    assert stored_status(client, agent) == status
+
+    # Within one flush window, a heartbeat without status does not undo an earlier one's.
+    newer = {**status, "content": {"definitions": 5}}
+    agent.heartbeat(serial=serial, status=newer)
+    agent.heartbeat(serial=serial, location_id=999_999)
+    assert stored_status(client, agent) == newer
+
+    # A log upload (always the route) without status keeps it too.
+    agent.heartbeat(serial=serial, logs={"batch_id": "b-1", "entries": []})
+    assert stored_status(client, agent) == newer
+
+    agent.heartbeat(serial=serial, status={})  # an empty object is a status: it replaces
+    assert stored_status(client, agent) == {}
+    # all but the first (an agent not cached yet) and the log upload
+    assert len(answered) == (6 if path == "fast path" else 0)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"serial": 1, "mode": "pull", "status": "ok"}', "status"),
+        (b'{"serial": 1, "mode": "pull", "status": [1]}', "status"),
+        (b'{"serial": 1, "mode": "pull", "status": {"big": 1180591620717411303424}}', "status must be"),
+        (b'{"serial": 1, "mode": "pull", "status": {"x": NaN}}', "status must be"),
+    ],
+    ids=["string", "list", "big integer", "NaN"],
+)
+def test_a_malformed_status_is_refused_and_changes_nothing(client, enroll, door, body, words):
+    agent = enroll()
+    status = {"hostname": "pc-1"}
+    agent.heartbeat(serial=0, status=status)
+    assert stored_status(client, agent) == status
+    headers = {**agent.headers, "Content-Type": "application/json"}
+
+    response = client.post("/agent/v1/heartbeat", content=body, headers=headers)
+
+    assert response.status_code == 422, response.text
+    assert words in response.text
+    assert stored_status(client, agent) == status
+    assert door[1] == []  # never the fast path's to answer
+
+
+def test_a_status_is_not_lost_when_a_flush_fails(client, enroll):
+    """The database away at a flush: the sightings wait for the next one, and a later heartbeat
+    without status does not drop the status of one that came before the outage."""
+    agent = enroll()
+    fabric = client.app.state.fabric
+    ledger = HeartbeatLedger()
+    status = {"hostname": "pc-1", "content": {"definitions": 3}}
+    ledger.record(agent.id, serial=1, location_id=1, mode="pull", status=status, served_update=False)
+
+    class Away:
+        def begin(self) -> Any:
+            raise OperationalError("UPDATE agents", {}, Exception("connection refused"))
+
+    with pytest.raises(OperationalError):
+        ledger.flush(Away())  # type: ignore[arg-type]
+    ledger.record(agent.id, serial=2, location_id=1, mode="push", status=None, served_update=False)
+    assert len(ledger) == 1
+
+    assert ledger.flush(fabric.engine) == 1
+
+    with Session(fabric.engine) as session:
+        row = session.get(Agent, agent.id)
+        assert row is not None
+        assert (row.serial, row.mode, row.status) == (2, "push", status)

@@ -57,6 +57,7 @@ def test_fast_path_and_route_answer_alike(enroll, admin, monkeypatch, answered_f
         {"serial": serial, "location_id": 999_999, "mode": "pull"},  # unknown: the Default's document
         {"serial": 0, "mode": "pull"},  # behind: the signed document comes back
         {"serial": serial + 1000, "mode": "pull"},
+        {"serial": serial, "mode": "pull", "status": None},  # null: unchanged, as if absent
     ]
     others: list[Any] = [
         {"serial": serial, "mode": "pull", "status": {"load": 0.5}},  # floats go to the route
@@ -69,8 +70,8 @@ def test_fast_path_and_route_answer_alike(enroll, admin, monkeypatch, answered_f
         {"serial": True, "mode": "pull"},
         {"serial": serial, "mode": "smoke"},
         {"serial": serial, "mode": "pull", "seriall": 1},
-        {"serial": serial, "mode": "pull", "status": None},
         {"serial": serial, "mode": "pull", "status": []},
+        {"serial": serial, "mode": "pull", "status": "ok"},
         {"serial": serial, "location_id": "office", "mode": "pull"},
         {"mode": "pull"},
         [],

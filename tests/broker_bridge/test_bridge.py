@@ -275,17 +275,25 @@ def test_moving_or_revoking_an_agent_changes_what_the_broker_lets_it_read(stack:
 
     admin.patch(f"/agents/{agent.id}", {"group_id": servers["id"]})
 
-    def reads(group_id: int) -> bool:
+    def reads(group_id: int) -> bool | None:
+        """Whether the broker grants the subscription; None: no answer (ask again)."""
         client = stack.broker.client(mqtt["username"], mqtt["password"])
         if client.connect().is_failure:
             client.close()
-            return False
-        granted = not client.subscribe(config_topic(PREFIX, group_id, 1)).is_failure
+            return None
+        try:
+            granted: bool | None = not client.subscribe(config_topic(PREFIX, group_id, 1)).is_failure
+        except AssertionError:
+            # Mosquitto disconnects an account's clients when its roles change: the bridge's move
+            # can land between this probe's CONNECT and SUBSCRIBE.
+            granted = None
         client.close()
         return granted
 
     wait_for(
-        lambda: reads(servers["id"]) and not reads(root["id"]), timeout=10, what="the move on the broker"
+        lambda: reads(servers["id"]) is True and reads(root["id"]) is False,
+        timeout=10,
+        what="the move on the broker",
     )
 
     admin.delete(f"/agents/{agent.id}")

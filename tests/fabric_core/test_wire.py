@@ -68,8 +68,22 @@ def test_heartbeat_request_minimal_and_defaults() -> None:
     request = HeartbeatRequest.model_validate({"serial": 0, "mode": "push"})
     assert request.serial == 0
     assert request.location_id is None
-    assert request.status == {}
+    assert request.status is None  # absent: unchanged since the last acknowledged heartbeat
     assert request.logs is None
+
+
+@pytest.mark.parametrize(("status", "expected"), [(None, None), ({}, {}), ({"a": [1]}, {"a": [1]})])
+def test_heartbeat_status_is_optional_and_null_means_absent(status: Any, expected: Any) -> None:
+    request = HeartbeatRequest.model_validate({"serial": 0, "mode": "push", "status": status})
+    assert request.status == expected
+    # the agent's encoding (exclude_none) leaves an absent status out of the body altogether
+    assert ("status" in request.model_dump(exclude_none=True)) is (expected is not None)
+
+
+def test_heartbeat_schema_documents_status_as_optional() -> None:
+    schema = HeartbeatRequest.model_json_schema()
+    assert "status" not in schema["required"]
+    assert "unchanged" in schema["properties"]["status"]["description"]
 
 
 def test_heartbeat_request_full() -> None:
