@@ -26,6 +26,7 @@ from typing import Any
 
 from bench.common import (
     CpuMeter,
+    Observer,
     Stack,
     fleet_size,
     machine,
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prefix = stack.settings.mqtt_prefix
         link = stack.publisher()
         measured: list[dict[str, Any]] = []
+        observer = Observer(stack).__enter__()
         try:
             for number in range(1, rounds + 1):
                 time.sleep(SETTLE_S)
@@ -69,6 +71,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 started = publish_documents(link, messages)
                 baseline = fleet.sim.request("wait_messages", since=started, timeout_s=120)
                 baseline["cpu_s"] = meter.read()
+                held = {topic: _serial_of(body) for topic, body in messages}
+                baseline["observer"] = _observed(observer.wait(held, since=started, timeout=60), started)
                 time.sleep(SETTLE_S)
                 stack.wait_quiet()
                 before = stack.current_serials(keys)
@@ -76,10 +80,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # without asking the manager during the fan-out. Checked to be the current one after.
                 newer = {key: serial + 1 for key, serial in before.items()}
                 meter = CpuMeter(stack, fleet.sim)
+                sent = time.time()
                 answered, version = stack.change_policy(policy["id"])
                 change = fleet.sim.request("wait_converged", serials=newer, since=answered, timeout_s=120)
                 change["cpu_s"] = meter.read()
                 after = stack.current_documents(keys)
+                expected = {
+                    config_topic(prefix, *key.split("/")): _serial_of(body) for key, body in after.items()
+                }
+                change["observer"] = _observed(observer.wait(expected, since=sent, timeout=60), answered)
                 current = fleet.sim.request("wait_converged", serials=_serials(after), timeout_s=30)
                 change["converged"] = min(change["converged"], current["converged"])
                 sizes = [len(body) for body in after.values()]
@@ -90,6 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"{baseline['latency_s'].get('p99')}s ({baseline['received']}/{baseline['agents']})"
                 )
         finally:
+            observer.__exit__(None, None, None)
             link.close()
         view = _manager_view(stack, agents)
         final = fleet.sim.request("summary")
@@ -97,7 +107,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serials(documents: dict[str, bytes]) -> dict[str, int]:
-    return {key: int(json.loads(body)["doc"]["serial"]) for key, body in documents.items()}
+    return {key: _serial_of(body) for key, body in documents.items()}
+
+
+def _serial_of(envelope: bytes) -> int:
+    return int(json.loads(envelope)["doc"]["serial"])
+
+
+def _observed(seen: dict[str, Any], since: float) -> dict[str, Any]:
+    """What one more subscriber, on every config topic in a process of its own, saw: when the broker
+    had delivered it the last of the documents. The manager, bridge and broker's share of the fan-out,
+    without the fleet simulator's event loop (which handles 10,000 agents' messages one by one)."""
+    last = seen.get("last_at")
+    return {
+        "expected": seen["expected"],
+        "arrived": seen["arrived"],
+        "valid_signature": seen["valid_signature"],
+        "exact_serial": seen["exact_serial"],
+        "last_s": None if last is None else round(last - since, 4),
+        "first_s": None if seen.get("first_at") is None else round(seen["first_at"] - since, 4),
+    }
 
 
 def _round(
@@ -118,6 +147,7 @@ def _round(
             "payload_bytes": sorted({len(body) for body in documents.values()}),
             **{k: base.get(k) for k in ("p50", "p99", "max")},
             "cpu_s": baseline.get("cpu_s"),
+            "observer": baseline.get("observer"),
         },
         "policycast": {
             "agents": change["agents"],
@@ -125,6 +155,7 @@ def _round(
             "payload_bytes": sorted(set(sizes)),
             **{k: real.get(k) for k in ("p50", "p99", "max")},
             "cpu_s": change.get("cpu_s"),
+            "observer": change.get("observer"),
             "by_key_s": change.get("latency_by_key_s"),
         },
         "ratio_p50": ratio(real.get("p50"), base.get("p50")),
@@ -150,6 +181,11 @@ def _manager_view(stack: Stack, agents: int) -> dict[str, Any]:
         "push": sum(1 for a in view if a["mode"] == "push"),
         "online": sum(1 for a in view if a["online"]),
     }
+
+
+def _median_observed(rounds: list[dict[str, Any]], side: str) -> float | None:
+    values = [r[side]["observer"]["last_s"] for r in rounds if r[side]["observer"]["last_s"] is not None]
+    return round(statistics.median(values), 4) if values else None
 
 
 def _median(rounds: list[dict[str, Any]], side: str, key: str) -> float | None:
@@ -178,8 +214,13 @@ def _result(
             "policycast": {k: _median(rounds, "policycast", k) for k in ("p50", "p99", "max")},
             "baseline": {k: _median(rounds, "baseline", k) for k in ("p50", "p99", "max")},
             "ratio_p99": ratio(p99, base_p99),
+            "observer_last_s": {side: _median_observed(rounds, side) for side in ("policycast", "baseline")},
         },
         "all_converged": all_converged,
+        "all_observed": all(
+            seen["arrived"] == seen["valid_signature"] == seen["expected"]
+            for seen in (r[side]["observer"] for r in rounds for side in ("policycast", "baseline"))
+        ),
         "all_received_baseline": all_received,
         "manager_view": view,
         "targets": {"p99_s": TARGET_P99_S, "ratio_p99": TARGET_RATIO},

@@ -29,6 +29,12 @@ def test_push_fanout_harness_converges(tmp_path: Path) -> None:
     assert measured["baseline"]["agents"] == measured["baseline"]["received"] == AGENTS
     assert measured["policycast"]["agents"] == measured["policycast"]["converged"] == AGENTS
     assert result["all_converged"] and result["all_received_baseline"]
+    # one more subscriber on every config topic saw each new document, signed, with its new serial
+    observed = measured["policycast"]["observer"]
+    assert observed["arrived"] == observed["valid_signature"] == observed["exact_serial"]
+    assert observed["arrived"] == observed["expected"]
+    assert observed["expected"] == len(measured["policycast"]["by_key_s"]) > 0
+    assert result["all_observed"]
     assert result["median"]["policycast"]["p99"] is not None  # every agent had a latency
     # the operator's view: everyone enrolled, on push, online, holding the current serial
     assert result["manager_view"] == {
