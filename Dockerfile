@@ -6,6 +6,7 @@ COPY fabric_core fabric_core
 COPY api api
 COPY broker_bridge broker_bridge
 COPY agent_stub agent_stub
+COPY local_stack local_stack
 RUN pip install --no-cache-dir .
 RUN useradd --system --home /data policycast && mkdir -p /data /agent && chown policycast /data /agent
 USER policycast

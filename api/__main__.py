@@ -1,4 +1,4 @@
-"""`python -m api`: the same as the `policycast` console script."""
+"""`python -m api`: the manager's commands (`policycast` without `up`, which is `local_stack`'s)."""
 
 from api.cli import main
 

@@ -168,24 +168,6 @@ def _require_schema(engine: Engine) -> None:
         )
 
 
-@app.command()
-def up(
-    agents: Annotated[int, typer.Option(min=0, max=200, help="demo pull agents to start")] = 6,
-    port: Annotated[int, typer.Option(help="api port; 0 picks a free one")] = 8080,
-    exit_when_converged: Annotated[
-        bool, typer.Option(help="stop once the demo change reached every agent (for scripts)")
-    ] = False,
-) -> None:
-    """Run the local stack: the manager on SQLite, demo groups and policies, and demo agents."""
-    from api.stack import run_stack
-
-    settings = load_settings()
-    code = run_stack(
-        settings, agents=agents, port=port, exit_when_converged=exit_when_converged, console=console
-    )
-    raise typer.Exit(code)
-
-
 class ModeChoice(StrEnum):
     push = "push"
     pull = "pull"

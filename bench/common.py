@@ -1,7 +1,7 @@
 """What the benchmarks share: the stack in a kept data directory, the fleet simulator as a child process,
 and result files.
 
-The stack is `policycast up`'s, from its own pieces (`api.stack.start_broker`, `ManagerThread`,
+The stack is `policycast up`'s, from its own pieces (`local_stack.stack.start_broker`, `ManagerThread`,
 `start_bridge`): Mosquitto with Policycast's configuration as a child process, the manager (uvicorn, on
 SQLite) and the bridge on threads of this process. The fleet runs in another process
 (`policycast-agent simulate --control`), so that agents and manager do not share one interpreter lock.
@@ -43,7 +43,6 @@ from sqlalchemy import text
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent_stub.simulate import percentiles, raise_fd_limit, rss_bytes
-from api.stack import LocalBroker, ManagerThread, admin_key_for, pick_port, start_bridge, start_broker
 from broker_bridge import dynsec
 from broker_bridge.broker import BrokerLink, Publication
 from broker_bridge.credentials import bridge_password
@@ -52,6 +51,7 @@ from fabric_core.errors import PolicycastError
 from fabric_core.settings import MqttAddress, Settings
 from fabric_core.signing import VerifyKey, load_signing_key, open_envelope
 from fabric_core.topics import all_configs_filter, parse_topic
+from local_stack.stack import LocalBroker, ManagerThread, admin_key_for, pick_port, start_bridge, start_broker
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent

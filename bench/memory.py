@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api.stack import pick_port
 from bench.common import Fleet, Stack, fleet_size, machine, ratio, rss_bytes, say, work_dir
 from broker_bridge.mosquitto import BrokerLayout, MosquittoProcess, find_dynsec_plugin, write_broker_files
+from local_stack.stack import pick_port
 
 NAME = "memory"
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 def test_the_local_stack_converges_and_stops_cleanly(tmp_path: Path, mosquitto: object) -> None:
     # `mosquitto` (the fixture) only makes sure the broker is installed; `up` starts its own.
     result = subprocess.run(
-        [sys.executable, "-m", "api", "up", "--agents", "3", "--port", "0", "--exit-when-converged"],
+        [sys.executable, "-m", "local_stack", "up", "--agents", "3", "--port", "0", "--exit-when-converged"],
         cwd=tmp_path,
         env=python_env(POLICYCAST_DATA_DIR=str(tmp_path / "data")),
         capture_output=True,
