@@ -176,8 +176,10 @@ def run(
     if level > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request is noise
     core = _load_core(FileStateStore(settings.state_dir))
-    # `policycast-agent log` may signal as soon as the pid file exists: not fatal before _serve handles it.
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    # `policycast-agent log` and `update-now` may signal as soon as the pid file exists, and until
+    # _serve handles them (and after it stops) their default action would end the process. Ignoring
+    # them meanwhile loses nothing: starting is a heartbeat, and it uploads what the log holds.
+    _ignore_agent_signals()
     try:
         pid_file = pidfile.claim(settings.state_dir)
     except (pidfile.AgentAlreadyRunningError, OSError) as exc:
@@ -186,6 +188,11 @@ def run(
         asyncio.run(_serve(core, settings))
     finally:
         pidfile.release(pid_file)
+
+
+def _ignore_agent_signals() -> None:
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 async def _serve(core: AgentCore, settings: AgentSettings) -> None:
@@ -222,6 +229,7 @@ async def _serve(core: AgentCore, settings: AgentSettings) -> None:
     finally:
         for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        _ignore_agent_signals()  # removing restored the defaults; the pid file is still there
         await client.aclose()
     log.info("agent %s stopped, holding serial %d", identity.agent_id, core.serial)
 

@@ -234,6 +234,40 @@ def test_run_applies_updates_now_on_sigusr1_and_stops_on_sigterm(
     assert FileStateStore(state_dir).load_current() == _Manager.envelope
 
 
+def test_update_now_as_the_agent_starts_does_not_kill_it(
+    http_manager: str, state_dir: Path, identity: Identity
+) -> None:
+    """`update-now` may signal as soon as the pid file exists, before the event loop handles SIGUSR1:
+    SIGUSR1's default action would end the process. Starting is a heartbeat anyway."""
+    FileStateStore(state_dir).save_identity(identity.model_copy(update={"server": http_manager}))
+    env = {**os.environ, "POLICYCAST_AGENT_STATE_DIR": str(state_dir), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent_stub", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (state_dir / PID_FILE).exists():  # no sleep: signal the moment the file appears
+            assert proc.poll() is None and time.monotonic() < deadline
+        for _ in range(20):
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.005)
+        _wait(lambda: proc.poll() is not None or len(_Manager.heartbeats) >= 2)
+        assert proc.poll() is None, "a SIGUSR1 as it started killed the agent"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
 def test_run_keeps_a_push_session_and_status_shows_the_transport(
     http_manager: str, state_dir: Path, signing_key: SigningKey, broker: Mosquitto
 ) -> None:
