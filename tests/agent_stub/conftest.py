@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from agent_stub.state import FileStateStore, Identity, StoredMqttCredentials
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.wire import SigningKeyInfo
+from tests.agent_stub.agent_process import HeartbeatServer
 from tests.agent_stub.mosquitto import MOSQUITTO, Mosquitto
 
 GROUP_ID = 3
@@ -146,3 +149,16 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     mosquitto = Mosquitto(workdir).start()
     yield mosquitto
     mosquitto.stop()
+
+
+@pytest.fixture
+def http_manager(signing_key: SigningKey) -> Iterator[str]:
+    """The fake manager's URL; what it received is in `HeartbeatServer.heartbeats`."""
+    HeartbeatServer.envelope = signing_key.sign_envelope(make_doc(serial=42))
+    HeartbeatServer.heartbeats = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HeartbeatServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +16,7 @@ from agent_stub.pidfile import PID_FILE
 from agent_stub.state import FileStateStore, Identity
 from fabric_core.signing import SigningKey
 from fabric_core.wire import EnrollResponse, SigningKeyInfo
+from tests.agent_stub.agent_process import HeartbeatServer, start_agent
 from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc, make_identity
 from tests.agent_stub.mosquitto import Mosquitto
 
@@ -153,41 +147,6 @@ def test_update_now_without_a_running_agent_fails(file_store: FileStateStore, st
 # --- a real agent process --------------------------------------------------------------------------
 
 
-class _Manager(BaseHTTPRequestHandler):
-    envelope: bytes = b""
-    heartbeats: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).heartbeats.append(body)
-        doc = json.loads(self.envelope)
-        changed = body["serial"] < doc["doc"]["serial"]
-        answer = {"changed": changed, "serial": doc["doc"]["serial"], "next_heartbeat_s": 3600}
-        if changed:
-            answer["config"] = doc
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def http_manager(signing_key: SigningKey) -> Iterator[str]:
-    _Manager.envelope = signing_key.sign_envelope(make_doc(serial=42))
-    _Manager.heartbeats = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Manager)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def _wait(predicate: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -199,26 +158,18 @@ def test_run_applies_updates_now_on_sigusr1_and_stops_on_sigterm(
     http_manager: str, state_dir: Path, identity: Identity
 ) -> None:
     FileStateStore(state_dir).save_identity(identity.model_copy(update={"server": http_manager}))
-    env = {**os.environ, "POLICYCAST_AGENT_STATE_DIR": str(state_dir), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent_stub", "run"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_agent(state_dir)
     try:
         # The first heartbeat applies serial 42, the second reports it at once; then a 3600 s sleep.
-        _wait(lambda: len(_Manager.heartbeats) == 2)
-        assert _Manager.heartbeats[1]["serial"] == 42
+        _wait(lambda: len(HeartbeatServer.heartbeats) == 2)
+        assert HeartbeatServer.heartbeats[1]["serial"] == 42
         _wait((state_dir / PID_FILE).exists)
         assert int((state_dir / PID_FILE).read_text()) == proc.pid
 
         result = _invoke("update-now", "--state-dir", str(state_dir))
         assert result.exit_code == 0, result.output
-        _wait(lambda: len(_Manager.heartbeats) == 3)  # the 3600 s sleep was cut short
-        assert _Manager.heartbeats[2]["serial"] == 42
+        _wait(lambda: len(HeartbeatServer.heartbeats) == 3)  # the 3600 s sleep was cut short
+        assert HeartbeatServer.heartbeats[2]["serial"] == 42
 
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=5)
@@ -231,7 +182,7 @@ def test_run_applies_updates_now_on_sigusr1_and_stops_on_sigterm(
     assert f"applied serial 42 (group {GROUP_ID}, location {LOCATION_ID}) from heartbeat" in stderr
     assert "Traceback" not in stderr
     assert not (state_dir / PID_FILE).exists()
-    assert FileStateStore(state_dir).load_current() == _Manager.envelope
+    assert FileStateStore(state_dir).load_current() == HeartbeatServer.envelope
 
 
 def test_update_now_as_the_agent_starts_does_not_kill_it(
@@ -240,15 +191,7 @@ def test_update_now_as_the_agent_starts_does_not_kill_it(
     """`update-now` may signal as soon as the pid file exists, before the event loop handles SIGUSR1:
     SIGUSR1's default action would end the process. Starting is a heartbeat anyway."""
     FileStateStore(state_dir).save_identity(identity.model_copy(update={"server": http_manager}))
-    env = {**os.environ, "POLICYCAST_AGENT_STATE_DIR": str(state_dir), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent_stub", "run"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_agent(state_dir)
     try:
         deadline = time.monotonic() + 20
         while not (state_dir / PID_FILE).exists():  # no sleep: signal the moment the file appears
@@ -256,7 +199,7 @@ def test_update_now_as_the_agent_starts_does_not_kill_it(
         for _ in range(20):
             proc.send_signal(signal.SIGUSR1)
             time.sleep(0.005)
-        _wait(lambda: proc.poll() is not None or len(_Manager.heartbeats) >= 2)
+        _wait(lambda: proc.poll() is not None or len(HeartbeatServer.heartbeats) >= 2)
         assert proc.poll() is None, "a SIGUSR1 as it started killed the agent"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=5)
@@ -271,23 +214,15 @@ def test_update_now_as_the_agent_starts_does_not_kill_it(
 def test_run_keeps_a_push_session_and_status_shows_the_transport(
     http_manager: str, state_dir: Path, signing_key: SigningKey, broker: Mosquitto
 ) -> None:
-    _Manager.envelope = signing_key.sign_envelope(make_doc(serial=42, mode="push"))
+    HeartbeatServer.envelope = signing_key.sign_envelope(make_doc(serial=42, mode="push"))
     identity = make_identity(signing_key, mqtt_url=broker.url).model_copy(update={"server": http_manager})
     FileStateStore(state_dir).save_identity(identity)
-    env = {**os.environ, "POLICYCAST_AGENT_STATE_DIR": str(state_dir), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent_stub", "run"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_agent(state_dir)
     try:
         _wait(lambda: _status_row("transport", state_dir) == "push")
         # Heartbeats go on in push mode, and say so.
         assert _invoke("update-now", "--state-dir", str(state_dir)).exit_code == 0
-        _wait(lambda: _Manager.heartbeats[-1]["mode"] == "push")
+        _wait(lambda: HeartbeatServer.heartbeats[-1]["mode"] == "push")
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=5)
     finally:

@@ -8,17 +8,14 @@ heartbeats with a long heartbeat interval and a short `priority_delay_s`, never 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -32,6 +29,7 @@ from agent_stub.state import FileStateStore, Identity, MemoryStateStore
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.wire import HeartbeatRequest, HeartbeatResponse, LogBatch, LogEntry
+from tests.agent_stub.agent_process import HeartbeatServer, start_agent
 from tests.agent_stub.conftest import make_doc, make_identity, wait_until
 from tests.agent_stub.fakes import Broker, FakeManager
 
@@ -625,60 +623,17 @@ def test_log_command_signals_the_running_agent_for_security_entries(
         agent.wait()
 
 
-class _Manager(BaseHTTPRequestHandler):
-    envelope: bytes = b""
-    heartbeats: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).heartbeats.append(body)
-        doc = json.loads(self.envelope)
-        changed = body["serial"] < doc["doc"]["serial"]
-        answer = {"changed": changed, "serial": doc["doc"]["serial"], "next_heartbeat_s": 3600}
-        if changed:
-            answer["config"] = doc
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def http_manager(signing_key: SigningKey) -> Iterator[str]:
-    _Manager.envelope = signing_key.sign_envelope(make_doc(serial=42))
-    _Manager.heartbeats = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Manager)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def test_a_real_agent_uploads_a_security_entry_logged_by_the_cli(
     http_manager: str, state_dir: Path, identity: Identity
 ) -> None:
     """End to end, with processes: the file spool, SIGUSR2, the fast path (about GATHER_S, 5 s)."""
     FileStateStore(state_dir).save_identity(identity.model_copy(update={"server": http_manager}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "agent_stub", "run", "--state-dir", str(state_dir)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    agent = start_agent(state_dir, "--state-dir", str(state_dir))
     try:
         # Serial 42 applied by the first heartbeat, reported (with the "applied" entry) by the second.
-        asyncio.run(wait_until(lambda: len(_Manager.heartbeats) == 2, within=15))
+        asyncio.run(wait_until(lambda: len(HeartbeatServer.heartbeats) == 2, within=15))
         asyncio.run(wait_until((state_dir / PID_FILE).exists, within=5))
-        applied = _Manager.heartbeats[1]["logs"]["entries"]
+        applied = HeartbeatServer.heartbeats[1]["logs"]["entries"]
         assert [(e["category"], e["message"]) for e in applied] == [
             ("policy", "applied serial 42 from heartbeat")
         ]
@@ -688,8 +643,8 @@ def test_a_real_agent_uploads_a_security_entry_logged_by_the_cli(
         )
         assert result.returncode == 0, result.stderr
         # The manager said "in an hour": a third heartbeat is the fast path at work.
-        asyncio.run(wait_until(lambda: len(_Manager.heartbeats) == 3, within=30))
-        [entry] = _Manager.heartbeats[2]["logs"]["entries"]
+        asyncio.run(wait_until(lambda: len(HeartbeatServer.heartbeats) == 3, within=30))
+        [entry] = HeartbeatServer.heartbeats[2]["logs"]["entries"]
         assert (entry["level"], entry["category"], entry["message"]) == ("security", "av", "threat found")
 
         agent.send_signal(signal.SIGTERM)
