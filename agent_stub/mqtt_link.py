@@ -392,14 +392,19 @@ class MqttLink:
         if not self._connected or rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             reason = "not connected" if not self._connected else mqtt.error_string(rc)
             raise LinkDisconnected(f"{operation}: {reason}")
-        ack: asyncio.Future[list[ReasonCode]] = self._running_loop().create_future()
+        loop = self._running_loop()
+        ack: asyncio.Future[list[ReasonCode]] = loop.create_future()
         self._acks[mid] = ack
+        # A timer on the future rather than `asyncio.timeout()`: every publish and subscribe of a fleet
+        # waits here, and the timeout context (task lookup, cancel and uncancel) cost more than the
+        # wait itself when 10,000 agents reconnect at once (benchmark 4).
+        expiry = loop.call_later(self.options.timeout_s, _expire, ack)
         try:
-            async with asyncio.timeout(self.options.timeout_s):
-                return await ack
-        except TimeoutError:
+            return await ack
+        except _NoAnswer:
             raise LinkUnavailable(f"{operation}: no answer within {self.options.timeout_s:g} s") from None
         finally:
+            expiry.cancel()
             self._acks.pop(mid, None)
 
     def _resolve_ack(self, mid: int, codes: list[ReasonCode]) -> None:
@@ -523,3 +528,12 @@ class MqttLink:
         self._misc = None
         if self._client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._schedule_misc()
+
+
+class _NoAnswer(Exception):
+    """The broker did not acknowledge in time (turned into `LinkUnavailable` for callers)."""
+
+
+def _expire(ack: asyncio.Future[list[ReasonCode]]) -> None:
+    if not ack.done():
+        ack.set_exception(_NoAnswer())

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -235,3 +236,32 @@ def test_tls_handshake_through_the_loop(tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(Exception):
             tls_broker.stop()
+
+
+def test_an_unacknowledged_publish_fails_after_the_timeout() -> None:
+    """A broker that accepts the session and then never answers: the publish gives up, the loop runs."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def silent_broker() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)  # CONNECT
+            conn.sendall(bytes([0x20, 0x03, 0x00, 0x00, 0x00]))  # CONNACK: success, no properties
+            while conn.recv(65536):  # PUBLISH and the rest: never acknowledged
+                pass
+
+    threading.Thread(target=silent_broker, daemon=True).start()
+
+    async def scenario() -> None:
+        link = _link(MqttAddress("127.0.0.1", port), timeout_s=0.3)
+        await link.connect()
+        with pytest.raises(LinkUnavailable, match=r"no answer within 0\.3 s"):
+            await link.publish("policycast/v1/state/a-1", b"x", qos=1)
+        assert link._acks == {}  # nothing left waiting
+        link.abort()
+
+    try:
+        _run(scenario)
+    finally:
+        server.close()
