@@ -342,9 +342,6 @@ def _insert_tree(change: Change, *, root_id: int, levels: list[int], branching: 
     change.audit("bench.tree", f"group:{root_id}", groups=sum(levels), levels=levels)
 
 
-# --- the subscriber ----------------------------------------------------------------------------------
-
-
 # --- one round ---------------------------------------------------------------------------------------
 
 
