@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -55,3 +58,24 @@ def start_agent(state_dir: Path, *args: str, env: dict[str, str] | None = None) 
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@contextlib.contextmanager
+def running_agent(state_dir: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`start_agent`, killed on the way out if the test did not stop it (`stop_agent`)."""
+    proc = start_agent(state_dir, *args)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def stop_agent(proc: subprocess.Popen[str], *, timeout: float) -> str:
+    """SIGTERM, as an operator stops it; asserts a clean exit and returns what it logged."""
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    return stderr

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from agent_stub.state import FileStateStore, Identity, MemoryStateStore
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.wire import HeartbeatRequest, HeartbeatResponse, LogBatch, LogEntry
-from tests.agent_stub.agent_process import HeartbeatServer, start_agent
+from tests.agent_stub.agent_process import HeartbeatServer, running_agent, stop_agent
 from tests.agent_stub.conftest import make_doc, make_identity, wait_until
 from tests.agent_stub.fakes import Broker, FakeManager
 
@@ -628,8 +627,7 @@ def test_a_real_agent_uploads_a_security_entry_logged_by_the_cli(
 ) -> None:
     """End to end, with processes: the file spool, SIGUSR2, the fast path (about GATHER_S, 5 s)."""
     FileStateStore(state_dir).save_identity(identity.model_copy(update={"server": http_manager}))
-    agent = start_agent(state_dir, "--state-dir", str(state_dir))
-    try:
+    with running_agent(state_dir, "--state-dir", str(state_dir)) as agent:
         # Serial 42 applied by the first heartbeat, reported (with the "applied" entry) by the second.
         asyncio.run(wait_until(lambda: len(HeartbeatServer.heartbeats) == 2, within=15))
         asyncio.run(wait_until((state_dir / PID_FILE).exists, within=5))
@@ -647,11 +645,4 @@ def test_a_real_agent_uploads_a_security_entry_logged_by_the_cli(
         [entry] = HeartbeatServer.heartbeats[2]["logs"]["entries"]
         assert (entry["level"], entry["category"], entry["message"]) == ("security", "av", "threat found")
 
-        agent.send_signal(signal.SIGTERM)
-        _, stderr = agent.communicate(timeout=10)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.communicate()
-    assert agent.returncode == 0, stderr
-    assert "Traceback" not in stderr
+        stop_agent(agent, timeout=10)
