@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from api.routes import agent_api
 from fabric_core.settings import Settings
 from tests.conftest import ADMIN_KEY
 
@@ -104,3 +105,19 @@ def enroll(admin: Admin, client: TestClient) -> Any:
         return AgentClient(client, response.json())
 
     return _enroll
+
+
+@pytest.fixture
+def answered_fast(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The bodies of the heartbeats the ASGI fast path answered (the others went to the route)."""
+    seen: list[bytes] = []
+    real = agent_api._fast_heartbeat
+
+    def spy(fabric: Any, authorization: bytes, body: bytes) -> bytes | None:
+        answer = real(fabric, authorization, body)
+        if answer is not None:
+            seen.append(body)
+        return answer
+
+    monkeypatch.setattr(agent_api, "_fast_heartbeat", spy)
+    return seen

@@ -303,22 +303,14 @@ def test_update_now_of_unknown_or_revoked_agents_is_refused(admin, enroll):
 
 
 @pytest.fixture(params=["fast path", "route"])
-def door(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[bytes]]:
+def door(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, answered_fast: list[bytes]
+) -> tuple[str, list[bytes]]:
     """Which door serves the everyday heartbeat: the fast path, or the FastAPI route (fast path off).
     Returns the door and the bodies the fast path answered."""
-    answered: list[bytes] = []
-    real = agent_api._fast_heartbeat
-
-    def spy(fabric: Any, authorization: bytes, body: bytes) -> bytes | None:
-        answer = real(fabric, authorization, body)
-        if answer is not None:
-            answered.append(body)
-        return answer
-
-    monkeypatch.setattr(agent_api, "_fast_heartbeat", spy)
     if request.param == "route":
         monkeypatch.setattr(agent_api, "FAST_BODY_LIMIT", 0)
-    return request.param, answered
+    return request.param, answered_fast
 
 
 def stored_status(client: TestClient, agent: AgentClient) -> Any:

@@ -11,27 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
-
 from api.routes import agent_api
 from tests.api.conftest import AgentClient
 
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-def answered_fast(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    seen: list[bytes] = []
-    real = agent_api._fast_heartbeat
-
-    def spy(fabric: Any, authorization: bytes, body: bytes) -> bytes | None:
-        answer = real(fabric, authorization, body)
-        if answer is not None:
-            seen.append(body)
-        return answer
-
-    monkeypatch.setattr(agent_api, "_fast_heartbeat", spy)
-    return seen
 
 
 def _send(agent: AgentClient, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
