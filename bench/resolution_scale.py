@@ -61,6 +61,7 @@ from api.models import Assignment, Group, Location
 from api.resolution import load_tree
 from api.services import policies
 from api.services.change import Change
+from api.services.groups import COMMUNICATION_FIELDS, copy_location
 from bench.common import RESULTS_DIR, ROOT, Observer, Stack, machine, ratio, say, write_result
 from broker_bridge.broker import BrokerLink, Publication
 from fabric_core.topics import config_topic
@@ -287,8 +288,7 @@ def _insert_tree(change: Change, *, root_id: int, levels: list[int], branching: 
     root = tree.groups[root_id]
     sources = tree.locations[root_id]
     assignments = tree.assignments.get(root_id, [])
-    communication = {name: getattr(root, name) for name in ("mode", "heartbeat_s", "download_enabled")}
-    communication["randomize_s"] = root.randomize_s
+    communication = {name: getattr(root, name) for name in COMMUNICATION_FIELDS}
     parents = [root_id]
     for depth, width in enumerate(levels[1:], start=1):
         made = [
@@ -306,18 +306,7 @@ def _insert_tree(change: Change, *, root_id: int, levels: list[int], branching: 
         for group in made:
             assert group.id is not None
             for source in sources:
-                copy = Location(
-                    group_id=group.id,
-                    name=source.name,
-                    is_default=source.is_default,
-                    conditions=list(source.conditions),
-                    use_group_settings=source.use_group_settings,
-                    mode=source.mode,
-                    heartbeat_s=source.heartbeat_s,
-                    download_enabled=source.download_enabled,
-                    randomize_s=source.randomize_s,
-                )
-                copies.append((group, source, copy))
+                copies.append((group, source, copy_location(source, group_id=group.id)))
         session.add_all([copy for _, _, copy in copies])
         session.flush()
         location_map = {(g.id, s.id): c.id for g, s, c in copies}

@@ -142,6 +142,18 @@ def _move(change: Change, group: Group, parent_id: int) -> None:
     change.session.flush()
 
 
+def copy_location(source: Location, *, group_id: int) -> Location:
+    """A new location of `group_id` with `source`'s name, conditions and communication settings."""
+    return Location(
+        group_id=group_id,
+        name=source.name,
+        is_default=source.is_default,
+        conditions=list(source.conditions),
+        use_group_settings=source.use_group_settings,
+        **{name: getattr(source, name) for name in COMMUNICATION_FIELDS},
+    )
+
+
 def _stop_inheriting(change: Change, group: Group) -> None:
     """Copy the parent's current effective state into the group, which then owns it."""
     assert group.id is not None and group.parent_id is not None
@@ -152,14 +164,7 @@ def _stop_inheriting(change: Change, group: Group) -> None:
         setattr(group, name, getattr(owner, name))
     location_map: dict[int, int] = {}
     for source in tree.locations.get(owner.id or 0, []):
-        copy = Location(
-            group_id=group.id,
-            name=source.name,
-            is_default=source.is_default,
-            conditions=list(source.conditions),
-            use_group_settings=source.use_group_settings,
-            **{name: getattr(source, name) for name in COMMUNICATION_FIELDS},
-        )
+        copy = copy_location(source, group_id=group.id)
         session.add(copy)
         session.flush()
         assert source.id is not None and copy.id is not None
