@@ -1097,8 +1097,9 @@ class Fleet:
             key = agent.key
             if serials is not None and key is not None and not isinstance(agent, BareAgent):
                 applied = agent.applied_at(serials[key])
-                serials_at.append((applied if applied is not None else since) - since)
-                at = max(at, applied if applied is not None else since)
+                held_since = applied if applied is not None else since
+                serials_at.append(held_since - since)
+                at = max(at, held_since)
             times.append(at - since)
         return {
             "ok": wait.done.is_set(),
