@@ -137,16 +137,17 @@ def test_update_now_cuts_the_sleep_short(
     core: AgentCore, manager: FakeManager, settings: AgentSettings
 ) -> None:
     async def scenario(loop: PullLoop) -> None:
-        await wait_until(lambda: len(manager.requests) == 1)
+        # The first heartbeat applies serial 5, the second reports it; then the loop sleeps 60 s.
+        await wait_until(lambda: len(manager.requests) == 2, within=0.5)
         await asyncio.sleep(0.02)
         loop.update_now()
-        await wait_until(lambda: len(manager.requests) == 2, within=0.5)
+        await wait_until(lambda: len(manager.requests) == 3, within=0.5)
 
     _run(core, manager, settings, scenario)
 
-    # The second heartbeat reports what the first one applied, and learns nothing new.
-    second = manager.requests[1]
-    assert (second["serial"], second["location_id"]) == (5, LOCATION_ID)
+    # The woken heartbeat carries what the first one applied, and learns nothing new.
+    third = manager.requests[2]
+    assert (third["serial"], third["location_id"]) == (5, LOCATION_ID)
     assert core.serial == 5
 
 
@@ -168,14 +169,14 @@ def test_connect_errors_back_off_and_keep_the_last_document(
         seen_errors.append(core.status.last_error)
         # Throughout the outage the agent keeps the last good document, in memory and on disk.
         assert core.serial == 5 and file_store.load_current() == held
-        await wait_until(lambda: core.serial == 6)
+        # The fourth heartbeat applies serial 6 and the fifth, sent at once, reports it.
+        await wait_until(lambda: len(manager.requests) == 5)
 
     with caplog.at_level(logging.WARNING, logger="agent_stub.pull"):
         _run(core, manager, settings, scenario)
 
-    assert len(manager.requests) == 4
-    assert all(request["serial"] == 5 for request in manager.requests)
-    gaps = [b - a for a, b in zip(manager.times, manager.times[1:], strict=False)]
+    assert [request["serial"] for request in manager.requests] == [5, 5, 5, 5, 6]
+    gaps = [b - a for a, b in zip(manager.times[:3], manager.times[1:4], strict=True)]
     assert all(gap >= settings.retry_min_s * 0.9 for gap in gaps)
     assert seen_errors[0] is not None and "unreachable" in seen_errors[0]
     assert core.status.last_error is None
@@ -250,10 +251,12 @@ def test_update_now_during_back_off_retries_at_once(
     async def scenario(loop: PullLoop) -> None:
         await wait_until(lambda: len(manager.requests) == 1)
         loop.update_now()  # ...cut short by the user
-        await wait_until(lambda: core.serial == 5, within=0.5)
+        # The retry applies serial 5 and the next heartbeat, sent at once, reports it.
+        await wait_until(lambda: len(manager.requests) == 3, within=0.5)
 
     _run(core, manager, settings, scenario)
-    assert len(manager.requests) == 2
+    assert [request["serial"] for request in manager.requests] == [0, 0, 5]
+    assert core.serial == 5
 
 
 def test_a_rejected_document_is_not_applied_and_the_loop_goes_on(
