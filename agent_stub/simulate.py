@@ -279,6 +279,8 @@ class FleetStats:
     connects: int = 0
     connects_per_s: Counter[int] = field(default_factory=Counter)
     connect_failures: int = 0
+    heartbeats_pending: int = 0
+    """Heartbeats asked for and not answered yet: waiting for one of the pool's connections, or in flight."""
 
     def heartbeat(self, transport: Mode) -> None:
         second = int(time.time())
@@ -320,6 +322,7 @@ class FleetStats:
             "connects": sum(connects.values()),
             "heartbeat_failures": sum(failures.values()),
             "heartbeat_failure_kinds": dict(self.heartbeat_failure_kinds),
+            "heartbeats_pending": self.heartbeats_pending,
         }
 
 
@@ -357,13 +360,17 @@ class _CountingClient:
         self._slots = slots
 
     async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse:
-        async with self._slots:
-            self._stats.heartbeat(request.mode)
-            try:
-                return await self._inner.heartbeat(request)
-            except ManagerError as exc:
-                self._stats.heartbeat_failed(exc)
-                raise
+        self._stats.heartbeats_pending += 1
+        try:
+            async with self._slots:
+                self._stats.heartbeat(request.mode)
+                try:
+                    return await self._inner.heartbeat(request)
+                except ManagerError as exc:
+                    self._stats.heartbeat_failed(exc)
+                    raise
+        finally:
+            self._stats.heartbeats_pending -= 1
 
 
 class SimLink(MqttLink):

@@ -741,6 +741,22 @@ class Fleet:
         self.enrol()
         return self.launch()
 
+    def wait_quiet(self, timeout: float = 300.0) -> float:
+        """Until the manager hears next to no heartbeats and the simulator has none waiting to go out.
+
+        The manager's count alone can be fooled by a lull: a storm once began while heartbeats queued
+        during the fleet's start were still waiting for a connection, and they went out during it.
+        """
+        began = time.monotonic()
+        while True:
+            self.stack.wait_quiet(timeout=timeout)
+            pending = self.sim.request("rates", since=time.time())["heartbeats_pending"]
+            if pending == 0:
+                return time.monotonic() - began
+            if time.monotonic() - began > timeout:
+                raise TimeoutError(f"the simulator still has {pending} heartbeat(s) waiting to go out")
+            time.sleep(0.5)
+
     def launch(self) -> dict[str, Any]:
         """Start the simulator (agents already enrolled and provisioned) and wait until it is ready."""
         say(f"starting {self.agents} simulated {'bare MQTT clients' if '--bare' in self.argv else 'agents'}")

@@ -102,7 +102,7 @@ def _measure(stack: Stack, agents: int, *, bare: bool) -> dict[str, Any]:
     manager_before = rss_bytes(os.getpid())
     try:
         ready = fleet.launch()
-        stack.wait_quiet()
+        fleet.wait_quiet()
         collected = fleet.sim.request("collect")
         broker_after = rss_bytes(stack.broker_pid)
         manager_after = rss_bytes(os.getpid())

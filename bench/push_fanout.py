@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         steady = fleet.sim.request("wait_converged", timeout_s=120)
         if not steady["ok"]:
             raise RuntimeError(f"the fleet did not converge before the change: {steady}")
-        fleet.setup["quiet_wait_s"] = round(stack.wait_quiet(), 1)
+        fleet.setup["quiet_wait_s"] = round(fleet.wait_quiet(), 1)
         keys = fleet.keys()
         prefix = stack.settings.mqtt_prefix
         link = stack.publisher()
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     (config_topic(prefix, *key.split("/")), body + b" ")
                     for key, body in sorted(documents.items())
                 ]
-                stack.wait_quiet()
+                fleet.wait_quiet()
                 meter = CpuMeter(stack, fleet.sim)
                 started = publish_documents(link, messages)
                 baseline = fleet.sim.request("wait_messages", since=started, timeout_s=120)
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 held = {topic: _serial_of(body) for topic, body in messages}
                 baseline["observer"] = _observed(observer.wait(held, since=started, timeout=60), started)
                 time.sleep(SETTLE_S)
-                stack.wait_quiet()
+                fleet.wait_quiet()
                 before = stack.current_serials(keys)
                 # Waited for: a serial newer than the one held before, per (group, location): known
                 # without asking the manager during the fan-out. Checked to be the current one after.

@@ -114,7 +114,7 @@ def _storm(stack: Stack, fleet: Fleet, outage_s: float, *, policy_id: int | None
         steady = fleet.sim.request("wait_converged", timeout_s=120)
         if not steady["ok"]:
             raise RuntimeError(f"the fleet did not converge before the storm: {steady}")
-    stack.wait_quiet()
+    fleet.wait_quiet()
     before = stack.current_serials(keys)
     say(f"stopping the broker for {outage_s:g}s ({'bare clients' if bare else 'agents'})")
     meter = CpuMeter(stack, fleet.sim)
@@ -136,7 +136,7 @@ def _storm(stack: Stack, fleet: Fleet, outage_s: float, *, policy_id: int | None
     back = fleet.sim.request("wait_sessions", since=restarting, serials=newer, timeout_s=limit)
     # Agents whose last heartbeat said "pull" (they heartbeated while the broker was away) report their
     # new session with one heartbeat; the others stay quiet. Counted until the manager is quiet again.
-    stack.wait_quiet()
+    fleet.wait_quiet()
     settled = time.time()
     cpu = meter.read()
     probe.__exit__(None, None, None)

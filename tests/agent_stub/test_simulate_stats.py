@@ -1,0 +1,52 @@
+"""The simulator's heartbeat counters: what the benchmarks read to know the fleet is quiet."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent_stub.manager_client import ManagerUnreachable
+from agent_stub.simulate import FleetStats, _CountingClient
+from fabric_core.wire import HeartbeatRequest, HeartbeatResponse
+
+REQUEST = HeartbeatRequest(serial=3, mode="pull")
+ANSWER = HeartbeatResponse(changed=False, serial=3, next_heartbeat_s=300)
+
+
+class HeldManager:
+    """Answers (or fails) every heartbeat only when told to."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.failure: Exception | None = None
+
+    async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse:
+        await self.release.wait()
+        if self.failure is not None:
+            raise self.failure
+        return ANSWER
+
+
+@pytest.mark.parametrize("failure", [None, ManagerUnreachable("refused")], ids=["answered", "failed"])
+def test_a_heartbeat_is_pending_from_its_request_until_it_ends(failure: Exception | None) -> None:
+    stats = FleetStats()
+
+    async def scenario() -> None:
+        manager = HeldManager()
+        manager.failure = failure
+        client = _CountingClient(manager, stats, asyncio.Semaphore(1))  # type: ignore[arg-type]
+        beats = [asyncio.create_task(client.heartbeat(REQUEST)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        # One on the pool's only connection, one waiting for it: both count, only the first has left.
+        assert stats.heartbeats_pending == 2
+        assert stats.rates()["heartbeats"] == 1
+        manager.release.set()
+        await asyncio.gather(*beats, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+    rates = stats.rates()
+    assert rates["heartbeats_pending"] == 0
+    assert rates["heartbeats"] == rates["pull_heartbeats"] == 2
+    assert rates["heartbeat_failures"] == (2 if failure else 0)
