@@ -14,7 +14,7 @@ from broker_bridge import lease, relay
 from broker_bridge.service import Bridge
 from fabric_core.signing import VerifyKey, open_envelope
 from fabric_core.topics import cmd_topic, config_topic, state_topic
-from tests.support.broker import MqttClient
+from tests.support.broker import MqttClient, Received
 from tests.support.processes import wait_for
 from tests.support.stack import Stack, bridge_thread
 
@@ -187,9 +187,13 @@ def test_many_changes_leave_in_serial_order_even_with_two_bridges(stack: Stack) 
             admin.put(f"/policies/{policy['id']}", {"body": {"n": n}})
         target = admin.effective(root["id"])["serial"]
         wait_for(lambda: pending_outbox(stack) == 0, timeout=10, what="the outbox to drain")
-        serials = [orjson.loads(m.payload)["doc"]["serial"] for m in client.received(within=0.5)]
-        assert serials and serials[-1] == target
-        assert serials == sorted(serials)  # never an older document after a newer one
+
+        def serials(messages: list[Received]) -> list[int]:
+            return [orjson.loads(m.payload)["doc"]["serial"] for m in messages]
+
+        received = serials(client.received_until(lambda got: serials(got[-1:]) == [target]))
+        received += serials(client.received(within=0.3))  # and nothing older after it
+        assert received == sorted(received)  # never an older document after a newer one
         assert stack.bridge.bridge.published + second.bridge.published >= 1
     finally:
         second.stop()

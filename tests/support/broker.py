@@ -15,7 +15,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,6 +259,20 @@ class MqttClient:
         while (remaining := deadline - time.monotonic()) > 0:
             with contextlib.suppress(queue.Empty):
                 got.append(self.messages.get(timeout=remaining))
+        return got
+
+    def received_until(
+        self, done: Callable[[list[Received]], bool], *, timeout: float = 10.0
+    ) -> list[Received]:
+        """Everything received until `done` holds for what has arrived (an error if it never does)."""
+        deadline = time.monotonic() + timeout
+        got: list[Received] = []
+        while not done(got):
+            remaining = deadline - time.monotonic()
+            try:
+                got.append(self.messages.get(timeout=max(remaining, 0.0)))
+            except queue.Empty:
+                raise AssertionError(f"{self.client_id}: still waiting after {timeout}s, got {got}") from None
         return got
 
     def wait_disconnected(self, *, timeout: float = 5.0) -> ReasonCode:
