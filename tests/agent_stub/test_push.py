@@ -306,7 +306,7 @@ def test_connect_failures_back_off_and_log_once(
             return link
 
         h.push._link_factory = timed
-        await wait_until(lambda: h.push.connected, within=2.0)
+        await wait_until(lambda: h.push.connected)
 
     with caplog.at_level(logging.DEBUG, logger="agent_stub.push"):
         harness.run(scenario)

@@ -116,8 +116,8 @@ def test_a_late_joiner_applies_the_retained_document_and_reports_online(
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=4, mode="push")))
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: core.serial == 4, within=3)
-        await wait_until(lambda: bridge.last.get("serial") == 4, within=3)
+        await wait_until(lambda: core.serial == 4, within=5)
+        await wait_until(lambda: bridge.last.get("serial") == 4, within=5)
         state = bridge.last
         assert state["online"] is True and state["mode"] == "push"
         assert (state["agent_id"], state["group_id"], state["location_id"]) == (
@@ -139,10 +139,10 @@ def test_a_document_published_while_connected_is_applied_at_once(
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: bridge.last.get("online") is True, within=3)
+        await wait_until(lambda: bridge.last.get("online") is True, within=5)
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=2, mode="push")))
-        await wait_until(lambda: core.serial == 2, within=1)
-        await wait_until(lambda: bridge.last.get("serial") == 2, within=1)
+        await wait_until(lambda: core.serial == 2, within=5)
+        await wait_until(lambda: bridge.last.get("serial") == 2, within=5)
 
     _run(broker, push.run, scenario)
 
@@ -154,7 +154,7 @@ def test_forged_unsigned_and_older_documents_are_not_applied(
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: push.connected, within=3)
+        await wait_until(lambda: push.connected, within=5)
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=5, mode="push")))
         await wait_until(lambda: core.serial == 5)
         forged = SigningKey.generate().sign_envelope(make_doc(serial=9, mode="push"))
@@ -185,7 +185,7 @@ def test_an_update_now_command_reaches_on_command(
     push = _push(core, push_settings, commands)
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: push.connected, within=3)
+        await wait_until(lambda: push.connected, within=5)
         await bridge.publish(CMD, b'{"command": "update_now"}', retain=False)  # malformed: dropped
         command = b'{"command": "update_now", "id": "c-1", "issued_at": "2024-05-01T12:00:00Z"}'
         await bridge.publish(CMD, command, retain=False)
@@ -202,12 +202,12 @@ def test_the_will_says_offline_when_the_connection_dies_and_the_agent_comes_back
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: bridge.last.get("online") is True, within=3)
+        await wait_until(lambda: bridge.last.get("online") is True, within=5)
         assert push.link is not None
         push.link.abort()  # the connection dies without DISCONNECT
         await wait_until(lambda: bridge.last == {"agent_id": "agent-1", "online": False})
         # ...and the agent reconnects by itself (back-off) and says it is online again.
-        await wait_until(lambda: bridge.last.get("online") is True, within=3)
+        await wait_until(lambda: bridge.last.get("online") is True, within=5)
         assert push.sessions == 2
 
     _run(broker, push.run, scenario)
@@ -221,7 +221,7 @@ def test_a_location_move_moves_the_subscription(
     other = config_topic(DEFAULT_PREFIX, GROUP_ID, LOCATION_ID + 1)
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: push.connected, within=3)
+        await wait_until(lambda: push.connected, within=5)
         # A heartbeat moves the agent to another location.
         moved = key.sign_envelope(make_doc(serial=10, mode="push", location_id=LOCATION_ID + 1))
         assert core.offer(moved, "heartbeat").applied
@@ -253,15 +253,15 @@ def test_the_runtime_falls_back_to_pull_while_the_broker_is_away(
     runtime, manager = _runtime(key, broker, push_settings)
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: runtime.transport == "push", within=3)
+        await wait_until(lambda: runtime.transport == "push", within=5)
         await bridge.link.close()
         broker.stop()
-        await wait_until(lambda: runtime.transport == "pull", within=2)
+        await wait_until(lambda: runtime.transport == "pull", within=5)
         assert not runtime.push.connected
         runtime.update_now()  # heartbeats go on, and say pull
         await wait_until(lambda: manager.requests[-1].mode == "pull")
         broker.start()
-        await wait_until(lambda: runtime.transport == "push", within=3)
+        await wait_until(lambda: runtime.transport == "push", within=5)
         assert runtime.push.sessions == 2
         await bridge.link.connect()
 
@@ -275,18 +275,18 @@ def test_the_runtime_follows_mode_changes(
     runtime, manager = _runtime(key, broker, push_settings)
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: bridge.last.get("online") is True, within=3)
+        await wait_until(lambda: bridge.last.get("online") is True, within=5)
         assert runtime.transport == "push"
         # The operator switches the group to pull: the bridge publishes it.
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=2, mode="pull")))
-        await wait_until(lambda: bridge.last.get("online") is False, within=2)
+        await wait_until(lambda: bridge.last.get("online") is False, within=5)
         assert bridge.last["mode"] == "pull" and bridge.last["serial"] == 2
         await wait_until(lambda: runtime.transport == "pull")
         # Back to push, learnt from a heartbeat this time.
         manager.envelope = key.sign_envelope(make_doc(serial=3, mode="push"))
         runtime.update_now()
         await wait_until(
-            lambda: bridge.last.get("online") is True and bridge.last.get("serial") == 3, within=3
+            lambda: bridge.last.get("online") is True and bridge.last.get("serial") == 3, within=5
         )
         assert runtime.transport == "push"
 
@@ -298,7 +298,7 @@ def test_stopping_does_not_wait_for_a_silent_broker(key: SigningKey, push_settin
         identity = make_identity(key, mqtt_url=f"mqtt://127.0.0.1:{silent.getsockname()[1]}")
         core = AgentCore(identity=identity, store=MemoryStateStore(identity))
         assert core.offer(key.sign_envelope(make_doc(serial=1, mode="push")), "heartbeat").applied
-        settings = push_settings.model_copy(update={"request_timeout_s": 5.0})
+        settings = push_settings.model_copy(update={"request_timeout_s": 30.0})
         push = _push(core, settings, [])
 
         async def main() -> float:
@@ -307,8 +307,8 @@ def test_stopping_does_not_wait_for_a_silent_broker(key: SigningKey, push_settin
             await asyncio.sleep(0.1)  # connecting: TCP accepted, CONNACK never comes
             stop.set()
             started = time.monotonic()
-            await asyncio.wait_for(task, timeout=5)
+            await asyncio.wait_for(task, timeout=30)
             return time.monotonic() - started
 
-        assert asyncio.run(main()) < 0.5
+        assert asyncio.run(main()) < 5  # not the 30 s connect timeout
     assert not push.connected
