@@ -196,7 +196,7 @@ def test_a_stopped_broker_disconnects_and_fails_waiting_operations(broker: Mosqu
         link = _link(broker.address)
         await link.connect()
         broker.stop()
-        await asyncio.wait_for(link.disconnected.wait(), timeout=2)
+        await asyncio.wait_for(link.disconnected.wait(), timeout=5)
         assert not link.connected
         with pytest.raises(LinkDisconnected):
             await link.subscribe("policycast/x")

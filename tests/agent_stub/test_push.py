@@ -52,7 +52,7 @@ class Harness:
             finally:
                 if stop_after:
                     stop.set()
-                await asyncio.wait_for(task, timeout=2.0)
+                await asyncio.wait_for(task, timeout=10.0)
 
         asyncio.run(main())
 

@@ -40,7 +40,7 @@ class Rig:
                 await scenario(self)
             finally:
                 stop.set()
-                await asyncio.wait_for(task, timeout=2.0)
+                await asyncio.wait_for(task, timeout=10.0)
 
         asyncio.run(main())
 
