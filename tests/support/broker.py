@@ -244,13 +244,8 @@ class MqttClient:
 
     def expect(self, topic: str, *, timeout: float = 5.0) -> Received:
         """The next message on `topic` (others received meanwhile are dropped)."""
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(queue.Empty):
-                message = self.messages.get(timeout=remaining)
-                if message.topic == topic:
-                    return message
-        raise AssertionError(f"{self.client_id}: nothing on {topic} within {timeout}s")
+        got = self.received_until(lambda got: bool(got) and got[-1].topic == topic, timeout=timeout)
+        return got[-1]
 
     def received(self, *, within: float) -> list[Received]:
         """Everything that arrives within `within` seconds."""
@@ -272,7 +267,9 @@ class MqttClient:
             try:
                 got.append(self.messages.get(timeout=max(remaining, 0.0)))
             except queue.Empty:
-                raise AssertionError(f"{self.client_id}: still waiting after {timeout}s, got {got}") from None
+                raise AssertionError(
+                    f"{self.client_id}: still waiting after {timeout}s; received {got}"
+                ) from None
         return got
 
     def wait_disconnected(self, *, timeout: float = 5.0) -> ReasonCode:
