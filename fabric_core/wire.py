@@ -278,11 +278,26 @@ class SigningKeyInfo(BaseModel):
     public_key: str = Field(description="base64 of the raw 32-byte Ed25519 public key")
 
 
+class MqttDelivery(BaseModel):
+    """How an agent subscribes: what the broker engine delivers reliably (DESIGN.md section 4).
+
+    Mosquitto keeps a persistent session and QoS 1 per agent; a NATS cluster makes every QoS 1
+    subscription a JetStream consumer, so its agents take QoS 0 on a clean session (anti-entropy
+    repairs what is lost). Absent in an older enrolment: QoS 1 on a persistent session.
+    """
+
+    qos: Literal[0, 1] = 1
+    persistent_session: bool = Field(
+        default=True, description="keep the session (subscriptions, queued commands) while disconnected"
+    )
+
+
 class MqttCredentials(BaseModel):
     url: str
     username: str
     password: str
     prefix: str | None = Field(default=None, description="the topic prefix; null: the default, policycast")
+    delivery: MqttDelivery = Field(default_factory=MqttDelivery)
 
 
 class EnrollResponse(BaseModel):
