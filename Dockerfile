@@ -3,6 +3,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fabric_core fabric_core
+COPY manager_db manager_db
 COPY api api
 COPY broker_bridge broker_bridge
 COPY agent_stub agent_stub

@@ -36,7 +36,7 @@ mosquitto:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy fabric_core api agent_stub broker_bridge local_stack
+	$(BIN)/mypy fabric_core manager_db api agent_stub broker_bridge local_stack
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from api.db import make_engine, migrate
+from manager_db.database import make_engine, migrate
 from fabric_core.settings import Settings
 
 app = typer.Typer(

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Engine, bindparam, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from api.models import utcnow
+from manager_db.models import utcnow
 
 log = logging.getLogger(__name__)
 _DATA_ERRORS = (DBAPIError, OverflowError, ValueError, TypeError)

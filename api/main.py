@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.db import make_engine, migrate, session_scope
+from manager_db.database import make_engine, migrate, session_scope
 from api.deps import Fabric
 from api.errors import ServiceError
 from api.heartbeat import FabricView, HeartbeatLedger

@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import Table, bindparam, insert, update
 from sqlmodel import Session, col, delete, select
 
-from api.db import allocate_serials
-from api.models import (
+from manager_db.counters import allocate_serials
+from manager_db.models import (
     Assignment,
     ContentRevision,
     EffectiveConfig,

@@ -57,7 +57,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
-from api.models import Assignment, Group, Location
+from manager_db.models import Assignment, Group, Location
 from api.resolution import load_tree
 from api.services import policies
 from api.services.change import Change

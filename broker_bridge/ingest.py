@@ -15,7 +15,7 @@ import orjson
 from pydantic import ValidationError
 from sqlalchemy import DateTime, Engine, bindparam, text
 
-from api.models import utcnow
+from manager_db.models import utcnow
 from fabric_core.errors import InvalidTopic
 from fabric_core.topics import AgentTopic, parse_topic
 from fabric_core.wire import AgentStateReport

@@ -13,7 +13,7 @@ from sqlalchemy import CursorResult, Engine, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
-from api.models import BridgeLease, utcnow
+from manager_db.models import BridgeLease, utcnow
 
 RELAY_LEASE = "relay"
 

@@ -13,7 +13,7 @@ import logging
 from sqlalchemy import ColumnElement, Engine, and_, or_, update
 from sqlmodel import Session, col, select
 
-from api.models import Agent
+from manager_db.models import Agent
 from broker_bridge.broker import BrokerLink
 from broker_bridge.credentials import agent_password
 from broker_bridge.provisioning import move_agent, provision_agent, remove_agent

@@ -19,7 +19,7 @@ from typing import Protocol
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from api.models import AgentCommandEntry, EffectiveConfig, OutboxEntry, utcnow
+from manager_db.models import AgentCommandEntry, EffectiveConfig, OutboxEntry, utcnow
 from fabric_core.canonical import canonical_json
 from fabric_core.topics import cmd_topic, config_topic
 from fabric_core.wire import AgentCommand

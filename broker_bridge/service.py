@@ -19,7 +19,7 @@ import uuid
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from api.db import read_counters_outside
+from manager_db.counters import read_counters_outside
 from broker_bridge import lease
 from broker_bridge.broker import BrokerError, BrokerLink
 from broker_bridge.credentials import bridge_password

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from api.db import make_engine, migrate
+from manager_db.database import make_engine, migrate
 from fabric_core.settings import Settings
 
 pytest_plugins = ["tests.support.broker"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import ChangeDep, SessionDep, ViewerDep
-from api.models import Group, Location
+from manager_db.models import Group, Location
 from api.resolution import communication_of
 from api.schemas import CommunicationIn, CommunicationOut, LocationCommunicationIn, LocationCommunicationOut
 from api.services import communication, locations

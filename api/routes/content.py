@@ -11,7 +11,7 @@ from sqlmodel import Session
 
 from api.deps import AdminDep, ChangeDep, FabricDep, SessionDep, ViewerDep
 from api.errors import NotFound
-from api.models import Blob, ContentRevision
+from manager_db.models import Blob, ContentRevision
 from api.routes.agent_api import authenticate_agent
 from api.services import content
 from api.services.content import BlobStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from api.deps import ChangeDep, SessionDep, ViewerDep
-from api.models import Group
+from manager_db.models import Group
 from api.schemas import GroupCreate, GroupOut, GroupUpdate
 from api.services import groups
 

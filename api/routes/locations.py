@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response, status
 
 from api.deps import ChangeDep, SessionDep, ViewerDep
 from api.errors import NotFound
-from api.models import EffectiveConfig, Location
+from manager_db.models import EffectiveConfig, Location
 from api.schemas import LocationCreate, LocationOut, LocationUpdate
 from api.services import locations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from api.deps import ChangeDep, SessionDep, ViewerDep
-from api.models import Assignment, Policy
+from manager_db.models import Assignment, Policy
 from api.schemas import AssignmentIn, AssignmentOut, PolicyCreate, PolicyOut, PolicyType, PolicyUpdate
 from api.services import policies
 

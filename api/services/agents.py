@@ -10,7 +10,7 @@ from typing import Any, overload
 from sqlmodel import Session, col, select
 
 from api.errors import Conflict, Invalid, NotFound, Unauthorized
-from api.models import Agent, AgentCommandEntry, EffectiveConfig, EnrollmentToken, utcnow
+from manager_db.models import Agent, AgentCommandEntry, EffectiveConfig, EnrollmentToken, utcnow
 from api.resolution import load_tree
 from api.security import hash_secret, new_secret
 from api.services.change import Change

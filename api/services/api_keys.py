@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlmodel import Session, col, select
 
 from api.errors import Unauthorized
-from api.models import ApiKey
+from manager_db.models import ApiKey
 from api.security import Principal, Role, hash_secret, new_secret, same_secret
 
 

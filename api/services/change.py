@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlmodel import Session
 
-from api.db import begin_change
-from api.models import AuditEntry
+from manager_db.counters import begin_change
+from manager_db.models import AuditEntry
 from api.resolution import RefreshResult, refresh_documents
 from fabric_core.signing import SigningKey
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlmodel import Session
 
-from api.models import Group, Location
+from manager_db.models import Group, Location
 from api.services.change import Change
 from api.services.locations import get_location, owner_of, require_own_state
 

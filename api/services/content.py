@@ -20,7 +20,7 @@ from typing import Any
 from sqlmodel import Session, col, delete, func, select
 
 from api.errors import Invalid, NotFound
-from api.models import Agent, Blob, ContentRevision
+from manager_db.models import Agent, Blob, ContentRevision
 from api.services.change import Change
 from fabric_core.canonical import canonical_json, sha256_hex
 

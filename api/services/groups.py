@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlmodel import Session, col, delete, func, select
 
 from api.errors import Conflict, Invalid, NotFound
-from api.models import (
+from manager_db.models import (
     DEFAULT_LOCATION_NAME,
     ROOT_GROUP_NAME,
     Agent,

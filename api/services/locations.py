@@ -7,7 +7,7 @@ from typing import Any
 from sqlmodel import Session, col, delete, select
 
 from api.errors import Conflict, NotFound
-from api.models import Assignment, Group, Location
+from manager_db.models import Assignment, Group, Location
 from api.resolution import load_tree
 from api.services.change import Change
 from api.services.groups import get_group

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api.models import LogBatchReceipt, LogRecord
+from manager_db.models import LogBatchReceipt, LogRecord
 from fabric_core.wire import LogBatch
 
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import Engine
 from sqlmodel import Session, col, func, select
 
-from api.models import Agent, Group
+from manager_db.models import Agent, Group
 from api.services.agents import as_utc, current_serials, list_agents
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from api.errors import Conflict, Invalid, NotFound
-from api.models import Assignment, Policy, utcnow
+from manager_db.models import Assignment, Policy, utcnow
 from api.schemas import is_plain_json
 from api.services.change import Change
 from api.services.locations import get_location, require_own_state

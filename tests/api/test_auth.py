@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import Session, select
 
-from api.models import ApiKey, utcnow
+from manager_db.models import ApiKey, utcnow
 from api.security import Role, hash_secret
 from api.services.api_keys import create_api_key
 

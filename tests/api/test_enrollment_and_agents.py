@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlmodel import Session
 
-from api.models import EnrollmentToken, utcnow
+from manager_db.models import EnrollmentToken, utcnow
 from fabric_core.signing import VerifyKey, open_envelope
 from tests.api.conftest import AgentClient
 

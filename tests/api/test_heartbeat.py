@@ -14,7 +14,7 @@ from sqlmodel import Session
 
 from api.heartbeat import HeartbeatLedger
 from api.main import create_app
-from api.models import Agent
+from manager_db.models import Agent
 from api.routes import agent_api
 from fabric_core.errors import BadSignature
 from fabric_core.settings import Settings

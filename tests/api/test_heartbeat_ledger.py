@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlmodel import Session
 
 from api.heartbeat import HeartbeatLedger
-from api.models import Agent
+from manager_db.models import Agent
 from tests.api.conftest import Admin
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from api.models import OutboxEntry
+from manager_db.models import OutboxEntry
 from tests.api.conftest import Admin
 
 FIREWALL = {"rules": [{"allow": "tcp/443"}]}
@@ -240,7 +240,7 @@ def test_location_policies_and_settings_override_the_group_ones(admin: Admin) ->
 
 
 def test_every_change_leaves_an_audit_row_in_its_own_transaction(admin: Admin) -> None:
-    from api.models import AuditEntry
+    from manager_db.models import AuditEntry
 
     root = admin.root()
     admin.group("Sales", root["id"])

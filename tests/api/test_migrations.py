@@ -6,8 +6,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
-import api.models  # noqa: F401  (registers the tables)
-from api.db import make_engine, migrate
+import manager_db.models  # noqa: F401  (registers the tables)
+from manager_db.database import make_engine, migrate
 
 
 def test_migrations_match_the_models(database_url: str) -> None:

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from sqlmodel import Session, col, select
 
-from api.models import Agent, OutboxEntry
+from manager_db.models import Agent, OutboxEntry
 from broker_bridge import lease, relay
 from broker_bridge.service import Bridge
 from fabric_core.signing import VerifyKey, open_envelope

@@ -1,15 +1,15 @@
-"""Alembic environment: runs on the connection that `api.db.migrate` hands over."""
+"""Alembic environment: runs on the connection that `manager_db.database.migrate` hands over."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlmodel import SQLModel
 
-import api.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import manager_db.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("run migrations through api.db.migrate (policycast serve/migrate)")
+    raise RuntimeError("run migrations through manager_db.database.migrate (policycast serve/migrate)")
 
 context.configure(
     connection=connection,

@@ -1,8 +1,8 @@
-"""The database: engine, sessions, migrations and the change lock. The only module that builds engines.
+"""The database: engines, sessions and migrations. The only module that builds engines.
 
-Every operator change runs in one transaction that starts with `begin_change`, which bumps the
-generation counter. On PostgreSQL that row lock serialises changes (so two recomputations never race);
-on SQLite it takes the write lock before anything is read.
+SQLite (the default, a file in the data directory) gets WAL and a busy timeout so that heartbeat
+readers run while an operator change writes; PostgreSQL gets a connection pool that checks each
+connection before use.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, create_engine
 
@@ -63,31 +63,3 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
-
-
-def begin_change(session: Session) -> int:
-    """Take the change lock for this transaction; return the new generation."""
-    row = session.execute(
-        text("UPDATE fabric_counters SET generation = generation + 1 WHERE id = 1 RETURNING generation")
-    ).one()
-    return int(row[0])
-
-
-def allocate_serials(session: Session, count: int) -> range:
-    """Reserve `count` consecutive serials from the global counter (inside a change)."""
-    row = session.execute(
-        text("UPDATE fabric_counters SET serial = serial + :n WHERE id = 1 RETURNING serial"), {"n": count}
-    ).one()
-    last = int(row[0])
-    return range(last - count + 1, last + 1)
-
-
-def read_counters(session: Session) -> tuple[int, int]:
-    row = session.execute(text("SELECT serial, generation FROM fabric_counters WHERE id = 1")).one()
-    return int(row[0]), int(row[1])
-
-
-def read_counters_outside(engine: Engine) -> tuple[int, int]:
-    """(serial, generation), read in a short transaction of its own."""
-    with Session(engine) as session:
-        return read_counters(session)
