@@ -12,10 +12,11 @@ Layout of the store directory (`<state_dir>/content`):
     <kind>/<revision>.manifest.json    its manifest: which blobs the tree needs (for the clean-up)
     <kind>/current -> <revision>       the revision in force
 
-`current` is a relative symlink replaced by `os.replace` of a temporary symlink: one atomic rename, so a
-reader of `<kind>/current/<path>` sees the old tree or the new one, never a mix, and the link is itself
-the persisted record of what the agent holds (`held()`): there is no second file to disagree with it after
-a crash. A pointer file would be as atomic, but every reader would then have to resolve it by hand.
+`current` is a relative symlink replaced by the rename of a temporary symlink (`symlink_atomically`): one
+atomic rename, so a reader of `<kind>/current/<path>` sees the old tree or the new one, never a mix, and
+the link is itself the persisted record of what the agent holds (`held()`): there is no second file to
+disagree with it after a crash. A pointer file would be as atomic, but every reader would then have to
+resolve it by hand.
 The previous revision's tree is kept until the next switch, so a reader that resolved `current` just
 before a switch can finish; older trees and blobs no kept tree uses are deleted.
 
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from agent_stub.core import AgentCore
+from agent_stub.files import fsync_file, move_into_place, symlink_atomically, write_atomically
 from agent_stub.manager_client import ContentManifest, ManagerRejected, ManagerUnreachable
 from fabric_core.wire import ContentEntry, EffectiveDocument
 
@@ -268,7 +270,7 @@ class ContentSync:
             if await asyncio.to_thread(_verify_and_flush, partial, sha256, size):
                 os.chmod(partial, _BLOB_MODE)
                 self._blob(sha256).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(partial, self._blob(sha256))
+                move_into_place(partial, self._blob(sha256))
                 return received
             # Never resumed: the bad bytes may be anywhere in the file.
             partial.unlink(missing_ok=True)
@@ -286,12 +288,8 @@ class ContentSync:
         kind_dir.mkdir(parents=True, exist_ok=True)
         revision = str(manifest.revision)
         self._build_tree(kind_dir, manifest)
-        _write_atomic(kind_dir / f"{revision}{_MANIFEST_SUFFIX}", manifest.model_dump_json().encode())
-        staged = kind_dir / f".{CURRENT}.tmp"
-        staged.unlink(missing_ok=True)
-        os.symlink(revision, staged)  # relative: the state directory may move
-        os.replace(staged, kind_dir / CURRENT)
-        _fsync_dir(kind_dir)
+        write_atomically(kind_dir / f"{revision}{_MANIFEST_SUFFIX}", manifest.model_dump_json().encode())
+        symlink_atomically(kind_dir / CURRENT, revision)  # relative: the state directory may move
         previous = self._held.get(kind)
         self._held[kind] = manifest.revision
         log.info(
@@ -475,8 +473,7 @@ def _verify_and_flush(path: Path, sha256: str, size: int) -> bool:
     """True if `path` holds exactly the blob; then also on disk, so a switch never outlives its bytes."""
     if not path.exists() or path.stat().st_size != size or _file_sha256(path) != sha256:
         return False
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
+    fsync_file(path)
     return True
 
 
@@ -486,28 +483,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
     except OSError:  # a file system without hard links
         shutil.copyfile(source, target)
         os.chmod(target, _BLOB_MODE)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

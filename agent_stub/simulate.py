@@ -33,7 +33,6 @@ import gc
 import importlib.util
 import logging
 import math
-import os
 import random
 import resource
 import signal
@@ -51,6 +50,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agent_stub.core import AgentCore
 from agent_stub.facts import HostFacts
+from agent_stub.files import write_atomically
 from agent_stub.manager_client import ManagerClient, ManagerError, ManagerUnreachable, normalize_server
 from agent_stub.mqtt_link import LinkError, LinkOptions, MessageHandler, MqttLink
 from agent_stub.push import backoff_s, topic_prefix
@@ -161,11 +161,7 @@ def save_identities(path: Path, server: str, agents: Sequence[SimIdentity]) -> N
     """Atomically, 0600: the file holds every agent's secret."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = IdentitiesFile(server=server, agents=list(agents)).model_dump_json().encode()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    write_atomically(path, data, mode=0o600)
 
 
 # --- process-wide plumbing -----------------------------------------------------------------------------

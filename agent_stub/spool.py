@@ -34,7 +34,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import tempfile
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -49,6 +48,7 @@ import orjson
 from pydantic import ValidationError
 
 from agent_stub.core import ApplyOutcome, Outcome
+from agent_stub.files import append_durably, fsync_dir, write_atomically
 from fabric_core.canonical import canonical_json
 from fabric_core.wire import MAX_LOG_ENTRIES, LogBatch, LogEntry, LogLevel
 
@@ -521,15 +521,7 @@ class _SegmentLane:
         return self.end - self.head
 
     def push(self, line: bytes) -> None:
-        path = self._path(self._writable_segment())
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_durably(self._path(self._writable_segment()), line, mode=_FILE_MODE)
         self._tail = self._tail_lines() + 1
 
     def drop(self, count: int) -> int:
@@ -612,7 +604,7 @@ class _SegmentLane:
         first = self.end
         self.directory.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
         os.close(os.open(self._path(first), os.O_WRONLY | os.O_CREAT, _FILE_MODE))
-        _fsync_dir(self.directory)  # the new name survives a power loss
+        fsync_dir(self.directory)  # the new name survives a power loss
         self._segments.append(first)
         self._tail = 0
         return first
@@ -649,26 +641,7 @@ def _load_state(path: Path) -> dict[str, Any]:
 def _write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` so that a reader (or a crash) sees the old bytes or the new ones."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomically(path, data, mode=_FILE_MODE)
 
 
 # --- the pull loop's uploads, with the fast path for security entries --------------------------------

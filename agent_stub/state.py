@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent_stub.files import write_atomically
 from fabric_core.serials import NO_SERIAL
 from fabric_core.wire import EnrollResponse, Mode, MqttCredentials, SigningKeyInfo
 
@@ -218,25 +218,4 @@ class FileStateStore:
     def _write(self, name: str, data: bytes) -> None:
         """Write `name` so that a reader sees the old bytes or the new ones, never a torn file."""
         self._ensure_dir()
-        # mkstemp creates the file 0600, so the secret is never readable by others, not even briefly.
-        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, _FILE_MODE)
-            os.replace(tmp, self.state_dir / name)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        self._fsync_dir()
-
-    def _fsync_dir(self) -> None:
-        # Makes the rename itself durable across a power loss.
-        dir_fd = os.open(self.state_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.state_dir / name, data, mode=_FILE_MODE)
