@@ -26,17 +26,20 @@ from rich.table import Table
 from rich.text import Text
 
 from agent_stub import AGENT_VERSION, pidfile
-from agent_stub.core import AgentCore, NotEnrolledError
-from agent_stub.manager_client import (
+from agent_stub.core import AgentCore
+from agent_stub.errors import (
+    AgentAlreadyRunningError,
+    AgentNotRunningError,
+    CorruptStateError,
     ManagerBadResponse,
-    ManagerClient,
     ManagerRejected,
     ManagerUnreachable,
-    normalize_server,
+    NotEnrolledError,
 )
+from agent_stub.manager_client import ManagerClient, normalize_server
 from agent_stub.runtime import AgentRuntime
 from agent_stub.spool import LogSpool, spool_dir
-from agent_stub.state import CorruptStateError, FileStateStore, Identity
+from agent_stub.state import FileStateStore, Identity
 from fabric_core.errors import InvalidDocument
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import VerifyKey
@@ -182,7 +185,7 @@ def run(
     _ignore_agent_signals()
     try:
         pid_file = pidfile.claim(settings.state_dir)
-    except (pidfile.AgentAlreadyRunningError, OSError) as exc:
+    except (AgentAlreadyRunningError, OSError) as exc:
         _fail(str(exc))
     try:
         asyncio.run(_serve(core, settings))
@@ -244,7 +247,7 @@ def update_now(ctx: typer.Context, state_dir: Path | None = STATE_DIR_OPTION) ->
     try:
         pid = pidfile.running_pid(settings.state_dir)
         os.kill(pid, signal.SIGUSR1)
-    except pidfile.AgentNotRunningError as exc:
+    except AgentNotRunningError as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot signal the agent: {exc}")
@@ -278,7 +281,7 @@ def log_entry(
 
 def _nudge_agent(state_dir: Path) -> None:
     """Tell a running agent that a security entry waits (best effort: it also looks when it starts)."""
-    with contextlib.suppress(pidfile.AgentNotRunningError, OSError):
+    with contextlib.suppress(AgentNotRunningError, OSError):
         os.kill(pidfile.running_pid(state_dir), signal.SIGUSR2)
 
 
@@ -292,7 +295,7 @@ def status(ctx: typer.Context, state_dir: Path | None = STATE_DIR_OPTION) -> Non
     core = _load_core(FileStateStore(settings.state_dir))
     try:
         running = f"yes (pid {pidfile.running_pid(settings.state_dir)})"
-    except pidfile.AgentNotRunningError:
+    except AgentNotRunningError:
         running = "no"
     info = core.status
     table = Table(title=f"policycast agent ({settings.state_dir})", show_header=False)

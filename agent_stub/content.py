@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from agent_stub.core import AgentCore
+from agent_stub.errors import ContentRejected, ManagerRejected, ManagerUnreachable
 from agent_stub.files import fsync_file, move_into_place, symlink_atomically, write_atomically
-from agent_stub.manager_client import ContentManifest, ManagerRejected, ManagerUnreachable
+from agent_stub.manager_client import ContentManifest
 from fabric_core.wire import ContentEntry, EffectiveDocument
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,6 @@ class ContentClient(Protocol):
     ) -> tuple[ContentManifest | None, str | None]: ...
 
     async def download_blob(self, sha256: str, target: Path, *, offset: int = 0) -> None: ...
-
-
-class ContentRejected(Exception):
-    """A revision that must not be switched to: bad manifest, digest mismatch, a blob that stays corrupt."""
 
 
 class Outcome(StrEnum):

@@ -23,6 +23,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from agent_stub.errors import NotEnrolledError
 from agent_stub.state import AgentStatus, Identity, StateStore
 from fabric_core.canonical import canonical_json
 from fabric_core.errors import InvalidDocument, PolicycastError, StaleSerial
@@ -45,10 +46,6 @@ Listener = Callable[[EffectiveDocument], None]
 
 OutcomeListener = Callable[["ApplyOutcome"], None]
 """Called with what became of every offered envelope (the agent's own log of events)."""
-
-
-class NotEnrolledError(Exception):
-    """The state store holds no identity: the agent must enrol first."""
 
 
 class Outcome(StrEnum):

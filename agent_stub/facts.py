@@ -29,6 +29,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from agent_stub.errors import FactsFileError
+
 log = logging.getLogger(__name__)
 
 NetworkType = Literal["ethernet", "wireless", "vpn"]
@@ -41,10 +43,6 @@ _VPN_PREFIXES = ("tun", "tap", "wg", "ppp")
 _WIRELESS_PREFIXES = ("wl",)
 _ETHERNET_PREFIXES = ("en", "eth")
 _IP_TIMEOUT_S = 2.0
-
-
-class FactsFileError(ValueError):
-    """A facts file (or override mapping) that cannot be used; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)

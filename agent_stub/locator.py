@@ -15,14 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent_stub.core import AgentCore
-from agent_stub.facts import (
-    FactsFileError,
-    HostFacts,
-    facts_signature,
-    load_facts_file,
-    merge_facts,
-    read_host_facts,
-)
+from agent_stub.errors import FactsFileError
+from agent_stub.facts import HostFacts, facts_signature, load_facts_file, merge_facts, read_host_facts
 from agent_stub.location import LocationChoice, choose_location
 from fabric_core.settings import AgentSettings
 

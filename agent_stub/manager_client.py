@@ -1,12 +1,7 @@
 """The agent's side of the Agent API (DESIGN.md §5), over one keep-alive `httpx.AsyncClient`.
 
-Errors raised here, so that loops can tell "try again later" from "the manager said no":
-
-    ManagerError                 anything that kept a request from giving a usable answer
-    ├── ManagerUnreachable       connect error, timeout, 5xx: transient, retry with back-off
-    │   └── ManagerBadResponse   a 2xx whose body is not what the contract promises
-    └── ManagerRejected          a 4xx: the manager refused the request (`status`, `detail`);
-                                 401/403 mean the agent's credentials are revoked or wrong
+It raises the `ManagerError` branch of `agent_stub.errors`, so that loops can tell "try again later"
+(`ManagerUnreachable`, and its `ManagerBadResponse`) from "the manager said no" (`ManagerRejected`).
 """
 
 from __future__ import annotations
@@ -21,37 +16,13 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent_stub import AGENT_VERSION
+from agent_stub.errors import ManagerBadResponse, ManagerRejected, ManagerUnreachable
 from fabric_core.canonical import canonical_json, sha256_hex
 from fabric_core.wire import EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse
 
 API_PREFIX = "/agent/v1"
 _JSON = "application/json"
 _Model = TypeVar("_Model", bound=BaseModel)
-
-
-class ManagerError(Exception):
-    """Base class of every failure to talk to the manager."""
-
-
-class ManagerUnreachable(ManagerError):
-    """The manager could not be reached or failed (connect error, timeout, 5xx)."""
-
-
-class ManagerBadResponse(ManagerUnreachable):
-    """The manager answered 2xx with a body that breaks the contract."""
-
-
-class ManagerRejected(ManagerError):
-    """The manager refused the request with a 4xx."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"HTTP {status}: {detail}")
-        self.status = status
-        self.detail = detail
-
-    @property
-    def unauthorized(self) -> bool:
-        return self.status in (401, 403)
 
 
 class ContentFile(BaseModel):

@@ -12,15 +12,10 @@ a non-blocking TLS handshake), then hands the connected socket to paho, whose `r
 the one overridden method `_create_socket` and sends CONNECT over it. That method is private, so its
 presence is checked at import: a paho release that drops it fails loudly here, not by blocking.
 
-Every operation waits for the broker's answer (CONNACK, SUBACK, UNSUBACK, PUBACK) and raises:
-
-    LinkError                  anything that kept an operation from completing
-    ├── LinkUnavailable        the broker cannot be reached or did not answer in time: transient,
-    │   │                      retry with back-off
-    │   └── LinkDisconnected   there is no connection, or it dropped while an operation waited
-    └── LinkRefused            the broker answered with a failure reason code (`reason_code`, `reason`):
-                               bad credentials or not authorised (CONNACK), a denied subscription
-                               (SUBACK), publication (PUBACK) or unsubscription (UNSUBACK)
+Every operation waits for the broker's answer (CONNACK, SUBACK, UNSUBACK, PUBACK) and raises the
+`LinkError` branch of `agent_stub.errors`: `LinkUnavailable` (transient: the broker cannot be reached or
+did not answer in time; `LinkDisconnected` when there is no connection or it dropped meanwhile) or
+`LinkRefused` (the broker answered with a failure reason code).
 """
 
 from __future__ import annotations
@@ -42,6 +37,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent_stub.errors import LinkDisconnected, LinkError, LinkRefused, LinkUnavailable
 from fabric_core.settings import MqttAddress
 
 if TYPE_CHECKING:
@@ -55,28 +51,6 @@ if not callable(getattr(mqtt.Client, "_create_socket", None)):  # pragma: no cov
 
 MessageHandler = Callable[[str, bytes], None]
 """Receives (topic, payload) of each message, inside the loop's read callback: must not block."""
-
-
-class LinkError(Exception):
-    """Base class of every failed MQTT operation."""
-
-
-class LinkUnavailable(LinkError):
-    """The broker cannot be reached, or did not answer in time."""
-
-
-class LinkDisconnected(LinkUnavailable):
-    """No connection, or it dropped while an operation waited for its acknowledgement."""
-
-
-class LinkRefused(LinkError):
-    """The broker answered an operation with a failure reason code."""
-
-    def __init__(self, operation: str, reason: ReasonCode) -> None:
-        super().__init__(f"{operation}: refused by the broker: {reason} (0x{reason.value:02x})")
-        self.operation = operation
-        self.reason_code = reason.value
-        self.reason = str(reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,7 +504,7 @@ class MqttLink:
             self._schedule_misc()
 
 
-class _NoAnswer(Exception):
+class _NoAnswer(LinkUnavailable):
     """The broker did not acknowledge in time (turned into `LinkUnavailable` for callers)."""
 
 

@@ -6,15 +6,9 @@ import contextlib
 import os
 from pathlib import Path
 
+from agent_stub.errors import AgentAlreadyRunningError, AgentNotRunningError
+
 PID_FILE = "agent.pid"
-
-
-class AgentNotRunningError(Exception):
-    """No live agent process owns the state directory."""
-
-
-class AgentAlreadyRunningError(Exception):
-    """Another live agent process owns the state directory."""
 
 
 def pid_path(state_dir: Path) -> Path:

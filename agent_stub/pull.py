@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from agent_stub import AGENT_VERSION
 from agent_stub.core import AgentCore
-from agent_stub.manager_client import ManagerRejected, ManagerUnreachable
+from agent_stub.errors import ManagerRejected, ManagerUnreachable
 from fabric_core.settings import AgentSettings
 from fabric_core.wire import HEARTBEAT_MAX_S, HeartbeatRequest, HeartbeatResponse, LogBatch, Mode
 

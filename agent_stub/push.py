@@ -34,7 +34,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent_stub.core import AgentCore
-from agent_stub.mqtt_link import Link, LinkError, LinkFactory, LinkOptions, LinkRefused, Will
+from agent_stub.errors import LinkError, LinkRefused
+from agent_stub.mqtt_link import Link, LinkFactory, LinkOptions, Will
 from agent_stub.state import Identity
 from fabric_core.errors import InvalidTopic, PolicycastError
 from fabric_core.settings import AgentSettings, MqttAddress

@@ -49,10 +49,11 @@ import orjson
 from pydantic import BaseModel, ConfigDict
 
 from agent_stub.core import AgentCore
+from agent_stub.errors import LinkError, ManagerError, ManagerUnreachable
 from agent_stub.facts import HostFacts
 from agent_stub.files import write_atomically
-from agent_stub.manager_client import ManagerClient, ManagerError, ManagerUnreachable, normalize_server
-from agent_stub.mqtt_link import LinkError, LinkOptions, MessageHandler, MqttLink
+from agent_stub.manager_client import ManagerClient, normalize_server
+from agent_stub.mqtt_link import LinkOptions, MessageHandler, MqttLink
 from agent_stub.push import backoff_s, topic_prefix
 from agent_stub.runtime import AgentRuntime
 from agent_stub.state import AgentStatus, Identity, MemoryStateStore

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent_stub.errors import CorruptStateError
 from agent_stub.files import write_atomically
 from fabric_core.serials import NO_SERIAL
 from fabric_core.wire import EnrollResponse, Mode, MqttCredentials, SigningKeyInfo
@@ -32,10 +33,6 @@ CONTENT_DIR = "content"
 """Content downloads (`agent_stub.content`): blobs, partial files and one tree per revision."""
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
-
-
-class CorruptStateError(Exception):
-    """A state file that exists but cannot be read back (raised for the identity only: no fallback)."""
 
 
 class StoredMqttCredentials(MqttCredentials):

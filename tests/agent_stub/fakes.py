@@ -9,7 +9,8 @@ import orjson
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent_stub.mqtt_link import LinkOptions, LinkRefused, LinkUnavailable, MessageHandler
+from agent_stub.errors import LinkRefused, LinkUnavailable
+from agent_stub.mqtt_link import LinkOptions, MessageHandler
 from fabric_core.topics import cmd_topic, config_topic, state_topic
 from fabric_core.wire import HeartbeatRequest, HeartbeatResponse
 from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from agent_stub import cli
-from agent_stub.manager_client import ManagerClient, ManagerRejected
+from agent_stub.errors import ManagerRejected
+from agent_stub.manager_client import ManagerClient
 from agent_stub.pidfile import PID_FILE
 from agent_stub.state import FileStateStore, Identity
 from fabric_core.signing import SigningKey

@@ -20,10 +20,11 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from agent_stub.content import ContentRejected, ContentSync, Outcome, SyncReport, _check_paths
+from agent_stub.content import ContentSync, Outcome, SyncReport, _check_paths
 from agent_stub.core import AgentCore
+from agent_stub.errors import ContentRejected, ManagerBadResponse, ManagerRejected, ManagerUnreachable
 from agent_stub.facts import HostFacts
-from agent_stub.manager_client import ManagerBadResponse, ManagerClient, ManagerRejected, ManagerUnreachable
+from agent_stub.manager_client import ManagerClient
 from agent_stub.runtime import AgentRuntime
 from agent_stub.state import Identity, MemoryStateStore
 from api.main import create_app

@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from agent_stub import core as agent_core
-from agent_stub.core import AgentCore, NotEnrolledError, Outcome
+from agent_stub.core import AgentCore, Outcome
+from agent_stub.errors import NotEnrolledError
 from agent_stub.state import CURRENT_FILE, FileStateStore, MemoryStateStore
 from fabric_core.signing import SigningKey
 from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from agent_stub.errors import FactsFileError
 from agent_stub.facts import (
-    FactsFileError,
     HostFacts,
     facts_signature,
     load_facts_file,

@@ -11,13 +11,8 @@ import orjson
 import pytest
 
 from agent_stub import AGENT_VERSION
-from agent_stub.manager_client import (
-    ManagerBadResponse,
-    ManagerClient,
-    ManagerRejected,
-    ManagerUnreachable,
-    normalize_server,
-)
+from agent_stub.errors import ManagerBadResponse, ManagerRejected, ManagerUnreachable
+from agent_stub.manager_client import ManagerClient, normalize_server
 from fabric_core.signing import SigningKey
 from fabric_core.wire import HeartbeatRequest
 from tests.agent_stub.conftest import make_doc

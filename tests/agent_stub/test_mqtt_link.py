@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent_stub.mqtt_link import LinkDisconnected, LinkOptions, LinkRefused, LinkUnavailable, MqttLink, Will
+from agent_stub.errors import LinkDisconnected, LinkRefused, LinkUnavailable
+from agent_stub.mqtt_link import LinkOptions, MqttLink, Will
 from fabric_core.settings import MqttAddress
 from tests.agent_stub.conftest import wait_until
 from tests.agent_stub.mosquitto import Mosquitto, self_signed_certificate

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agent_stub.core import AgentCore
-from agent_stub.mqtt_link import LinkUnavailable
+from agent_stub.errors import LinkUnavailable
 from agent_stub.runtime import AgentRuntime
 from agent_stub.state import MemoryStateStore
 from fabric_core.settings import AgentSettings

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agent_stub.manager_client import ManagerUnreachable
+from agent_stub.errors import ManagerUnreachable
 from agent_stub.simulate import FleetStats, _CountingClient
 from fabric_core.wire import HeartbeatRequest, HeartbeatResponse
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent_stub.core import AgentCore
-from agent_stub.manager_client import ManagerRejected, ManagerUnreachable
+from agent_stub.errors import ManagerRejected, ManagerUnreachable
 from agent_stub.pidfile import PID_FILE
 from agent_stub.pull import PullLoop
 from agent_stub.runtime import AgentRuntime

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from agent_stub.core import AgentCore
+from agent_stub.errors import CorruptStateError
 from agent_stub.state import (
     CURRENT_FILE,
     IDENTITY_FILE,
     STATUS_FILE,
     AgentStatus,
-    CorruptStateError,
     FileStateStore,
     Identity,
     MemoryStateStore,
