@@ -36,9 +36,9 @@ from agent_stub.errors import (
     ManagerUnreachable,
     NotEnrolledError,
 )
+from agent_stub.log_spool import LogSpool, spool_dir
 from agent_stub.manager_client import ManagerClient, normalize_server
 from agent_stub.runtime import AgentRuntime
-from agent_stub.spool import LogSpool, spool_dir
 from agent_stub.state import FileStateStore, Identity
 from fabric_core.errors import InvalidDocument
 from fabric_core.settings import AgentSettings

@@ -7,6 +7,9 @@ runtime starts it when a document switches the mode to push and lets it end (off
 disconnect) when one switches it to pull. `core.transport`, which heartbeats report, says "push" exactly
 while the MQTT session is up and "pull" otherwise.
 
+The runtime also writes the agent's own events to its log spool: what became of each offered document
+(`record_outcome`) and the manager going away and coming back (`record_reachability`).
+
 Nothing here blocks or owns a thread: many runtimes share one event loop in the fleet simulator.
 """
 
@@ -17,21 +20,16 @@ import contextlib
 import logging
 import random
 from functools import partial
+from typing import Any
 
 from agent_stub.content import ContentClient, ContentSync
-from agent_stub.core import AgentCore
+from agent_stub.core import AgentCore, ApplyOutcome, Outcome
 from agent_stub.locator import FactsReader, LocationTracker
+from agent_stub.log_spool import LogSpool, MemoryLogSpool
+from agent_stub.log_uploads import PRIORITY_DELAY_S, LogUploads
 from agent_stub.mqtt_link import LinkFactory, MqttLink
 from agent_stub.pull import HeartbeatClient, PullLoop
 from agent_stub.push import PushLoop, push_blocker
-from agent_stub.spool import (
-    PRIORITY_DELAY_S,
-    LogSpool,
-    LogUploads,
-    MemoryLogSpool,
-    record_outcome,
-    record_reachability,
-)
 from agent_stub.state import CONTENT_DIR
 from fabric_core.settings import AgentSettings
 from fabric_core.wire import AgentCommand, EffectiveDocument, Mode
@@ -191,3 +189,39 @@ class AgentRuntime:
     def _on_command(self, command: AgentCommand) -> None:
         if command.command == "update_now":
             self.update_now()
+
+
+# --- the agent's own events, in its log ---------------------------------------------------------------
+
+
+def record_outcome(spool: LogSpool, outcome: ApplyOutcome) -> None:
+    """Log an offered document's fate: applied (info), rejected (security), not stored (error).
+
+    Stale offers are routine (retained MQTT messages, repeated heartbeats) and not logged.
+    """
+    if outcome.status is Outcome.APPLIED and outcome.document is not None:
+        doc = outcome.document
+        data = {"serial": doc.serial, "source": outcome.source, "group_id": doc.group_id}
+        data["location_id"] = doc.location_id
+        _record(spool, "info", f"applied serial {doc.serial} from {outcome.source}", "policy", data)
+    elif outcome.status is Outcome.REJECTED:
+        reason = outcome.reason or "rejected"
+        # A document that failed verification (signature, form, group) is forged or broken in transit:
+        # a security event. One the agent could not store is the host's problem, not an attack.
+        local = reason.startswith("not stored")
+        level = "error" if local else "security"
+        data = {"source": outcome.source, "reason": reason, "serial": outcome.serial}
+        _record(spool, level, f"rejected a document from {outcome.source}: {reason}", "security", data)
+
+
+def record_reachability(spool: LogSpool, reachable: bool, detail: str) -> None:
+    """Log that the manager became unreachable (warning) or reachable again (info)."""
+    _record(spool, "info" if reachable else "warning", detail, "manager", {"reachable": reachable})
+
+
+def _record(spool: LogSpool, level: str, message: str, category: str, data: dict[str, Any]) -> None:
+    try:
+        spool.append(level, message, category=category, data=data)
+    except (OSError, ValueError) as exc:
+        # The agent's work goes on without its log rather than stop for it.
+        log.warning("could not log %r to the spool: %s", message, exc)

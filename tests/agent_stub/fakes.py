@@ -1,4 +1,4 @@
-"""Fakes for the agent's transports: a scripted MQTT link and a scripted manager for heartbeats."""
+"""Fakes for the agent's transports: a scripted MQTT link and scripted managers for heartbeats."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import orjson
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent_stub.errors import LinkRefused, LinkUnavailable
+from agent_stub.errors import LinkRefused, LinkUnavailable, ManagerRejected, ManagerUnreachable
 from agent_stub.mqtt_link import LinkOptions, MessageHandler
 from fabric_core.topics import cmd_topic, config_topic, state_topic
-from fabric_core.wire import HeartbeatRequest, HeartbeatResponse
+from fabric_core.wire import HeartbeatRequest, HeartbeatResponse, LogEntry
 from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID
 
 PREFIX = "policycast"
@@ -130,3 +130,39 @@ class FakeManager:
                 "config": orjson.loads(self.envelope) if changed and self.envelope else None,
             }
         )
+
+
+class StoringManager(FakeManager):
+    """Stores log batches once per id, like the manager; can lose answers or refuse big batches."""
+
+    def __init__(self, envelope: bytes | None = None, *, next_heartbeat_s: int = 3600) -> None:
+        super().__init__(envelope, next_heartbeat_s=next_heartbeat_s)
+        self.stored: dict[str, list[str]] = {}
+        self.lose_answers = 0
+        self.unreachable = 0
+        self.max_entries: int | None = None
+
+    async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse:
+        if self.unreachable:
+            self.unreachable -= 1
+            self.requests.append(request)
+            raise ManagerUnreachable("connection refused")
+        logs = request.logs
+        if logs is not None and self.max_entries is not None and len(logs.entries) > self.max_entries:
+            self.requests.append(request)
+            raise ManagerRejected(413, "log batch too large")
+        if logs is not None:
+            self.stored.setdefault(logs.batch_id, [entry.message for entry in logs.entries])
+        response = await super().heartbeat(request)
+        if self.lose_answers:
+            self.lose_answers -= 1
+            raise ManagerUnreachable("read timed out")  # stored, but the agent never hears so
+        return response
+
+    def messages(self) -> list[str]:
+        return [m for batch in self.stored.values() for m in batch]
+
+    def uploaded(self) -> list[LogEntry]:
+        """Every entry that reached the manager, each batch counted once (as the manager stores it)."""
+        batches = {r.logs.batch_id: r.logs.entries for r in self.requests if r.logs is not None}
+        return [entry for entries in batches.values() for entry in entries]
