@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import Engine
 from sqlmodel import Session
 
 from api.errors import Forbidden
-from api.heartbeat import FabricView, HeartbeatLedger
+from api.fabric import Fabric
 from api.security import Principal, bearer_token
 from api.services.api_keys import authenticate
 from api.services.change import Change
-from fabric_core.settings import Settings
-from fabric_core.signing import SigningKey
-
-
-@dataclass
-class Fabric:
-    """What a manager process holds for its whole life; built in the lifespan, never global."""
-
-    settings: Settings
-    engine: Engine
-    signing_key: SigningKey
-    view: FabricView
-    ledger: HeartbeatLedger
 
 
 def get_fabric(request: Request) -> Fabric:

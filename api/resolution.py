@@ -19,6 +19,8 @@ from typing import Any
 from sqlalchemy import Table, bindparam, insert, update
 from sqlmodel import Session, col, delete, select
 
+from fabric_core.canonical import canonical_json, sha256_hex
+from fabric_core.signing import SigningKey
 from manager_db.counters import allocate_serials
 from manager_db.models import (
     Assignment,
@@ -30,8 +32,6 @@ from manager_db.models import (
     Policy,
     utcnow,
 )
-from fabric_core.canonical import canonical_json, sha256_hex
-from fabric_core.signing import SigningKey
 
 
 @dataclass

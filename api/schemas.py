@@ -5,28 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from fabric_core.canonical import canonical_json
 from fabric_core.wire import HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, Communication, Condition, LogLevel, Mode
 
 NO_NUL = r"^[^\x00]*$"
 """PostgreSQL text cannot hold NUL: refused on every backend, rather than a 500 on one."""
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=NO_NUL)]
 PolicyType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
-
-
-def is_plain_json(value: Any) -> bool:
-    """True if `value` survives canonical JSON unchanged.
-
-    Python's JSON parser takes NaN and Infinity, which orjson writes as null and PostgreSQL's json refuses;
-    orjson refuses integers beyond 64 bits. Either would break signing, storage or batched writes later.
-    """
-    try:
-        return bool(orjson.loads(canonical_json(value)) == value)
-    except TypeError:
-        return False
 
 
 class _In(BaseModel):

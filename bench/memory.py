@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Fleet, Stack, fleet_size, machine, ratio, rss_bytes, say, work_dir
-from broker_bridge.mosquitto import BrokerLayout, MosquittoProcess, find_dynsec_plugin, write_broker_files
-from local_stack.stack import pick_port
+from broker_bridge.mosquitto.engine import MosquittoEngine
+from fabric_core.settings import Settings
+from local_stack.broker_process import BrokerProcess
+from local_stack.manager import pick_port
 
 NAME = "memory"
 
@@ -73,18 +75,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def empty_broker_rss(directory: Path) -> int:
     """RSS of a Mosquitto with Policycast's configuration and no account but the bridge's."""
-    layout = BrokerLayout(directory)
-    port = pick_port(0)
-    write_broker_files(
-        layout=layout,
-        port=port,
-        bind="127.0.0.1",
-        bridge_username="policycast-bridge",
-        bridge_password="unused-in-this-measurement",
-        prefix="policycast",
-        plugin_path=find_dynsec_plugin(),
-    )
-    process = MosquittoProcess(layout, port)
+    settings = Settings(data_dir=directory, mqtt_password="unused-in-this-measurement")  # type: ignore[arg-type]
+    launch = MosquittoEngine(settings, None).write_config(directory, port=pick_port(0), bind="127.0.0.1")
+    process = BrokerProcess(launch)
     process.start()
     try:
         time.sleep(1.0)

@@ -57,7 +57,6 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
-from manager_db.models import Assignment, Group, Location
 from api.resolution import load_tree
 from api.services import policies
 from api.services.change import Change
@@ -65,6 +64,7 @@ from api.services.groups import COMMUNICATION_FIELDS, copy_location
 from bench.common import RESULTS_DIR, ROOT, Observer, Stack, machine, ratio, say, write_result
 from broker_bridge.broker import BrokerLink, Publication
 from fabric_core.topics import config_topic
+from manager_db.models import Assignment, Group, Location
 
 NAME = "resolution_scale"
 GROUPS = 1000
@@ -419,7 +419,7 @@ PHASES = {
     "Session.flush": ("sqlalchemy/orm/session.py", "flush"),
     "SQL statements, all (Connection._execute_context)": ("sqlalchemy/engine/base.py", "_execute_context"),
     "Session.commit": ("sqlalchemy/orm/session.py", "commit"),
-    "heartbeat view refresh (after commit)": ("api/heartbeat.py", "refresh"),
+    "heartbeat view refresh (after commit)": ("api/heartbeat/view.py", "refresh"),
 }
 
 

@@ -346,7 +346,7 @@ class _Mosquitto:
     depend on how the broker authorises its clients."""
 
     def __init__(self, directory: Path) -> None:
-        from broker_bridge.mosquitto import mosquitto_binary
+        from broker_bridge.mosquitto.install import mosquitto_binary
 
         self.port = free_port()
         self.config = directory / "mosquitto.conf"

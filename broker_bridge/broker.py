@@ -1,12 +1,7 @@
 """`BrokerLink`: the bridge's one MQTT 5 connection to the broker, which it keeps up by itself.
 
-Errors:
-
-    BrokerError                  anything the broker layer raises
-    ├── BrokerUnavailable        not connected, connection lost, no answer in time: try again later
-    ├── BrokerRefused            the broker answered no (bad credentials, not authorised, ...): a reason
-    │                            code, retrying the same thing will not help
-    └── DynsecError              (broker_bridge.dynsec) a dynamic-security command failed
+It speaks plain MQTT 5 to any broker; what is particular to an engine (Mosquitto's dynamic-security
+control topic, say) is built on top of it in that engine's modules. Errors: `broker_bridge.errors`.
 
 Delivery: `publish` returns only once the broker acknowledged the message (PUBACK). Each TCP connection
 gets its own paho client, thrown away when the connection drops, so a message that was not acknowledged
@@ -23,15 +18,13 @@ fleet from its new serial for 11 s after the broker was back).
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -39,6 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from broker_bridge.errors import BrokerRefused, BrokerUnavailable
 from fabric_core.settings import MqttAddress
 
 log = logging.getLogger(__name__)
@@ -47,9 +41,6 @@ RECONNECT_MAX_S = 2.0
 """The longest wait between connection attempts (full jitter below it)."""
 
 Handler = Callable[[str, bytes], None]
-
-CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
-CONTROL_RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
 
 _CONNACK_TIMEOUT_S = 10.0
 _MAX_INFLIGHT = 100
@@ -61,38 +52,9 @@ _STABLE_CONNECTION_S = 30.0
 """A connection that lasted this long resets the back-off; one dropped sooner keeps it growing."""
 
 
-class BrokerError(Exception):
-    """Base class of the broker layer's errors."""
-
-
-class BrokerUnavailable(BrokerError):
-    """The broker cannot be reached or did not answer in time; the same call may succeed later."""
-
-
-class BrokerRefused(BrokerError):
-    """The broker answered with a failure reason code."""
-
-    def __init__(self, message: str, reason_code: int | None = None) -> None:
-        super().__init__(message)
-        self.reason_code = reason_code
-
-
-class Outgoing(Protocol):
-    """What `BrokerLink.publish_many` needs of a message (`Publication`, or any look-alike)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def payload(self) -> bytes: ...
-    @property
-    def qos(self) -> int: ...
-    @property
-    def retain(self) -> bool: ...
-
-
 @dataclass(frozen=True, slots=True)
 class Publication:
-    """One message for `BrokerLink.publish_many`."""
+    """One message the bridge publishes: a document, a command, a cleared state, a control request."""
 
     topic: str
     payload: bytes
@@ -160,25 +122,6 @@ class _Connection:
     up_since: float = 0.0
 
 
-class _ControlCall:
-    """The responses awaited by one `BrokerLink.control` call, matched by correlation data."""
-
-    def __init__(self, tag: str, count: int) -> None:
-        self.tag = tag
-        self.responses: list[dict[str, Any] | None] = [None] * count
-        self.done = threading.Event()
-
-    def offer(self, response: dict[str, Any]) -> None:
-        correlation = response.get("correlationData")
-        if not isinstance(correlation, str) or not correlation.startswith(self.tag + ":"):
-            return  # another caller's (another bridge or api replica shares the response topic)
-        index = int(correlation.rpartition(":")[2])
-        if 0 <= index < len(self.responses):
-            self.responses[index] = response
-        if all(item is not None for item in self.responses):
-            self.done.set()
-
-
 class BrokerLink:
     """One MQTT 5 connection to the broker, reconnecting by itself.
 
@@ -215,8 +158,6 @@ class BrokerLink:
         self._supervisor: threading.Thread | None = None
         self._was_connected = False
         self._inflight = _MAX_INFLIGHT
-        self._control_lock = threading.Lock()
-        self._control_call: _ControlCall | None = None
 
     def __enter__(self) -> BrokerLink:
         return self
@@ -236,6 +177,10 @@ class BrokerLink:
             target=self._supervise, name=f"mqtt-{self.client_id}", daemon=True
         )
         self._supervisor.start()
+
+    def wait_connected(self, deadline: float) -> None:
+        """Return once the link is up; `BrokerUnavailable` if it is not by `deadline` (monotonic)."""
+        self._wait_connection(deadline)
 
     def connect(self, timeout: float = 10.0) -> None:
         """Start the link and wait until it is up.
@@ -434,7 +379,7 @@ class BrokerLink:
         """
         self.publish_many([Publication(topic, payload, qos, retain)], timeout=timeout)
 
-    def publish_many(self, messages: Iterable[Outgoing], *, timeout: float = 30.0) -> None:
+    def publish_many(self, messages: Iterable[Publication], *, timeout: float = 30.0) -> None:
         """Publish every message (all in flight at once) and return once all are acknowledged.
 
         All or error: on `BrokerUnavailable` some may have been delivered; retrying the batch repeats
@@ -472,7 +417,7 @@ class BrokerLink:
                 raise BrokerUnavailable(f"not connected to the broker at {self.address.url}")
             self.connected.wait(min(remaining, 0.05))
 
-    def _send(self, connection: _Connection, item: Outgoing) -> int:
+    def _send(self, connection: _Connection, item: Publication) -> int:
         info = connection.client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             # The client is dead (it never reconnects): the message stays in it and is never sent.
@@ -524,51 +469,3 @@ class BrokerLink:
             raise BrokerRefused(
                 f"the broker refused the subscription to {topic_filter}: {reasons[0]}", reasons[0].value
             )
-
-    # --- dynamic security ---------------------------------------------------------------------------
-
-    def control(self, commands: list[dict[str, Any]], *, timeout: float = 10.0) -> list[dict[str, Any]]:
-        """Send dynamic-security commands in one message; return their responses, in order.
-
-        Responses are not checked here (see `broker_bridge.dynsec.check`). Every caller sharing the
-        response topic sees every response: each command carries correlation data naming this call.
-        """
-        if not commands:
-            return []
-        deadline = time.monotonic() + timeout
-        with self._control_lock:
-            self._ensure_control_subscription(deadline)
-            call = _ControlCall(uuid.uuid4().hex, len(commands))
-            tagged = [{**command, "correlationData": f"{call.tag}:{i}"} for i, command in enumerate(commands)]
-            self._control_call = call
-            try:
-                body = json.dumps({"commands": tagged}).encode()
-                self.publish(CONTROL_TOPIC, body, timeout=max(deadline - time.monotonic(), 0.0))
-                if not call.done.wait(max(deadline - time.monotonic(), 0.0)):
-                    names = ", ".join(str(c.get("command")) for c in commands)
-                    raise BrokerUnavailable(f"no dynamic-security response to {names} within {timeout:.1f}s")
-            finally:
-                self._control_call = None
-        return [response for response in call.responses if response is not None]
-
-    def _ensure_control_subscription(self, deadline: float) -> None:
-        with self._lock:
-            subscribed = CONTROL_RESPONSE_TOPIC in self._subscriptions
-        if not subscribed:
-            self._wait_connection(deadline)
-            self.subscribe(
-                CONTROL_RESPONSE_TOPIC, self._on_control_response, timeout=deadline - time.monotonic()
-            )
-
-    def _on_control_response(self, topic: str, payload: bytes) -> None:
-        call = self._control_call
-        if call is None:
-            return
-        try:
-            responses = json.loads(payload)["responses"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a malformed dynamic-security response: %r", payload[:200])
-            return
-        for response in responses if isinstance(responses, list) else []:
-            if isinstance(response, dict):
-                call.offer(response)

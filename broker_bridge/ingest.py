@@ -13,14 +13,16 @@ from datetime import datetime
 
 import orjson
 from pydantic import ValidationError
-from sqlalchemy import DateTime, Engine, bindparam, text
+from sqlalchemy import Engine, text
 
-from manager_db.models import utcnow
 from fabric_core.errors import InvalidTopic
 from fabric_core.topics import AgentTopic, parse_topic
 from fabric_core.wire import AgentStateReport
+from manager_db.models import utcnow
+from manager_db.sightings import record_sightings, sighting
 
 log = logging.getLogger(__name__)
+_PRESENCE = text("UPDATE agents SET online = :online WHERE id = :id AND revoked_at IS NULL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,37 +62,24 @@ class StateIngest:
             pending, self._pending = self._pending, {}
         if not pending:
             return 0
-        online = [
-            {
-                "id": agent_id,
-                "serial": seen.report.serial,
-                "location_id": seen.report.location_id,
-                "mode": seen.report.mode,
-                "seen": seen.at,  # the bridge's clock, not the agent's: agents' clocks drift
-            }
+        # Presence is the broker's to say (a last will says only "offline": what the agent reported
+        # before stays). The other columns the api's heartbeat bookkeeping writes too: newer wins.
+        presence = [{"id": agent_id, "online": seen.report.online} for agent_id, seen in pending.items()]
+        sightings = [
+            sighting(
+                agent_id,
+                seen=seen.at,  # the bridge's clock, not the agent's: agents' clocks drift
+                serial=seen.report.serial,
+                location_id=seen.report.location_id,
+                mode=seen.report.mode,
+            )
             for agent_id, seen in pending.items()
             if seen.report.online
         ]
-        presence = [{"id": agent_id, "online": seen.report.online} for agent_id, seen in pending.items()]
-        # Presence is the broker's to say (a last will says only "offline": what the agent reported
-        # before stays). The other columns the api's heartbeat bookkeeping writes too: newer wins.
-        mark = text("UPDATE agents SET online = :online WHERE id = :id AND revoked_at IS NULL")
-        report = text(
-            "UPDATE agents SET serial = COALESCE(:serial, serial), "
-            "location_id = COALESCE(:location_id, location_id), mode = COALESCE(:mode, mode), "
-            "last_seen = :seen WHERE id = :id AND revoked_at IS NULL "
-            "AND (last_seen IS NULL OR last_seen <= :seen)"
-        ).bindparams(
-            bindparam("serial"),
-            bindparam("location_id"),
-            bindparam("mode"),
-            bindparam("seen", type_=DateTime(timezone=True)),
-        )
         try:
             with engine.begin() as connection:
-                connection.execute(mark, presence)
-                if online:
-                    connection.execute(report, online)
+                connection.execute(_PRESENCE, presence)
+                record_sightings(connection, sightings)
         except Exception:
             with self._lock:
                 for agent_id, seen in pending.items():

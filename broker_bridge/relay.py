@@ -12,31 +12,23 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from manager_db.models import AgentCommandEntry, EffectiveConfig, OutboxEntry, utcnow
+from broker_bridge.broker import Publication
 from fabric_core.canonical import canonical_json
 from fabric_core.topics import cmd_topic, config_topic
 from fabric_core.wire import AgentCommand
+from manager_db.models import AgentCommandEntry, EffectiveConfig, OutboxEntry, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-
-
 class Publisher(Protocol):
-    def publish_many(self, messages: Sequence[Message], *, timeout: float) -> None:
+    def publish_many(self, messages: Sequence[Publication], *, timeout: float) -> None:
         """Return once the broker acknowledged every message; raise if it did not."""
         ...
 
@@ -61,7 +53,7 @@ def relay_outbox(engine: Engine, publisher: Publisher, *, prefix: str, batch: in
     for row_id, group_id, location_id, envelope in rows:  # ascending id is ascending serial: the last wins
         newest[(group_id, location_id)] = (int(row_id or 0), bytes(envelope))
     messages = [
-        Message(config_topic(prefix, group_id, location_id), envelope, qos=1, retain=True)
+        Publication(config_topic(prefix, group_id, location_id), envelope, qos=1, retain=True)
         for (group_id, location_id), (_, envelope) in sorted(newest.items(), key=lambda item: item[1][0])
     ]
     publisher.publish_many(messages, timeout=timeout)
@@ -81,7 +73,10 @@ def republish_current(engine: Engine, publisher: Publisher, *, prefix: str, time
     for start in range(0, len(rows), 500):
         chunk = rows[start : start + 500]
         publisher.publish_many(
-            [Message(config_topic(prefix, r.group_id, r.location_id), r.envelope, 1, True) for r in chunk],
+            [
+                Publication(config_topic(prefix, r.group_id, r.location_id), r.envelope, 1, True)
+                for r in chunk
+            ],
             timeout=timeout,
         )
     return len(rows)
@@ -99,7 +94,8 @@ def relay_commands(engine: Engine, publisher: Publisher, *, prefix: str, batch: 
     if not rows:
         return 0
     messages = [
-        Message(cmd_topic(prefix, row.agent_id), _command_payload(row), qos=1, retain=False) for row in rows
+        Publication(cmd_topic(prefix, row.agent_id), _command_payload(row), qos=1, retain=False)
+        for row in rows
     ]
     publisher.publish_many(messages, timeout=timeout)
     _mark(engine, AgentCommandEntry, [row.id for row in rows if row.id is not None])
@@ -107,8 +103,9 @@ def relay_commands(engine: Engine, publisher: Publisher, *, prefix: str, batch: 
 
 
 def _command_payload(row: AgentCommandEntry) -> bytes:
-    issued = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
-    command = AgentCommand(command="update_now", id=f"{row.id}-{uuid.uuid4().hex[:8]}", issued_at=issued)
+    command = AgentCommand(
+        command="update_now", id=f"{row.id}-{uuid.uuid4().hex[:8]}", issued_at=as_utc(row.created_at)
+    )
     return canonical_json(command.model_dump(mode="json"))
 
 

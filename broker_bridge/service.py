@@ -19,17 +19,16 @@ import uuid
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from manager_db.counters import read_counters_outside
 from broker_bridge import lease
-from broker_bridge.broker import BrokerError, BrokerLink
-from broker_bridge.credentials import bridge_password
-from broker_bridge.dynsec import DynsecError
+from broker_bridge.broker import BrokerLink
+from broker_bridge.engine import BrokerEngine
+from broker_bridge.errors import BrokerError
 from broker_bridge.ingest import StateIngest
 from broker_bridge.reconcile import reconcile_accounts
 from broker_bridge.relay import relay_commands, relay_outbox, republish_current
 from fabric_core.settings import Settings
-from fabric_core.signing import SigningKey
 from fabric_core.topics import all_states_filter
+from manager_db.counters import read_counters_outside
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +42,17 @@ def bridge_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def connect_link(settings: Settings, signing_key: SigningKey, *, client_id: str) -> BrokerLink:
-    return BrokerLink(
-        settings.mqtt_address,
-        username=settings.mqtt_username,
-        password=bridge_password(settings, signing_key),
-        client_id=client_id,
-    )
+def connect_link(settings: Settings, broker: BrokerEngine, *, client_id: str) -> BrokerLink:
+    """The bridge's link to the broker, with its account (not connected yet: `start` it)."""
+    username, password = broker.bridge_credentials()
+    return BrokerLink(settings.mqtt_address, username=username, password=password, client_id=client_id)
 
 
 class Bridge:
-    def __init__(
-        self, *, settings: Settings, engine: Engine, signing_key: SigningKey, link: BrokerLink
-    ) -> None:
+    def __init__(self, *, settings: Settings, engine: Engine, broker: BrokerEngine, link: BrokerLink) -> None:
         self.settings = settings
         self.engine = engine
-        self.signing_key = signing_key
+        self.broker = broker
         self.link = link
         self.holder = bridge_holder()
         self.ingest = StateIngest(prefix=settings.mqtt_prefix)
@@ -75,7 +69,7 @@ class Bridge:
             while not stop.is_set():
                 try:
                     busy = self.round()
-                except (BrokerError, DynsecError, OperationalError) as exc:
+                except (BrokerError, OperationalError) as exc:
                     failures += 1
                     delay = random.uniform(0, min(MAX_BACKOFF_S, 0.5 * 2**failures))
                     log.warning("bridge round failed (%s); retrying in %.1fs", exc, delay)
@@ -142,9 +136,7 @@ class Bridge:
         if generation == self._reconciled_generation and not stale:
             return
         for _ in range(1000):  # bounded: a fleet-wide change is done in batches, never in an endless loop
-            if not reconcile_accounts(
-                self.engine, self.link, prefix=self.settings.mqtt_prefix, signing_key=self.signing_key
-            ):
+            if not reconcile_accounts(self.engine, self.link, broker=self.broker):
                 break
         self._reconciled_generation = generation
         self._reconciled_at = time.monotonic()

@@ -21,3 +21,19 @@ def canonical_json(value: Any) -> bytes:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+PLAIN_JSON = "plain JSON: no NaN or Infinity, no integers beyond 64 bits"
+"""What `is_plain_json` accepts, in the words of an error message."""
+
+
+def is_plain_json(value: Any) -> bool:
+    """True if `value` survives canonical JSON unchanged.
+
+    Python's JSON parser takes NaN and Infinity, which orjson writes as null and PostgreSQL's json refuses;
+    orjson refuses integers beyond 64 bits. Either would break signing, storage or batched writes later.
+    """
+    try:
+        return bool(orjson.loads(canonical_json(value)) == value)
+    except TypeError:
+        return False

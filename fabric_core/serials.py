@@ -20,6 +20,9 @@ from fabric_core.errors import StaleSerial
 NO_SERIAL = 0
 """What an agent holds before it has applied any document."""
 
+SERIAL_MAX = 2**63 - 1
+"""The largest serial: the manager stores serials as signed 64-bit integers (BIGINT)."""
+
 DocumentKey = tuple[int, int]
 """(group_id, location_id): the identity of one effective document."""
 

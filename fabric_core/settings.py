@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr
@@ -60,6 +61,12 @@ class Settings(BaseSettings):
         default=None,
         description="Base64 Ed25519 seed; default: data_dir/signing_key (created on first start). "
         "Every api replica must use the same key.",
+    )
+    broker_engine: Literal["mosquitto"] = Field(
+        default="mosquitto", description="the MQTT broker behind push (broker_bridge.engine)"
+    )
+    mosquitto_plugin: str | None = Field(
+        default=None, description="path of mosquitto_dynamic_security.so; default: the usual install paths"
     )
     mqtt_url: str = Field(default="mqtt://127.0.0.1:1883", description="the broker, as the bridge reaches it")
     mqtt_public_url: str | None = Field(

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from fabric_core.errors import InvalidDocument
+from fabric_core.serials import NO_SERIAL, SERIAL_MAX
 
 Mode = Literal["push", "pull"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical", "security"]
@@ -217,7 +218,9 @@ class LogBatch(_Strict):
 
 
 class HeartbeatRequest(_Strict):
-    serial: int = Field(ge=0, description="the serial of the document the agent enforces; 0 for none")
+    serial: int = Field(
+        ge=NO_SERIAL, le=SERIAL_MAX, description="the serial of the document the agent enforces; 0 for none"
+    )
     location_id: int | None = Field(default=None, description="the location the agent chose; null: Default")
     mode: Mode
     status: dict[str, Any] | None = Field(

@@ -1,6 +1,8 @@
-"""`policycast up`: the whole fabric on one machine, demo agents included.
+"""The composition root: the `policycast` command, the manager's app with its broker engine, and the
+whole fabric on one machine (`policycast up`).
 
-The one package that puts the others together in one process (the manager, the bridge, a Mosquitto it
-starts, and reference agents), so that `api` never imports `agent_stub` (DESIGN.md §2). The
-`policycast` command is the manager's CLI (`api.cli`) with `up` added here.
+`cli` (every `policycast` subcommand, registered explicitly), `composition` (the manager's app with
+the broker engine), `stack` (`policycast up`), `manager` (the manager and the bridge on threads),
+`local_broker` and `broker_process` (a broker run for a laptop and the tests), `demo` (demo groups,
+policies and agents). It is the one package that imports all the others (DESIGN.md section 2).
 """

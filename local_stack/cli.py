@@ -1,32 +1,53 @@
-"""The `policycast` command: the manager's CLI (`api.cli`) plus `up`, which runs the local stack."""
+"""`policycast`: the one composition root of the manager's command line.
+
+Every subcommand is registered here, explicitly, from the package that owns it: `serve` and `plan`
+(api), `admin` (api), `bridge` and `broker-config` (broker_bridge), `up` (local_stack).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
 
-from api.cli import app, console, load_settings
-from api.cli import main as manager_main
+from api import admin_cli
+from api import cli as api_cli
+from broker_bridge import cli as bridge_cli
+from fabric_core.console import load_settings, stdout
+from fabric_core.settings import Settings
+from local_stack.composition import WORKER_APP
 
 
-@app.command()
 def up(
-    agents: Annotated[int, typer.Option(min=0, max=200, help="demo pull agents to start")] = 6,
+    agents: Annotated[int, typer.Option(min=0, max=200, help="demo agents to start")] = 6,
     port: Annotated[int, typer.Option(help="api port; 0 picks a free one")] = 8080,
     exit_when_converged: Annotated[
         bool, typer.Option(help="stop once the demo change reached every agent (for scripts)")
     ] = False,
 ) -> None:
-    """Run the local stack: the manager on SQLite, demo groups and policies, and demo agents."""
+    """Run the local stack: the manager on SQLite, a broker, the bridge, demo groups, policies and
+    agents."""
     from local_stack.stack import run_stack  # the agents' modules, only when the stack runs
 
-    settings = load_settings()
+    settings = load_settings(Settings)
     code = run_stack(
-        settings, agents=agents, port=port, exit_when_converged=exit_when_converged, console=console
+        settings, agents=agents, port=port, exit_when_converged=exit_when_converged, console=stdout
     )
     raise typer.Exit(code)
 
 
+app = typer.Typer(
+    help="Policycast manager: policies and content for fleets of endpoint agents.", no_args_is_help=True
+)
+app.command("serve")(api_cli.serve_command(WORKER_APP))
+app.command("bridge")(bridge_cli.bridge)
+app.command("broker-config")(bridge_cli.broker_config)
+app.add_typer(admin_cli.admin, name="admin")
+app.command("plan")(api_cli.plan)
+app.command("up")(up)
+
+
 def main() -> None:
-    manager_main()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app()

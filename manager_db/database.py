@@ -7,18 +7,22 @@ connection before use.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, create_engine
 
+from fabric_core.console import fail
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+T = TypeVar("T")
 
 
 def make_engine(url: str) -> Engine:
@@ -63,3 +67,26 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def describe(url: str) -> str:
+    """A database URL fit to print: without the user and password."""
+    return url.rsplit("@", maxsplit=1)[-1] if "@" in url else url
+
+
+def require_schema(engine: Engine) -> None:
+    """`ValueError` unless the database holds Policycast's schema (for processes that do not migrate)."""
+    if "fabric_counters" not in inspect(engine).get_table_names():
+        raise ValueError(
+            "the database has no Policycast schema yet: run `policycast serve` or `policycast admin migrate`"
+        )
+
+
+def guarded(action: Callable[[], T], what: str) -> T:
+    """Run a command's `action`; turn what an operator can fix into a one-line failure."""
+    try:
+        return action()
+    except OperationalError as exc:
+        fail(f"{what}: cannot reach the database ({exc.orig})")
+    except ValueError as exc:
+        fail(f"{what}: {exc}")

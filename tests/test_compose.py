@@ -12,9 +12,9 @@ import pytest
 import yaml
 from typer.main import get_command
 
-from api.cli import app as manager_cli
-from broker_bridge.mosquitto import DYNSEC_PLUGIN_PATHS
+from broker_bridge.mosquitto.install import DYNSEC_PLUGIN_PATHS
 from fabric_core.settings import AgentSettings, MqttAddress, Settings
+from local_stack.cli import app as manager_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -102,7 +102,7 @@ def test_a_bridge_without_the_managers_signing_key_refuses_to_start(tmp_path: Pa
     from tests.support.processes import python_env
 
     result = subprocess.run(
-        [sys.executable, "-m", "api", "bridge"],
+        [sys.executable, "-m", "local_stack", "bridge"],
         env=python_env(POLICYCAST_DATA_DIR=str(tmp_path / "empty")),
         capture_output=True,
         text=True,

@@ -9,11 +9,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, status
 
 from api.deps import ChangeDep, FabricDep, SessionDep, ViewerDep
-from manager_db.models import Agent, LogRecord, utcnow
 from api.schemas import AgentOut, AgentUpdate, LogOut, TokenCreate, TokenOut
 from api.services import agents, groups, logs
-from api.services.agents import as_utc
 from fabric_core.wire import LogLevel
+from manager_db.models import Agent, LogRecord, as_utc, utcnow
 
 router = APIRouter(tags=["agents"])
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import ChangeDep, SessionDep, ViewerDep
-from manager_db.models import Group, Location
 from api.resolution import communication_of
 from api.schemas import CommunicationIn, CommunicationOut, LocationCommunicationIn, LocationCommunicationOut
 from api.services import communication, locations
 from fabric_core.wire import Communication
+from manager_db.models import Group, Location
 
 router = APIRouter(prefix="/groups/{group_id}", tags=["communication"])
 

@@ -9,12 +9,12 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session
 
+from api.agent_auth import authenticate_agent
 from api.deps import AdminDep, ChangeDep, FabricDep, SessionDep, ViewerDep
 from api.errors import NotFound
-from manager_db.models import Blob, ContentRevision
-from api.routes.agent_api import authenticate_agent
 from api.services import content
 from api.services.content import BlobStore
+from manager_db.models import Blob, ContentRevision
 
 admin_router = APIRouter(tags=["content"])
 agent_router = APIRouter(prefix="/agent/v1", tags=["agent"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from api.deps import ChangeDep, SessionDep, ViewerDep
-from manager_db.models import Group
 from api.schemas import GroupCreate, GroupOut, GroupUpdate
 from api.services import groups
+from manager_db.models import Group
 
 router = APIRouter(prefix="/groups", tags=["groups"])
 

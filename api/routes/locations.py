@@ -6,9 +6,9 @@ from fastapi import APIRouter, Response, status
 
 from api.deps import ChangeDep, SessionDep, ViewerDep
 from api.errors import NotFound
-from manager_db.models import EffectiveConfig, Location
 from api.schemas import LocationCreate, LocationOut, LocationUpdate
 from api.services import locations
+from manager_db.models import EffectiveConfig, Location
 
 router = APIRouter(prefix="/groups/{group_id}/locations", tags=["locations"])
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from api.deps import ChangeDep, SessionDep, ViewerDep
-from manager_db.models import Assignment, Policy
 from api.schemas import AssignmentIn, AssignmentOut, PolicyCreate, PolicyOut, PolicyType, PolicyUpdate
 from api.services import policies
+from manager_db.models import Assignment, Policy
 
 router = APIRouter(tags=["policies"])
 

@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, overload
+from datetime import timedelta
+from typing import Any
 
 from sqlmodel import Session, col, select
 
 from api.errors import Conflict, Invalid, NotFound, Unauthorized
-from manager_db.models import Agent, AgentCommandEntry, EffectiveConfig, EnrollmentToken, utcnow
 from api.resolution import load_tree
 from api.security import hash_secret, new_secret
 from api.services.change import Change
 from api.services.groups import get_group
-
-
-@overload
-def as_utc(moment: datetime) -> datetime: ...
-@overload
-def as_utc(moment: None) -> None: ...
-def as_utc(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+from manager_db.models import Agent, AgentCommandEntry, EffectiveConfig, EnrollmentToken, as_utc, utcnow
 
 
 def create_enrollment_token(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlmodel import Session, col, select
 
 from api.errors import Unauthorized
-from manager_db.models import ApiKey
 from api.security import Principal, Role, hash_secret, new_secret, same_secret
+from manager_db.models import ApiKey
 
 
 def create_api_key(session: Session, *, name: str, role: Role) -> str:

@@ -8,10 +8,10 @@ from typing import Any
 
 from sqlmodel import Session
 
-from manager_db.counters import begin_change
-from manager_db.models import AuditEntry
 from api.resolution import RefreshResult, refresh_documents
 from fabric_core.signing import SigningKey
+from manager_db.counters import begin_change
+from manager_db.models import AuditEntry
 
 
 @dataclass

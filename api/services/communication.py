@@ -6,9 +6,9 @@ from typing import Any
 
 from sqlmodel import Session
 
-from manager_db.models import Group, Location
 from api.services.change import Change
 from api.services.locations import get_location, owner_of, require_own_state
+from manager_db.models import Group, Location
 
 
 def group_communication(session: Session, *, group_id: int) -> Group:

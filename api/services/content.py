@@ -20,9 +20,9 @@ from typing import Any
 from sqlmodel import Session, col, delete, func, select
 
 from api.errors import Invalid, NotFound
-from manager_db.models import Agent, Blob, ContentRevision
 from api.services.change import Change
 from fabric_core.canonical import canonical_json, sha256_hex
+from manager_db.models import Agent, Blob, ContentRevision
 
 SHA256_HEX = 64
 RESERVED_KINDS = frozenset({"blobs", "partial"})

@@ -5,6 +5,8 @@ from __future__ import annotations
 from sqlmodel import Session, col, delete, func, select
 
 from api.errors import Conflict, Invalid, NotFound
+from api.resolution import load_tree
+from api.services.change import Change
 from manager_db.models import (
     DEFAULT_LOCATION_NAME,
     ROOT_GROUP_NAME,
@@ -16,8 +18,6 @@ from manager_db.models import (
     Location,
     OutboxEntry,
 )
-from api.resolution import load_tree
-from api.services.change import Change
 
 COMMUNICATION_FIELDS = ("mode", "heartbeat_s", "download_enabled", "randomize_s")
 

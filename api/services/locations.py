@@ -7,10 +7,10 @@ from typing import Any
 from sqlmodel import Session, col, delete, select
 
 from api.errors import Conflict, NotFound
-from manager_db.models import Assignment, Group, Location
 from api.resolution import load_tree
 from api.services.change import Change
 from api.services.groups import get_group
+from manager_db.models import Assignment, Group, Location
 
 
 def owner_of(session: Session, *, group_id: int) -> Group:

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from manager_db.models import LogBatchReceipt, LogRecord
 from fabric_core.wire import LogBatch
+from manager_db.models import LogBatchReceipt, LogRecord
 
 
 def _utc(moment: datetime) -> datetime:

@@ -8,8 +8,8 @@ from datetime import datetime
 from sqlalchemy import Engine
 from sqlmodel import Session, col, func, select
 
-from manager_db.models import Agent, Group
-from api.services.agents import as_utc, current_serials, list_agents
+from api.services.agents import current_serials, list_agents
+from manager_db.models import Agent, Group, as_utc
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,10 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from api.errors import Conflict, Invalid, NotFound
-from manager_db.models import Assignment, Policy, utcnow
-from api.schemas import is_plain_json
 from api.services.change import Change
 from api.services.locations import get_location, require_own_state
-from fabric_core.canonical import canonical_json
+from fabric_core.canonical import canonical_json, is_plain_json
+from manager_db.models import Assignment, Policy, utcnow
 
 
 def list_policies(session: Session, *, policy_type: str | None = None) -> list[Policy]:

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from api.heartbeat import fast_path
 from api.main import create_app
-from api.routes import agent_api
 from fabric_core.settings import Settings
 from tests.conftest import ADMIN_KEY
 
@@ -111,7 +111,7 @@ def enroll(admin: Admin, client: TestClient) -> Any:
 def answered_fast(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """The bodies of the heartbeats the ASGI fast path answered (the others went to the route)."""
     seen: list[bytes] = []
-    real = agent_api._fast_heartbeat
+    real = fast_path.fast_heartbeat
 
     def spy(fabric: Any, authorization: bytes, body: bytes) -> bytes | None:
         answer = real(fabric, authorization, body)
@@ -119,5 +119,5 @@ def answered_fast(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
             seen.append(body)
         return answer
 
-    monkeypatch.setattr(agent_api, "_fast_heartbeat", spy)
+    monkeypatch.setattr(fast_path, "fast_heartbeat", spy)
     return seen

@@ -18,10 +18,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent_stub.core import AgentCore
+from agent_stub.log_spool import LogSpool
 from agent_stub.manager_client import ManagerClient
 from agent_stub.pull import PullLoop
 from agent_stub.runtime import AgentRuntime
-from agent_stub.log_spool import LogSpool
 from agent_stub.state import Identity, MemoryStateStore
 from api.main import create_app
 from fabric_core.settings import AgentSettings, Settings

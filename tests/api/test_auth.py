@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import Session, select
 
-from manager_db.models import ApiKey, utcnow
 from api.security import Role, hash_secret
 from api.services.api_keys import create_api_key
+from manager_db.models import ApiKey, utcnow
 
 
 def new_key(client: Any, role: Role, name: str = "operator") -> str:

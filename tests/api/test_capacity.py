@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from api import capacity
 from api.capacity import Costs, parse_duration, plan
-from api.cli import app
+from local_stack.cli import app
 
 COSTS = Costs(
     measured_on="2026-01-01",

@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlmodel import Session
 
-from manager_db.models import EnrollmentToken, utcnow
 from fabric_core.signing import VerifyKey, open_envelope
+from manager_db.models import EnrollmentToken, utcnow
 from tests.api.conftest import AgentClient
 
 

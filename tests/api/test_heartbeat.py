@@ -12,13 +12,13 @@ from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from api.heartbeat import HeartbeatLedger
+from api.heartbeat import fast_path
+from api.heartbeat.ledger import HeartbeatLedger
 from api.main import create_app
-from manager_db.models import Agent
-from api.routes import agent_api
 from fabric_core.errors import BadSignature
 from fabric_core.settings import Settings
 from fabric_core.signing import VerifyKey, open_envelope
+from manager_db.models import Agent
 from tests.api.conftest import Admin, AgentClient
 
 
@@ -309,7 +309,7 @@ def door(
     """Which door serves the everyday heartbeat: the fast path, or the FastAPI route (fast path off).
     Returns the door and the bodies the fast path answered."""
     if request.param == "route":
-        monkeypatch.setattr(agent_api, "FAST_BODY_LIMIT", 0)
+        monkeypatch.setattr(fast_path, "FAST_BODY_LIMIT", 0)
     return request.param, answered_fast
 
 

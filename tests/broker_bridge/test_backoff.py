@@ -8,6 +8,7 @@ from typing import Any, cast
 from sqlalchemy import create_engine
 
 from broker_bridge.broker import BrokerLink
+from broker_bridge.mosquitto.engine import MosquittoEngine
 from broker_bridge.service import Bridge
 from fabric_core.settings import Settings
 from fabric_core.signing import SigningKey
@@ -24,7 +25,7 @@ def _bridge(link: _Link, tmp_path: Any) -> Bridge:
     return Bridge(
         settings=Settings(data_dir=tmp_path),
         engine=create_engine("sqlite://"),
-        signing_key=SigningKey.generate(),
+        broker=MosquittoEngine(Settings(data_dir=tmp_path), SigningKey.generate()),
         link=cast(BrokerLink, link),
     )
 

@@ -9,11 +9,12 @@ import orjson
 import pytest
 from sqlmodel import Session, col, select
 
-from manager_db.models import Agent, OutboxEntry
 from broker_bridge import lease, relay
+from broker_bridge.engine import engine_for
 from broker_bridge.service import Bridge
 from fabric_core.signing import VerifyKey, open_envelope
 from fabric_core.topics import cmd_topic, config_topic, state_topic
+from manager_db.models import Agent, OutboxEntry
 from tests.support.broker import MqttClient, Received
 from tests.support.processes import wait_for
 from tests.support.stack import Stack, bridge_thread
@@ -120,9 +121,8 @@ def test_a_bridge_killed_between_publish_and_mark_loses_nothing(
         raise Killed  # the process dies after the broker acknowledged, before the row is marked
 
     doomed_link = stack.broker.link("doomed")
-    doomed = Bridge(
-        settings=fabric.settings, engine=fabric.engine, signing_key=fabric.signing_key, link=doomed_link
-    )
+    broker = engine_for(fabric.settings, fabric.signing_key)
+    doomed = Bridge(settings=fabric.settings, engine=fabric.engine, broker=broker, link=doomed_link)
     monkeypatch.setattr(relay, "_mark", killed)
     with pytest.raises(Killed):
         doomed.round()
@@ -134,7 +134,7 @@ def test_a_bridge_killed_between_publish_and_mark_loses_nothing(
     restarted = Bridge(
         settings=fabric.settings,
         engine=fabric.engine,
-        signing_key=fabric.signing_key,
+        broker=broker,
         link=stack.broker.link("again"),
     )
     lease.release(fabric.engine, holder=doomed.holder)  # as expiry would, without waiting 10 s

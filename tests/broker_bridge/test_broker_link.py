@@ -9,8 +9,10 @@ import time
 
 import pytest
 
-from broker_bridge import dynsec
-from broker_bridge.broker import BrokerLink, BrokerRefused, BrokerUnavailable, Publication
+from broker_bridge.broker import BrokerLink, Publication
+from broker_bridge.errors import BrokerRefused, BrokerUnavailable, DynsecError
+from broker_bridge.mosquitto import dynsec
+from broker_bridge.mosquitto.control import control
 from fabric_core.topics import all_states_filter, config_topic, group_config_filter, state_topic
 from tests.broker_bridge.conftest import AgentFactory
 from tests.support.broker import Broker, Inbox
@@ -147,7 +149,7 @@ def test_control_calls_of_two_links_do_not_mix(mosquitto: Broker, bridge: Broker
     results: dict[str, list[dict[str, object]]] = {}
 
     def create(link: BrokerLink, role: str) -> None:
-        results[role] = link.control([dynsec.create_role(role, []), dynsec.get_role(role)])
+        results[role] = control(link, [dynsec.create_role(role, []), dynsec.get_role(role)])
 
     threads = [
         threading.Thread(target=create, args=(link, f"r-{name}-{i}"))
@@ -166,11 +168,11 @@ def test_control_calls_of_two_links_do_not_mix(mosquitto: Broker, bridge: Broker
 
 
 def test_dynsec_errors_are_distinguishable(bridge: BrokerLink) -> None:
-    dynsec.check(bridge.control([dynsec.create_role("r1", [])]))
-    with pytest.raises(dynsec.DynsecError) as exists:
-        dynsec.check(bridge.control([dynsec.create_role("r1", [])]))
+    dynsec.check(control(bridge, [dynsec.create_role("r1", [])]))
+    with pytest.raises(DynsecError) as exists:
+        dynsec.check(control(bridge, [dynsec.create_role("r1", [])]))
     assert exists.value.already_exists and not exists.value.not_found
     assert exists.value.command == "createRole"
-    with pytest.raises(dynsec.DynsecError) as missing:
-        dynsec.check(bridge.control([dynsec.delete_client("nobody")]))
+    with pytest.raises(DynsecError) as missing:
+        dynsec.check(control(bridge, [dynsec.delete_client("nobody")]))
     assert missing.value.not_found and not missing.value.already_exists

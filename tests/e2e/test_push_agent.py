@@ -83,7 +83,8 @@ def push_stack(tmp_path: Path, mosquitto: Broker) -> Iterator[PushStack]:
     }
     manager = Manager(tmp_path / "manager", tmp_path, admin_key="pck_e2e-push", **broker_settings).start()
     env = dict(manager.process.env)
-    bridge = Process("bridge", [sys.executable, "-m", "api", "bridge"], env=env, log_dir=tmp_path).start()
+    bridge_argv = [sys.executable, "-m", "local_stack", "bridge"]
+    bridge = Process("bridge", bridge_argv, env=env, log_dir=tmp_path).start()
     stack = PushStack(manager, mosquitto, bridge, tmp_path)
     try:
         yield stack

@@ -25,18 +25,18 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import SecretStr
 
-from broker_bridge import provisioning
-from broker_bridge.broker import BrokerLink, BrokerUnavailable
-from broker_bridge.mosquitto import (
-    BrokerLayout,
-    MosquittoProcess,
-    find_dynsec_plugin,
-    mosquitto_binary,
-    write_broker_files,
-)
-from fabric_core.settings import MqttAddress
+from broker_bridge.broker import BrokerLink
+from broker_bridge.engine import BrokerLaunch
+from broker_bridge.errors import BrokerUnavailable
+from broker_bridge.mosquitto import accounts
+from broker_bridge.mosquitto.config import BrokerLayout
+from broker_bridge.mosquitto.engine import MosquittoEngine
+from broker_bridge.mosquitto.install import find_dynsec_plugin, mosquitto_binary
+from fabric_core.settings import MqttAddress, Settings
 from fabric_core.topics import DEFAULT_PREFIX
+from local_stack.broker_process import BrokerProcess
 from tests.support.processes import free_port
 
 BRIDGE_USERNAME = "policycast-bridge"
@@ -50,24 +50,22 @@ class Broker:
         self.layout = BrokerLayout(directory)
         self.bridge_username = BRIDGE_USERNAME
         self.bridge_password = secrets.token_urlsafe(18)
-        self.plugin_path = find_dynsec_plugin()
+        settings = Settings(
+            data_dir=directory,
+            mqtt_prefix=prefix,
+            mqtt_username=self.bridge_username,
+            mqtt_password=SecretStr(self.bridge_password),
+        )
+        self.engine = MosquittoEngine(settings, None)  # the bridge's password is given: no signing key
         self.port = free_port()
-        self._write_files()
-        self.process = MosquittoProcess(self.layout, self.port)
+        self.process = BrokerProcess(self._write_files())
         self._links: list[BrokerLink] = []
         self._clients: list[MqttClient] = []
         self._admin: BrokerLink | None = None
 
-    def _write_files(self) -> None:
-        write_broker_files(
-            layout=self.layout,
-            port=self.port,
-            bind="127.0.0.1",
-            bridge_username=self.bridge_username,
-            bridge_password=self.bridge_password,
-            prefix=self.prefix,
-            plugin_path=self.plugin_path,
-        )
+    def _write_files(self) -> BrokerLaunch:
+        """The project's own broker configuration, as `policycast broker-config` writes it."""
+        return self.engine.write_config(self.layout.directory, port=self.port, bind="127.0.0.1")
 
     @property
     def address(self) -> MqttAddress:
@@ -85,8 +83,7 @@ class Broker:
                 raise
             # Another process took the free port between the probe and the bind: pick another one.
             self.port = free_port()
-            self._write_files()
-            self.process = MosquittoProcess(self.layout, self.port)
+            self.process = BrokerProcess(self._write_files())
             self.process.start()
         return self
 
@@ -120,7 +117,7 @@ class Broker:
     def provision(self, agent_id: str, group_id: str | int) -> str:
         """Create (or reset) the agent's account; return its password."""
         password = secrets.token_urlsafe(18)
-        provisioning.provision_agent(
+        accounts.provision_agent(
             self.admin, prefix=self.prefix, agent_id=agent_id, group_id=group_id, password=password
         )
         return password

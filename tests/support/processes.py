@@ -96,7 +96,16 @@ class Manager:
             POLICYCAST_BOOTSTRAP_ADMIN_KEY=admin_key,
             **{f"POLICYCAST_{k.upper()}": v for k, v in settings.items()},
         )
-        argv = [sys.executable, "-m", "api", "serve", "--port", str(self.port), "--log-level", "warning"]
+        argv = [
+            sys.executable,
+            "-m",
+            "local_stack",
+            "serve",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         self.process = Process("manager", argv, env=env, log_dir=log_dir)
         self.admin = httpx.Client(
             base_url=f"{self.url}/api/v1", headers={"Authorization": f"Bearer {admin_key}"}

@@ -10,10 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from api.main import create_app
 from broker_bridge.broker import BrokerLink
+from broker_bridge.engine import engine_for
 from broker_bridge.service import Bridge, BridgeThread
 from fabric_core.settings import Settings
+from local_stack.composition import manager_app
 from tests.api.conftest import Admin, AgentClient
 from tests.support.broker import Broker, MqttClient
 from tests.support.processes import wait_for
@@ -30,7 +31,8 @@ def bridge_thread(client: TestClient, broker: Broker) -> BridgeThread:
         reconnect_min_s=0.05,
         reconnect_max_s=0.5,
     )
-    bridge = Bridge(settings=fabric.settings, engine=fabric.engine, signing_key=fabric.signing_key, link=link)
+    broker_engine = engine_for(fabric.settings, fabric.signing_key)
+    bridge = Bridge(settings=fabric.settings, engine=fabric.engine, broker=broker_engine, link=link)
     return BridgeThread(bridge).start()
 
 
@@ -69,7 +71,7 @@ def stack(settings: Settings, mosquitto: Broker) -> Iterator[Stack]:
             "bridge_poll_s": 0.05,
         }
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(manager_app(settings)) as client:
         bridge = bridge_thread(client, mosquitto)
         try:
             yield Stack(Admin(client), mosquitto, bridge)

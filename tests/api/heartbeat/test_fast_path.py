@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from api.routes import agent_api
+from api.heartbeat import fast_path
 from tests.api.conftest import AgentClient
 
 JSON = {"Content-Type": "application/json"}
 
 
 def _send(agent: AgentClient, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
-    response = agent.client.post(agent_api.HEARTBEAT_PATH, content=body, headers=headers)
+    response = agent.client.post(fast_path.HEARTBEAT_PATH, content=body, headers=headers)
     kept = {k: v for k, v in response.headers.items() if k in ("content-type", "content-length")}
     reply = response.json()
     if response.status_code == 200:
@@ -81,7 +81,7 @@ def test_fast_path_and_route_answer_alike(enroll, admin, monkeypatch, answered_f
 
     fast = [_send(agent, body, headers) for body, headers in cases]
     answered = list(answered_fast)
-    monkeypatch.setattr(agent_api, "FAST_BODY_LIMIT", 0)
+    monkeypatch.setattr(fast_path, "FAST_BODY_LIMIT", 0)
     routed = [_send(agent, body, headers) for body, headers in cases]
 
     for (body, headers), one, other in zip(cases, fast, routed, strict=True):

@@ -1,6 +1,6 @@
 """Mosquitto dynamic-security: the commands Policycast sends, the roles it gives agents, and errors.
 
-Pure functions: each returns one command dict for `BrokerLink.control`, which sends a list of them in one
+Pure functions: each returns one command dict for `control.control`, which sends a list of them in one
 `$CONTROL/dynamic-security/v1` message. `check` turns a response carrying an `error` into `DynsecError`.
 
 Roles (the only authorisation agents get; the broker denies everything else by default):
@@ -15,34 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker_bridge.broker import BrokerError
+from broker_bridge.errors import DynsecError
 from fabric_core.topics import check_id, cmd_topic, group_config_filter, state_topic
 
 Command = dict[str, Any]
 
 GROUP_ROLE_PREFIX = "pc-group-"
 AGENT_ROLE_PREFIX = "pc-agent-"
-
-# The error texts of Mosquitto 2.0.x ("Client already exists", "Role not found", ...).
-_ALREADY_EXISTS = "already exists"
-_NOT_FOUND = "not found"
-
-
-class DynsecError(BrokerError):
-    """A dynamic-security command answered with an error."""
-
-    def __init__(self, command: str, error: str) -> None:
-        super().__init__(f"dynamic-security {command}: {error}")
-        self.command = command
-        self.error = error
-
-    @property
-    def already_exists(self) -> bool:
-        return _ALREADY_EXISTS in self.error.lower()
-
-    @property
-    def not_found(self) -> bool:
-        return _NOT_FOUND in self.error.lower()
 
 
 def check(responses: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,13 +1,7 @@
-"""A Mosquitto 2 broker that Policycast configures and runs itself (tests, `policycast up`, a laptop).
+"""Mosquitto's configuration, as Policycast writes it: for operators, the local stack and the tests.
 
-Three pieces, usable apart:
-
-- `render_config` / `render_dynsec` / `write_broker_files`: a `mosquitto.conf` sized for fleets and the
-  initial dynamic-security JSON with the bridge's account, written into one directory (`BrokerLayout`).
-- `find_dynsec_plugin` / `mosquitto_binary`: where this machine keeps the broker and its plugin.
-- `MosquittoProcess`: the broker as a child process that can be started, stopped and restarted on the
-  same port (retained documents survive through the persistence file).
-
+`render_config` / `render_dynsec` / `write_broker_files`: a `mosquitto.conf` sized for fleets and the
+initial dynamic-security JSON with the bridge's account, written into one directory (`BrokerLayout`).
 Production brokers are configured by their operators; the settings here are the reference for them.
 """
 
@@ -20,29 +14,13 @@ import json
 import logging
 import os
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker_bridge.broker import BrokerUnavailable
 from fabric_core.topics import all_cmds_filter, all_configs_filter, all_states_filter
 
 log = logging.getLogger(__name__)
-
-DYNSEC_PLUGIN_PATHS = (
-    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",  # Debian / Ubuntu package (amd64)
-    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",  # Debian / Ubuntu package (arm64)
-    "/usr/lib/mosquitto_dynamic_security.so",  # the official eclipse-mosquitto docker image
-    "/usr/local/lib/mosquitto_dynamic_security.so",  # built from source with `make install`
-    "/opt/homebrew/lib/mosquitto_dynamic_security.so",  # Homebrew on Apple silicon
-)
-MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
-INSTALL_HINT = "install it with `apt-get install -y mosquitto` (Debian/Ubuntu) or `brew install mosquitto`"
 
 BRIDGE_ROLE = "pc-bridge"
 DYNSEC_ADMIN_ROLE = "pc-dynsec-admin"
@@ -144,32 +122,6 @@ log_timestamp true
 """
 
 
-def find_dynsec_plugin(override: str | None = None) -> str:
-    """The dynamic-security plugin: `override` when given, else the first of the usual install paths."""
-    if override:
-        if not Path(override).is_file():
-            raise BrokerUnavailable(f"dynamic-security plugin {override!r} does not exist")
-        return override
-    for candidate in DYNSEC_PLUGIN_PATHS:
-        if Path(candidate).is_file():
-            return candidate
-    raise BrokerUnavailable(
-        "Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) was not found in "
-        f"{', '.join(DYNSEC_PLUGIN_PATHS)}; {INSTALL_HINT}, or pass its path"
-    )
-
-
-def mosquitto_binary() -> str:
-    """The `mosquitto` executable, from PATH or the usual sbin directories (often not on PATH)."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    for candidate in MOSQUITTO_PATHS:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    raise BrokerUnavailable(f"the Mosquitto broker (`mosquitto`) is not installed: {INSTALL_HINT}")
-
-
 # --- the initial dynamic-security file -----------------------------------------------------------------
 
 
@@ -265,93 +217,3 @@ def write_broker_files(
     fd = os.open(layout.dynsec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(content, handle, indent=2)
-
-
-# --- the broker process ----------------------------------------------------------------------------------
-
-
-class MosquittoProcess:
-    """`mosquitto -c layout.config_path` as a child process, listening on `port`."""
-
-    def __init__(self, layout: BrokerLayout, port: int, bind: str = "127.0.0.1") -> None:
-        self.layout = layout
-        self.port = port
-        self.bind = bind
-        self._popen: subprocess.Popen[bytes] | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._popen.pid if self.running and self._popen is not None else None
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Spawn the broker and return once its port accepts TCP connections."""
-        if self.running:
-            return
-        argv = [mosquitto_binary(), "-c", str(self.layout.config_path)]
-        log_start = self.layout.log_path.stat().st_size if self.layout.log_path.exists() else 0
-        # Errors before the log file opens (a bad config line, a taken port) go to stderr: same file.
-        with self.layout.log_path.open("ab") as output:
-            self._popen = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
-        log.info("started mosquitto (pid %d) on %s:%d", self._popen.pid, self.bind, self.port)
-        self._wait_listening(timeout, log_start)
-
-    def _wait_listening(self, timeout: float, log_start: int) -> None:
-        deadline = time.monotonic() + timeout
-        host = "127.0.0.1" if self.bind in ("0.0.0.0", "") else self.bind
-        host = "::1" if host == "::" else host
-        while True:
-            assert self._popen is not None
-            if self._popen.poll() is not None:
-                code = self._popen.returncode
-                self._popen = None
-                raise BrokerUnavailable(f"mosquitto exited with status {code}:\n{self.log_tail()}")
-            # A TCP answer alone could come from another process on the port: Mosquitto logs "running"
-            # once all its listeners are bound.
-            if self._logged_running(log_start) and _accepts_tcp(host, self.port):
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                tail = self.log_tail()
-                raise BrokerUnavailable(
-                    f"mosquitto did not listen on {host}:{self.port} in {timeout:.0f}s:\n{tail}"
-                )
-            time.sleep(0.02)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (Mosquitto saves its persistence file on the way out), SIGKILL after `timeout`."""
-        popen, self._popen = self._popen, None
-        if popen is None or popen.poll() is not None:
-            return
-        popen.send_signal(signal.SIGTERM)
-        try:
-            popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("mosquitto (pid %d) ignored SIGTERM for %.0fs: killing it", popen.pid, timeout)
-            popen.kill()
-            popen.wait()
-
-    def restart(self, timeout: float = 10.0) -> None:
-        self.stop(timeout)
-        self.start(timeout)
-
-    def _logged_running(self, log_start: int) -> bool:
-        with self.layout.log_path.open("rb") as handle:
-            handle.seek(log_start)
-            return b" running" in handle.read()
-
-    def log_tail(self, lines: int = 30) -> str:
-        if not self.layout.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.layout.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _accepts_tcp(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from broker_bridge import dynsec, provisioning
 from broker_bridge.broker import BrokerLink
+from broker_bridge.mosquitto import accounts, dynsec
+from broker_bridge.mosquitto.control import control
 from fabric_core.topics import config_topic, state_topic
 from tests.broker_bridge.conftest import AgentFactory
 from tests.support.broker import Broker, Inbox
@@ -16,7 +17,7 @@ NOT_AUTHORISED = 0x87
 
 
 def roles_of(link: BrokerLink, username: str) -> list[str]:
-    (response,) = dynsec.check(link.control([dynsec.get_client(username)]))
+    (response,) = dynsec.check(control(link, [dynsec.get_client(username)]))
     return sorted(dynsec.client_roles(response))
 
 
@@ -32,7 +33,7 @@ def test_a_resync_without_reset_leaves_a_connected_agent_alone(
     mosquitto: Broker, agent: AgentFactory
 ) -> None:
     client = agent("a1", group_id=1)
-    provisioning.provision_agent(
+    accounts.provision_agent(
         mosquitto.admin, prefix=mosquitto.prefix, agent_id="a1", group_id=1, password="ignored", reset=False
     )
     with pytest.raises(AssertionError, match="not disconnected"):
@@ -42,7 +43,7 @@ def test_a_resync_without_reset_leaves_a_connected_agent_alone(
 
 def test_a_resync_without_reset_corrects_the_group(mosquitto: Broker) -> None:
     mosquitto.provision("a1", 1)
-    provisioning.provision_agent(
+    accounts.provision_agent(
         mosquitto.admin, prefix=mosquitto.prefix, agent_id="a1", group_id=2, password="x", reset=False
     )
     assert roles_of(mosquitto.admin, "a1") == ["pc-agent-a1", "pc-group-2"]
@@ -50,7 +51,7 @@ def test_a_resync_without_reset_corrects_the_group(mosquitto: Broker) -> None:
 
 def test_ensure_group_role_is_idempotent(mosquitto: Broker) -> None:
     for _ in range(2):
-        assert provisioning.ensure_group_role(mosquitto.admin, mosquitto.prefix, 7) == "pc-group-7"
+        assert accounts.ensure_group_role(mosquitto.admin, mosquitto.prefix, 7) == "pc-group-7"
 
 
 def test_a_moved_agent_reads_the_new_group_and_no_longer_the_old(
@@ -60,7 +61,7 @@ def test_a_moved_agent_reads_the_new_group_and_no_longer_the_old(
     old, new = config_topic(prefix, 1, 10), config_topic(prefix, 2, 20)
     client = agent("a1", group_id=1)
     assert not client.subscribe(old).is_failure
-    provisioning.move_agent(bridge, prefix=prefix, agent_id="a1", old_group_id=1, new_group_id=2)
+    accounts.move_agent(bridge, prefix=prefix, agent_id="a1", old_group_id=1, new_group_id=2)
     client.wait_disconnected()  # the broker drops the agent so that it comes back with its new rights
 
     # The agent's persistent session would keep the old subscription: delivery is checked too.
@@ -82,7 +83,7 @@ def test_a_moved_agents_old_subscription_delivers_nothing(
     client = mosquitto.client("a1", password, client_id="a1")
     assert not client.connect(clean_start=False).is_failure
     assert not client.subscribe(old).is_failure
-    provisioning.move_agent(bridge, prefix=prefix, agent_id="a1", old_group_id=1, new_group_id=2)
+    accounts.move_agent(bridge, prefix=prefix, agent_id="a1", old_group_id=1, new_group_id=2)
     client.wait_disconnected()
     resumed = mosquitto.client("a1", password, client_id="a1")  # same session, old subscription in it
     assert not resumed.connect(clean_start=False).is_failure
@@ -97,7 +98,7 @@ def test_a_removed_agent_cannot_connect_and_leaves_no_state(mosquitto: Broker, b
     assert not client.connect().is_failure
     assert not client.publish(state_topic(prefix, "a1"), b"online", retain=True).is_failure
 
-    provisioning.remove_agent(bridge, prefix=prefix, agent_id="a1")
+    accounts.remove_agent(bridge, prefix=prefix, agent_id="a1")
     client.wait_disconnected()
     assert mosquitto.client("a1", password).connect().value == NOT_AUTHORISED
     # Its last retained state is cleared. (Its will is not sent: dynsec disconnects without the will.)
@@ -105,4 +106,4 @@ def test_a_removed_agent_cannot_connect_and_leaves_no_state(mosquitto: Broker, b
     mosquitto.link("state-reader").subscribe(state_topic(prefix, "a1"), states)
     time.sleep(0.3)
     assert states.items == []
-    provisioning.remove_agent(bridge, prefix=prefix, agent_id="a1")  # again: nothing to do, no error
+    accounts.remove_agent(bridge, prefix=prefix, agent_id="a1")  # again: nothing to do, no error

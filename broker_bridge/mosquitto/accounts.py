@@ -1,7 +1,7 @@
 """Broker accounts for agents: what the bridge asks Mosquitto's dynamic security to do.
 
 Every function is idempotent and safe to repeat after a crash half-way. Each sends one or two control
-messages (`BrokerLink.control`), so provisioning an agent costs one round trip in the common case.
+messages (`control.control`), so provisioning an agent costs one round trip in the common case.
 
 Seen on Mosquitto 2.0.11: every change to a client (password, roles, enable/disable, delete) and deleting
 a role a client holds disconnects that client at once ("Administrative action", 0x98); it reconnects and
@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from broker_bridge import dynsec
 from broker_bridge.broker import BrokerLink
+from broker_bridge.mosquitto import dynsec
+from broker_bridge.mosquitto.control import control
 from fabric_core.topics import state_topic
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _tolerate(responses: list[dict[str, Any]], *, exists: bool = False, missing:
 
 def ensure_group_role(link: BrokerLink, prefix: str, group_id: str | int) -> str:
     """Create the role that reads the group's config topics unless it exists; return its name."""
-    _tolerate(link.control([dynsec.group_role(prefix, group_id)]), exists=True)
+    _tolerate(control(link, [dynsec.group_role(prefix, group_id)]), exists=True)
     return dynsec.group_role_name(group_id)
 
 
@@ -47,12 +48,13 @@ def provision_agent(
     re-sync a whole fleet).
     """
     roles = [dynsec.agent_role_name(agent_id), dynsec.group_role_name(group_id)]
-    responses = link.control(
+    responses = control(
+        link,
         [
             dynsec.group_role(prefix, group_id),
             dynsec.agent_role(prefix, agent_id),
             dynsec.create_client(agent_id, password, roles),
-        ]
+        ],
     )
     _tolerate(responses[:2], exists=True)
     error = dynsec.error_of(responses[2])
@@ -62,16 +64,16 @@ def provision_agent(
     if not error.already_exists:
         raise error
     if reset:
-        dynsec.check(link.control([dynsec.modify_client(agent_id, password=password, roles=roles)]))
+        dynsec.check(control(link, [dynsec.modify_client(agent_id, password=password, roles=roles)]))
         log.info("reset broker account %s (group %s)", agent_id, group_id)
     else:
         _set_roles_if_different(link, agent_id, roles)
 
 
 def _set_roles_if_different(link: BrokerLink, agent_id: str, roles: list[str]) -> None:
-    (response,) = dynsec.check(link.control([dynsec.get_client(agent_id)]))
+    (response,) = dynsec.check(control(link, [dynsec.get_client(agent_id)]))
     if sorted(dynsec.client_roles(response)) != sorted(roles):
-        dynsec.check(link.control([dynsec.modify_client(agent_id, roles=roles)]))
+        dynsec.check(control(link, [dynsec.modify_client(agent_id, roles=roles)]))
         log.info("corrected the roles of broker account %s: %s", agent_id, roles)
 
 
@@ -87,14 +89,14 @@ def move_agent(
     """
     ensure_group_role(link, prefix, new_group_id)
     roles = [dynsec.agent_role_name(agent_id), dynsec.group_role_name(new_group_id)]
-    dynsec.check(link.control([dynsec.modify_client(agent_id, roles=roles)]))
+    dynsec.check(control(link, [dynsec.modify_client(agent_id, roles=roles)]))
     log.info("moved broker account %s from group %s to %s", agent_id, old_group_id, new_group_id)
 
 
 def remove_agent(link: BrokerLink, *, prefix: str, agent_id: str) -> None:
     """Delete the agent's account and role (it is disconnected at once) and clear its retained state."""
-    responses = link.control(
-        [dynsec.delete_client(agent_id), dynsec.delete_role(dynsec.agent_role_name(agent_id))]
+    responses = control(
+        link, [dynsec.delete_client(agent_id), dynsec.delete_role(dynsec.agent_role_name(agent_id))]
     )
     _tolerate(responses, missing=True)
     # An empty retained payload deletes the retained message: the bridge would otherwise re-read the

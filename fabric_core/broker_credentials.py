@@ -1,7 +1,8 @@
-"""Broker credentials, derived from the manager's signing key so that nothing stores them.
+"""Broker passwords, derived from the manager's signing key so that nothing stores them.
 
-The api hands an agent its password at enrolment; the bridge recomputes the same password whenever it
-(re)provisions the agent's broker account. Both need only the shared signing key.
+Whoever holds the shared signing key derives the same passwords: the api process that hands an agent
+its password at enrolment, the bridge that (re)provisions the agent's broker account, and
+`policycast broker-config`, which writes the bridge's own account into the broker's files.
 """
 
 from __future__ import annotations

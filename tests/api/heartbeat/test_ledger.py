@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
-from api.heartbeat import HeartbeatLedger
+from api.heartbeat.ledger import HeartbeatLedger
 from manager_db.models import Agent
 from tests.api.conftest import Admin
 

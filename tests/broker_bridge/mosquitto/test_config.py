@@ -1,4 +1,4 @@
-"""The broker's files and process: fleet settings, the initial dynamic-security JSON, restarts."""
+"""Mosquitto's files as Policycast writes them: fleet settings and the initial dynamic-security JSON."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from broker_bridge.broker import BrokerUnavailable
-from broker_bridge.mosquitto import (
-    BrokerLayout,
-    MosquittoProcess,
-    find_dynsec_plugin,
-    render_config,
-    render_dynsec,
-    write_broker_files,
-)
-from tests.support.broker import Broker
+from broker_bridge.errors import BrokerNotInstalled
+from broker_bridge.mosquitto.config import BrokerLayout, render_config, render_dynsec, write_broker_files
+from broker_bridge.mosquitto.install import find_dynsec_plugin
 
 
 def config_lines(text: str) -> set[str]:
@@ -101,30 +94,5 @@ def test_write_broker_files_never_clobbers_the_dynsec_json(tmp_path: Path) -> No
 
 
 def test_missing_plugin_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(BrokerUnavailable, match="does not exist"):
+    with pytest.raises(BrokerNotInstalled, match="does not exist"):
         find_dynsec_plugin(str(tmp_path / "nope.so"))
-
-
-def test_a_broker_that_cannot_start_says_why(mosquitto: Broker, tmp_path: Path) -> None:
-    # A second broker on the same port: it exits, and the error shows its log.
-    layout = BrokerLayout(tmp_path / "second")
-    write_broker_files(
-        layout=layout,
-        port=mosquitto.port,
-        bind="127.0.0.1",
-        bridge_username="b",
-        bridge_password="p",
-        prefix="pc",
-        plugin_path=mosquitto.plugin_path,
-    )
-    with pytest.raises(BrokerUnavailable, match="Address already in use"):
-        MosquittoProcess(layout, mosquitto.port).start()
-
-
-def test_stop_start_restart(mosquitto: Broker) -> None:
-    first = mosquitto.process.pid
-    assert mosquitto.process.running and first
-    mosquitto.restart()
-    assert mosquitto.process.running and mosquitto.process.pid != first
-    mosquitto.stop()
-    assert not mosquitto.process.running and mosquitto.process.pid is None

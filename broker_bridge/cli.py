@@ -1,0 +1,69 @@
+"""The bridge's commands: `policycast bridge` and `policycast broker-config` (registered by the root,
+`local_stack.cli`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker_bridge.engine import BrokerLaunch, engine_for
+from broker_bridge.service import Bridge, connect_link
+from fabric_core.console import load_settings, stdout
+from fabric_core.settings import Settings
+from fabric_core.signing import load_signing_key
+from manager_db.database import describe, guarded, make_engine, require_schema
+
+
+def bridge() -> None:
+    """Relay changed documents and commands to the broker, provision agents' broker access, and
+    bring agent state back. Run one or more; one at a time holds the relay lease."""
+    settings = load_settings(Settings)
+    engine = make_engine(settings.resolved_database_url)
+    signing_key = guarded(lambda: load_signing_key(settings, create=False), "loading the signing key")
+    guarded(lambda: require_schema(engine), "checking the database")
+    broker = engine_for(settings, signing_key)
+    link = connect_link(settings, broker, client_id=f"policycast-bridge-{os.getpid()}")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stdout.print(
+        f"bridge: database {describe(settings.resolved_database_url)}, "
+        f"{broker.name} broker {settings.mqtt_address.url}"
+    )
+    link.start()
+    try:
+        Bridge(settings=settings, engine=engine, broker=broker, link=link).run(stop)
+    finally:
+        link.close()
+    stdout.print("bridge stopped")
+
+
+def broker_config(
+    out: Annotated[Path, typer.Option(help="directory for the broker's configuration, data and log")],
+    port: Annotated[int, typer.Option(help="the broker's listening port")] = 1883,
+    bind: Annotated[str, typer.Option(help="the broker's listening address")] = "0.0.0.0",
+    plugin: Annotated[
+        str | None, typer.Option(help="mosquitto: path of mosquitto_dynamic_security.so")
+    ] = None,
+    run_as: Annotated[str | None, typer.Option(help="user the broker drops to when started by root")] = None,
+) -> None:
+    """Write the broker's configuration for Policycast (POLICYCAST_BROKER_ENGINE, default mosquitto:
+    dynamic security, persistence, fleet-sized queues).
+
+    The bridge's broker password is POLICYCAST_MQTT_PASSWORD, or derived from the signing key."""
+    settings = load_settings(Settings)
+    if plugin is not None:
+        settings = settings.model_copy(update={"mosquitto_plugin": plugin})
+
+    def write() -> BrokerLaunch:
+        signing_key = None if settings.mqtt_password else load_signing_key(settings, create=False)
+        broker = engine_for(settings, signing_key)
+        return broker.write_config(out, port=port, bind=bind, run_as=run_as)
+
+    launch = guarded(write, "writing the broker configuration")
+    stdout.print(f"wrote the broker's configuration in {out}; run: {' '.join(launch.argv)}")

@@ -1,0 +1,87 @@
+"""`MosquittoEngine`: Mosquitto 2 with its dynamic-security plugin, the first broker engine.
+
+Each agent gets a dynamic-security client (username = agent id) with two roles: its group's (read the
+group's config topics) and its own (read its cmd topic, write its state topic). The bridge provisions
+them from the agents table (`reconcile`); passwords are derived from the signing key
+(`fabric_core.broker_credentials`), so the api hands out the same password at enrolment without
+writing to the broker. Delivery is QoS 1 on a persistent session: the broker queues what an agent
+misses while it is away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from broker_bridge.broker import BrokerLink
+from broker_bridge.engine import BrokerEngine, BrokerLaunch
+from broker_bridge.mosquitto import accounts
+from broker_bridge.mosquitto.config import BrokerLayout, write_broker_files
+from broker_bridge.mosquitto.install import find_dynsec_plugin, mosquitto_binary
+from fabric_core.broker_credentials import agent_password, bridge_password
+from fabric_core.wire import MqttCredentials, MqttDelivery
+
+READY_MARKER = b" running"
+"""Mosquitto logs "mosquitto version ... running" once every listener is bound."""
+
+
+class MosquittoEngine(BrokerEngine):
+    name: ClassVar[str] = "mosquitto"
+    delivery: ClassVar[MqttDelivery] = MqttDelivery(qos=1, persistent_session=True)
+
+    def write_config(
+        self, directory: Path, *, port: int, bind: str, run_as: str | None = None
+    ) -> BrokerLaunch:
+        layout = BrokerLayout(directory)
+        username, password = self.bridge_credentials()
+        write_broker_files(
+            layout=layout,
+            port=port,
+            bind=bind,
+            bridge_username=username,
+            bridge_password=password,
+            prefix=self.settings.mqtt_prefix,
+            plugin_path=find_dynsec_plugin(self.settings.mosquitto_plugin),
+            user=run_as,
+        )
+        host = "127.0.0.1" if bind in ("0.0.0.0", "") else "::1" if bind == "::" else bind
+        return BrokerLaunch(
+            argv=(mosquitto_binary(), "-c", str(layout.config_path)),
+            log_path=layout.log_path,
+            ready_marker=READY_MARKER,
+            host=host,
+            port=port,
+        )
+
+    def bridge_credentials(self) -> tuple[str, str]:
+        return self.settings.mqtt_username, bridge_password(self.settings, self._signing_key)
+
+    def enrolment_credentials(self, agent_id: str, group_id: int) -> MqttCredentials:
+        return MqttCredentials(
+            url=self.settings.mqtt_public_address.url,
+            username=agent_id,
+            password=agent_password(self.signing_key, agent_id),
+            prefix=self.settings.mqtt_prefix,
+            delivery=self.delivery,
+        )
+
+    def provision(self, link: BrokerLink, *, agent_id: str, group_id: int) -> None:
+        accounts.provision_agent(
+            link,
+            prefix=self.settings.mqtt_prefix,
+            agent_id=agent_id,
+            group_id=group_id,
+            password=agent_password(self.signing_key, agent_id),
+        )
+
+    def move(self, link: BrokerLink, *, agent_id: str, old_group_id: int, new_group_id: int) -> None:
+        accounts.move_agent(
+            link,
+            prefix=self.settings.mqtt_prefix,
+            agent_id=agent_id,
+            old_group_id=old_group_id,
+            new_group_id=new_group_id,
+        )
+
+    def remove(self, link: BrokerLink, *, agent_id: str) -> None:
+        accounts.remove_agent(link, prefix=self.settings.mqtt_prefix, agent_id=agent_id)

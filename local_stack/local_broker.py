@@ -1,0 +1,44 @@
+"""The local stack's broker: the configured engine's, in the data directory, on a port kept from run to
+run (agents remember it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from broker_bridge.engine import engine_for
+from broker_bridge.errors import BrokerNotInstalled
+from fabric_core.settings import Settings
+from fabric_core.signing import load_signing_key
+from local_stack.broker_process import BrokerProcess
+from local_stack.manager import pick_port, port_is_free
+
+
+@dataclass
+class LocalBroker:
+    """A broker started by Policycast with its own configuration, in the data directory."""
+
+    process: BrokerProcess
+    url: str
+
+
+def start_broker(settings: Settings, console: Console) -> LocalBroker | None:
+    """The broker, started; None (push off) when its engine's broker is not installed here."""
+    engine = engine_for(settings, load_signing_key(settings))
+    directory = settings.data_dir / "broker"
+    port_file = directory / "port"
+    remembered = int(port_file.read_text()) if port_file.exists() else 0
+    port = remembered if remembered and port_is_free(remembered) else pick_port(0)
+    try:
+        launch = engine.write_config(directory, port=port, bind="127.0.0.1")
+    except BrokerNotInstalled as exc:
+        console.print(
+            f"[yellow]No {engine.name} broker here ({exc}): push mode is off and every agent pulls.[/]\n"
+            "[yellow]Install it (apt-get install -y mosquitto) to see push agents.[/]"
+        )
+        return None
+    port_file.write_text(f"{port}\n")
+    process = BrokerProcess(launch)
+    process.start()
+    return LocalBroker(process, f"mqtt://127.0.0.1:{port}")
