@@ -362,7 +362,8 @@ def simulate(
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
     """Run many agents in this process (the real agent logic, state in memory); print a JSON summary."""
-    from agent_stub import simulate as sim
+    from agent_stub.simulator import run as sim
+    from agent_stub.simulator.plan import FleetPlan
 
     level = logging.getLevelNamesMapping().get(log_level.upper())
     if level is None:
@@ -376,7 +377,7 @@ def simulate(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
     try:
-        plan = sim.FleetPlan(
+        plan = FleetPlan(
             agents=agents,
             server=normalize_server(server),
             admin_key=admin_key,

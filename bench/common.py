@@ -42,7 +42,7 @@ from rich.console import Console
 from sqlalchemy import text
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from agent_stub.simulate import percentiles, raise_fd_limit, rss_bytes
+from agent_stub.measure import percentiles, raise_fd_limit, rss_bytes
 from broker_bridge import dynsec
 from broker_bridge.broker import BrokerLink, Publication
 from broker_bridge.credentials import bridge_password

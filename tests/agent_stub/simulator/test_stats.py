@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from agent_stub.errors import ManagerUnreachable
-from agent_stub.simulate import FleetStats, _CountingClient
+from agent_stub.simulator.stats import CountingClient, FleetStats
 from fabric_core.wire import HeartbeatRequest, HeartbeatResponse
 
 REQUEST = HeartbeatRequest(serial=3, mode="pull")
@@ -35,7 +35,7 @@ def test_a_heartbeat_is_pending_from_its_request_until_it_ends(failure: Exceptio
     async def scenario() -> None:
         manager = HeldManager()
         manager.failure = failure
-        client = _CountingClient(manager, stats, asyncio.Semaphore(1))  # type: ignore[arg-type]
+        client = CountingClient(manager, stats, asyncio.Semaphore(1))  # type: ignore[arg-type]
         beats = [asyncio.create_task(client.heartbeat(REQUEST)) for _ in range(2)]
         await asyncio.sleep(0.01)
         # One on the pool's only connection, one waiting for it: both count, only the first has left.
