@@ -49,18 +49,20 @@ _paho_log = logging.getLogger(f"{__name__}.paho")
 if not callable(getattr(mqtt.Client, "_create_socket", None)):  # pragma: no cover - a paho upgrade
     raise ImportError("paho-mqtt no longer has Client._create_socket: agent_stub.mqtt_link must be adapted")
 
-MessageHandler = Callable[[str, bytes], None]
-"""Receives (topic, payload) of each message, inside the loop's read callback: must not block."""
-
 
 @dataclass(frozen=True, slots=True)
-class Will:
-    """The message the broker publishes for the client when its connection ends without DISCONNECT."""
+class Message:
+    """One MQTT application message, the agent's only shape of one: what a link publishes, what it hands
+    to its handler, and the will the broker publishes when the connection ends without DISCONNECT."""
 
     topic: str
     payload: bytes
     qos: int = 1
-    retain: bool = True
+    retain: bool = False
+
+
+MessageHandler = Callable[[Message], None]
+"""Receives each message, inside the loop's read callback: must not block."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,8 @@ class LinkOptions:
     session_expiry_s: int = 0
     """How long the broker keeps the session (subscriptions, queued QoS 1 messages) once disconnected."""
     clean_start: bool = False
-    will: Will | None = None
+    will: Message | None = None
+    """Published by the broker, as it is, if the connection ends without DISCONNECT."""
     timeout_s: float = 10.0
     """Limit of the connection (TCP, TLS and CONNACK) and of each acknowledgement."""
     ssl_context: ssl.SSLContext | None = None
@@ -101,7 +104,7 @@ class Link(Protocol):
 
     async def unsubscribe(self, topic: str) -> None: ...
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+    async def publish(self, message: Message) -> None: ...
 
     async def close(self, *, end_session: bool = False) -> None: ...
 
@@ -199,13 +202,14 @@ class MqttLink:
         if code.is_failure:
             raise LinkRefused(f"unsubscribe from {topic}", code)
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    async def publish(self, message: Message) -> None:
         """Publish; with QoS 1 or 2, wait for the broker's acknowledgement."""
+        topic = message.topic
         # Checked first, or paho would queue it for the next session: the caller decides what is still
         # worth sending then.
         self._require_connected(f"publish to {topic}")
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if qos == 0:
+        info = self._client.publish(topic, message.payload, qos=message.qos, retain=message.retain)
+        if message.qos == 0:
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise LinkDisconnected(f"publish to {topic}: {mqtt.error_string(info.rc)}")
             return
@@ -461,9 +465,11 @@ class MqttLink:
     ) -> None:
         self._resolve_ack(mid, [reason])
 
-    def _on_paho_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_paho_message(self, client: mqtt.Client, userdata: Any, received: mqtt.MQTTMessage) -> None:
         try:
-            self._on_message(message.topic, bytes(message.payload))
+            # Inside the guard: paho decodes the topic here, and a topic that is not UTF-8 raises.
+            message = Message(received.topic, bytes(received.payload), received.qos, bool(received.retain))
+            self._on_message(message)
         except Exception:
             # A handler's bug must not tear down the connection (paho would re-raise into the loop).
             log.exception("%s: message handler failed", self.options.client_id)

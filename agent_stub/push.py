@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from agent_stub.core import AgentCore
 from agent_stub.errors import LinkError, LinkRefused
-from agent_stub.mqtt_link import Link, LinkFactory, LinkOptions, Will
+from agent_stub.mqtt_link import Link, LinkFactory, LinkOptions, Message
 from agent_stub.state import Identity
 from fabric_core.errors import InvalidTopic, PolicycastError
 from fabric_core.settings import AgentSettings, MqttAddress
@@ -272,7 +272,7 @@ class PushLoop:
     async def _report(self, link: Link) -> None:
         payload = state_report(self._core, online=True, mode="push")
         try:
-            await link.publish(self._state_topic, payload, retain=True)
+            await link.publish(Message(self._state_topic, payload, qos=1, retain=True))
         except LinkRefused as exc:
             # Presence is for operators; documents still flow, so a denied report does not end the session.
             log.error("push: the broker refused the state report (check the agent's ACL): %s", exc)
@@ -289,7 +289,7 @@ class PushLoop:
                 if link.connected:
                     mode: Mode | None = "pull" if switched_to_pull else None
                     payload = state_report(self._core, online=False, mode=mode)
-                    await link.publish(self._state_topic, payload, retain=True)
+                    await link.publish(Message(self._state_topic, payload, qos=1, retain=True))
                 await link.close(end_session=switched_to_pull)
         except (LinkError, TimeoutError) as exc:
             log.info("push: could not leave cleanly (%s); dropping the connection", exc or "timed out")
@@ -335,7 +335,8 @@ class PushLoop:
     def _on_applied(self, doc: EffectiveDocument) -> None:
         self._changed.set()
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, message: Message) -> None:
+        topic, payload = message.topic, message.payload
         if topic == self._cmd_topic:
             self._on_command_message(payload)
             return
@@ -423,7 +424,7 @@ class PushLoop:
             keepalive_s=settings.mqtt_keepalive_s,
             session_expiry_s=settings.mqtt_session_expiry_s,
             clean_start=False,
-            will=Will(self._state_topic, will_payload(identity.agent_id), qos=1, retain=True),
+            will=Message(self._state_topic, will_payload(identity.agent_id), qos=1, retain=True),
             timeout_s=settings.request_timeout_s,
         )
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from agent_stub.core import AgentCore
 from agent_stub.errors import LinkError
 from agent_stub.manager_client import ManagerClient
-from agent_stub.mqtt_link import LinkOptions, MessageHandler, MqttLink
+from agent_stub.mqtt_link import LinkOptions, Message, MessageHandler, MqttLink
 from agent_stub.push import backoff_s, topic_prefix
 from agent_stub.runtime import AgentRuntime
 from agent_stub.simulator.plan import DocumentKey, SimIdentity
@@ -111,9 +111,9 @@ class SimLink(MqttLink):
             self._stats.connect_failures += 1
             raise
 
-    def _handle(self, topic: str, payload: bytes) -> None:
-        self._inner_handler(topic, payload)
-        if topic.startswith(self._config_head):
+    def _handle(self, message: Message) -> None:
+        self._inner_handler(message)
+        if message.topic.startswith(self._config_head):
             self._agent.config_message_handled()
 
 
@@ -273,7 +273,7 @@ class BareAgent(Timestamps):
     def applied_at(self, serial: int) -> float | None:
         return None
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, message: Message) -> None:
         return None  # SimLink timestamps config messages
 
     async def run(self, stop: asyncio.Event) -> None:

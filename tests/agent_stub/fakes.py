@@ -10,7 +10,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent_stub.errors import LinkRefused, LinkUnavailable, ManagerRejected, ManagerUnreachable
-from agent_stub.mqtt_link import LinkOptions, MessageHandler
+from agent_stub.mqtt_link import LinkOptions, Message, MessageHandler
 from fabric_core.topics import cmd_topic, config_topic, state_topic
 from fabric_core.wire import HeartbeatRequest, HeartbeatResponse, LogEntry
 from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID
@@ -83,9 +83,9 @@ class FakeLink:
         self._require()
         self.broker.calls.append(("unsubscribe", topic))
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    async def publish(self, message: Message) -> None:
         self._require()
-        self.broker.calls.append(("publish", topic, payload, qos, retain))
+        self.broker.calls.append(("publish", message.topic, message.payload, message.qos, message.retain))
 
     async def close(self, *, end_session: bool = False) -> None:
         self.broker.calls.append(("close", end_session))
@@ -100,7 +100,7 @@ class FakeLink:
         self._disconnected.set()
 
     def deliver(self, topic: str, payload: bytes | str) -> None:
-        self.on_message(topic, payload.encode() if isinstance(payload, str) else payload)
+        self.on_message(Message(topic, payload.encode() if isinstance(payload, str) else payload))
 
     def _require(self) -> None:
         if not self._connected:

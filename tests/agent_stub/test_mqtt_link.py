@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from agent_stub.errors import LinkDisconnected, LinkRefused, LinkUnavailable
-from agent_stub.mqtt_link import LinkOptions, MqttLink, Will
+from agent_stub.mqtt_link import LinkOptions, Message, MqttLink
 from fabric_core.settings import MqttAddress
 from tests.agent_stub.conftest import wait_until
 from tests.agent_stub.mosquitto import Mosquitto, self_signed_certificate
@@ -31,9 +31,11 @@ class Inbox:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes]] = []
+        self.received: list[Message] = []
 
-    def __call__(self, topic: str, payload: bytes) -> None:
-        self.messages.append((topic, payload))
+    def __call__(self, message: Message) -> None:
+        self.messages.append((message.topic, message.payload))
+        self.received.append(message)
 
     def payloads(self, topic: str) -> list[bytes]:
         return [payload for t, payload in self.messages if t == topic]
@@ -55,15 +57,15 @@ def test_publish_subscribe_and_a_retained_message_for_a_late_joiner(broker: Mosq
     async def scenario() -> None:
         publisher, subscriber = _link(broker.address), _link(broker.address, inbox)
         assert await publisher.connect() is False and publisher.connected
-        await publisher.publish("policycast/v1/config/1/2", b"retained", qos=1, retain=True)
+        await publisher.publish(Message("policycast/v1/config/1/2", b"retained", qos=1, retain=True))
         await subscriber.connect()
         assert await subscriber.subscribe("policycast/v1/config/1/+", qos=1) == 1
         await wait_until(lambda: inbox.payloads("policycast/v1/config/1/2") == [b"retained"])
-        await publisher.publish("policycast/v1/config/1/2", b"live", qos=1)
-        await publisher.publish("policycast/v1/config/1/2", b"qos0", qos=0)
+        await publisher.publish(Message("policycast/v1/config/1/2", b"live", qos=1))
+        await publisher.publish(Message("policycast/v1/config/1/2", b"qos0", qos=0))
         await wait_until(lambda: len(inbox.messages) == 3)
         await subscriber.unsubscribe("policycast/v1/config/1/+")
-        await publisher.publish("policycast/v1/config/1/2", b"after", qos=1)
+        await publisher.publish(Message("policycast/v1/config/1/2", b"after", qos=1))
         await asyncio.sleep(0.1)
         assert [p for _, p in inbox.messages] == [b"retained", b"live", b"qos0"]
         await publisher.close()
@@ -73,12 +75,37 @@ def test_publish_subscribe_and_a_retained_message_for_a_late_joiner(broker: Mosq
     _run(scenario)
 
 
+def test_a_received_message_is_the_message_type_with_its_qos_and_retain_flag(broker: Mosquitto) -> None:
+    inbox = Inbox()
+    topic = "policycast/v1/config/5/6"
+
+    async def scenario() -> None:
+        publisher, subscriber = _link(broker.address), _link(broker.address, inbox)
+        await publisher.connect()
+        await publisher.publish(Message(topic, b"retained", qos=1, retain=True))
+        await subscriber.connect()
+        await subscriber.subscribe(topic, qos=1)
+        await wait_until(lambda: len(inbox.received) == 1)
+        await publisher.publish(Message(topic, b"live", qos=1))
+        await publisher.publish(Message(topic, b"qos0", qos=0))
+        await wait_until(lambda: len(inbox.received) == 3)
+        await publisher.close()
+        await subscriber.close()
+
+    _run(scenario)
+    assert inbox.received == [
+        Message(topic, b"retained", qos=1, retain=True),  # sent to a new subscription: retained
+        Message(topic, b"live", qos=1, retain=False),
+        Message(topic, b"qos0", qos=0, retain=False),
+    ]
+
+
 def test_refusals_carry_the_reason_code(broker: Mosquitto) -> None:
     async def scenario() -> None:
         link = _link(broker.address)
         await link.connect()
         with pytest.raises(LinkRefused) as refused:
-            await link.publish("forbidden/topic", b"x", qos=1)  # outside the listener's ACL
+            await link.publish(Message("forbidden/topic", b"x", qos=1))  # outside the listener's ACL
         assert (refused.value.reason_code, refused.value.reason) == (0x87, "Not authorized")
         assert link.connected  # a refused publication does not end the session
         await link.close()
@@ -98,7 +125,7 @@ def test_operations_without_a_connection_fail_at_once(broker: Mosquitto) -> None
         with pytest.raises(LinkDisconnected):
             await link.subscribe("policycast/x")
         with pytest.raises(LinkDisconnected):
-            await link.publish("policycast/x", b"x")
+            await link.publish(Message("policycast/x", b"x"))
         await link.close()  # nothing to close: no error
 
     _run(scenario)
@@ -148,9 +175,14 @@ def test_the_will_is_published_on_abort_and_not_on_close(broker: Mosquitto) -> N
         observer = _link(broker.address, inbox)
         await observer.connect()
         await observer.subscribe(STATE)
-        agent = _link(broker.address, client_id="a-1", will=Will(STATE, b"offline"), session_expiry_s=60)
+        agent = _link(
+            broker.address,
+            client_id="a-1",
+            will=Message(STATE, b"offline", qos=1, retain=True),
+            session_expiry_s=60,
+        )
         await agent.connect()
-        await agent.publish(STATE, b"online", retain=True)
+        await agent.publish(Message(STATE, b"online", retain=True))
         await wait_until(lambda: inbox.payloads(STATE) == [b"online"])
 
         agent.abort()  # as a crash: no DISCONNECT
@@ -177,12 +209,12 @@ def test_a_persistent_session_queues_messages_until_it_is_ended(broker: Mosquitt
         await agent.connect()
         await agent.subscribe(topic)
         await agent.close()  # the session stays
-        await publisher.publish(topic, b"while away", qos=1)
+        await publisher.publish(Message(topic, b"while away", qos=1))
         assert await agent.connect() is True
         await wait_until(lambda: inbox.payloads(topic) == [b"while away"])
 
         await agent.close(end_session=True)
-        await publisher.publish(topic, b"lost", qos=1)
+        await publisher.publish(Message(topic, b"lost", qos=1))
         assert await agent.connect() is False  # a fresh session: nothing queued, nothing subscribed
         await asyncio.sleep(0.1)
         assert inbox.payloads(topic) == [b"while away"]
@@ -224,7 +256,7 @@ def test_tls_handshake_through_the_loop(tmp_path: Path) -> None:
             link = _link(tls_broker.address, inbox, ssl_context=context)
             await link.connect()
             await link.subscribe("policycast/tls")
-            await link.publish("policycast/tls", b"x" * 100_000, qos=1)  # spans many TLS records
+            await link.publish(Message("policycast/tls", b"x" * 100_000, qos=1))  # spans many TLS records
             await wait_until(lambda: len(inbox.messages) == 1)
             assert inbox.messages[0][1] == b"x" * 100_000
             await link.close()
@@ -258,7 +290,7 @@ def test_an_unacknowledged_publish_fails_after_the_timeout() -> None:
         link = _link(MqttAddress("127.0.0.1", port), timeout_s=0.3)
         await link.connect()
         with pytest.raises(LinkUnavailable, match=r"no answer within 0\.3 s"):
-            await link.publish("policycast/v1/state/a-1", b"x", qos=1)
+            await link.publish(Message("policycast/v1/state/a-1", b"x", qos=1))
         assert link._acks == {}  # nothing left waiting
         link.abort()
 

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from agent_stub.core import AgentCore
-from agent_stub.mqtt_link import LinkOptions, MqttLink
+from agent_stub.mqtt_link import LinkOptions, Message, MqttLink
 from agent_stub.push import PushLoop
 from agent_stub.runtime import AgentRuntime
 from agent_stub.state import MemoryStateStore
@@ -45,9 +45,9 @@ class Bridge:
         options = LinkOptions(address=broker.address, client_id=f"bridge-{uuid.uuid4().hex[:6]}", timeout_s=2)
         self.link = MqttLink(options, self._received)
 
-    def _received(self, topic: str, payload: bytes) -> None:
-        if topic == STATE:
-            self.states.append(orjson.loads(payload))
+    def _received(self, message: Message) -> None:
+        if message.topic == STATE:
+            self.states.append(orjson.loads(message.payload))
 
     async def start(self) -> Bridge:
         await self.link.connect()
@@ -55,7 +55,7 @@ class Bridge:
         return self
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
-        await self.link.publish(topic, payload, qos=1, retain=retain)
+        await self.link.publish(Message(topic, payload, qos=1, retain=retain))
 
     @property
     def last(self) -> dict[str, Any]:
