@@ -20,8 +20,9 @@ from manager_db.database import describe, guarded, make_engine, require_schema
 
 
 def bridge() -> None:
-    """Relay changed documents and commands to the broker, provision agents' broker access, and
-    bring agent state back. Run one or more; one at a time holds the relay lease."""
+    """Relay documents and commands to the broker, keep agents' broker access, bring agent state back.
+
+    Run one or more; one at a time holds the relay lease."""
     settings = load_settings(Settings)
     engine = make_engine(settings.resolved_database_url)
     signing_key = guarded(lambda: load_signing_key(settings, create=False), "loading the signing key")
@@ -52,10 +53,10 @@ def broker_config(
     ] = None,
     run_as: Annotated[str | None, typer.Option(help="user the broker drops to when started by root")] = None,
 ) -> None:
-    """Write the broker's configuration for Policycast (POLICYCAST_BROKER_ENGINE, default mosquitto:
-    dynamic security, persistence, fleet-sized queues).
+    """Write the broker's configuration for Policycast (the engine of POLICYCAST_BROKER_ENGINE).
 
-    The bridge's broker password is POLICYCAST_MQTT_PASSWORD, or derived from the signing key."""
+    Mosquitto: dynamic security, persistence, fleet-sized queues. The bridge's broker password is
+    POLICYCAST_MQTT_PASSWORD, or derived from the signing key."""
     settings = load_settings(Settings)
     if plugin is not None:
         settings = settings.model_copy(update={"mosquitto_plugin": plugin})

@@ -26,8 +26,9 @@ def up(
         bool, typer.Option(help="stop once the demo change reached every agent (for scripts)")
     ] = False,
 ) -> None:
-    """Run the local stack: the manager on SQLite, a broker, the bridge, demo groups, policies and
-    agents."""
+    """Run the local stack: the manager on SQLite, a broker, the bridge and demo agents.
+
+    Seeds demo groups and policies once, then shows a policy change reaching every agent."""
     from local_stack.stack import run_stack  # the agents' modules, only when the stack runs
 
     settings = load_settings(Settings)
