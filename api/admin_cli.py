@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -16,6 +18,9 @@ from sqlmodel import Session
 from fabric_core.console import fail, load_settings, stderr, stdout
 from fabric_core.settings import Settings
 from manager_db.database import describe, guarded, make_engine, migrate
+
+if TYPE_CHECKING:
+    import httpx
 
 admin = typer.Typer(
     help="Administration: API keys, the database, the fleet at a glance.", no_args_is_help=True
@@ -60,21 +65,10 @@ def enroll_token(
     max_uses: Annotated[int | None, typer.Option(min=1, help="how many agents may use it")] = None,
 ) -> None:
     """Ask a running manager for an enrolment token (with POLICYCAST_BOOTSTRAP_ADMIN_KEY); print it alone."""
-    import httpx
-
-    settings = load_settings(Settings)
-    if settings.bootstrap_admin_key is None:
-        fail("set POLICYCAST_BOOTSTRAP_ADMIN_KEY to an admin API key")
-    headers = {"Authorization": f"Bearer {settings.bootstrap_admin_key.get_secret_value()}"}
-    try:
-        with httpx.Client(base_url=f"{server.rstrip('/')}/api/v1", headers=headers, timeout=10) as admin:
-            group_id = _group_id(admin, group, create=create, mode=mode)
-            response = admin.post(f"/groups/{group_id}/enrollment-tokens", json={"max_uses": max_uses})
-            response.raise_for_status()
-    except httpx.HTTPStatusError as exc:
-        fail(f"the manager refused: {exc.response.status_code} {exc.response.text}")
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach the manager at {server}: {exc}")
+    with _admin_api(server, timeout=10) as admin:
+        group_id = _group_id(admin, group, create=create, mode=mode)
+        response = admin.post(f"/groups/{group_id}/enrollment-tokens", json={"max_uses": max_uses})
+        response.raise_for_status()
     sys.stdout.write(response.json()["token"] + "\n")
 
 
@@ -90,22 +84,14 @@ def publish_content(
     does not have yet (with POLICYCAST_BOOTSTRAP_ADMIN_KEY)."""
     import hashlib
 
-    import httpx
     from rich.progress import Progress
 
-    settings = load_settings(Settings)
-    if settings.bootstrap_admin_key is None:
-        fail("set POLICYCAST_BOOTSTRAP_ADMIN_KEY to an admin API key")
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    if not files:
-        fail(f"{directory} holds no files")
-    headers = {"Authorization": f"Bearer {settings.bootstrap_admin_key.get_secret_value()}"}
     listed = []
-    try:
-        with (
-            httpx.Client(base_url=f"{server.rstrip('/')}/api/v1", headers=headers, timeout=60) as admin,
-            Progress(console=stderr) as progress,
-        ):
+    with _admin_api(server, timeout=60) as admin:
+        files = sorted(p for p in directory.rglob("*") if p.is_file())
+        if not files:
+            fail(f"{directory} holds no files")
+        with Progress(console=stderr) as progress:
             task = progress.add_task("uploading", total=sum(p.stat().st_size for p in files))
             for path in files:
                 data = path.read_bytes()
@@ -114,14 +100,28 @@ def publish_content(
                     admin.put(f"/blobs/{digest}", content=data).raise_for_status()
                 listed.append({"path": path.relative_to(directory).as_posix(), "sha256": digest})
                 progress.advance(task, len(data))
-            response = admin.post(f"/content/{kind}/revisions", json={"files": listed})
-            response.raise_for_status()
+        response = admin.post(f"/content/{kind}/revisions", json={"files": listed})
+        response.raise_for_status()
+    revision = response.json()
+    stdout.print(f"published {kind} revision {revision['revision']} ({len(listed)} files)")
+
+
+@contextmanager
+def _admin_api(server: str, *, timeout: float) -> Iterator[httpx.Client]:
+    """A running manager's admin API with POLICYCAST_BOOTSTRAP_ADMIN_KEY; its failures as one line."""
+    import httpx
+
+    settings = load_settings(Settings)
+    if settings.bootstrap_admin_key is None:
+        fail("set POLICYCAST_BOOTSTRAP_ADMIN_KEY to an admin API key")
+    headers = {"Authorization": f"Bearer {settings.bootstrap_admin_key.get_secret_value()}"}
+    try:
+        with httpx.Client(base_url=f"{server.rstrip('/')}/api/v1", headers=headers, timeout=timeout) as admin:
+            yield admin
     except httpx.HTTPStatusError as exc:
         fail(f"the manager refused: {exc.response.status_code} {exc.response.text}")
     except httpx.HTTPError as exc:
         fail(f"cannot reach the manager at {server}: {exc}")
-    revision = response.json()
-    stdout.print(f"published {kind} revision {revision['revision']} ({len(listed)} files)")
 
 
 def _group_id(admin: Any, name: str, *, create: bool, mode: str | None) -> int:
