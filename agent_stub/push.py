@@ -1,7 +1,10 @@
-"""Push mode: one persistent MQTT session while the agent's document says push (DESIGN.md §1, §4).
+"""Push mode: one MQTT session while the agent's document says push (DESIGN.md §1, §4).
 
 While the held document says `push` and the identity has broker credentials, `PushLoop.run` keeps an
-MQTT 5 session (clean start off, session expiry from the settings, a retained last will saying offline):
+MQTT 5 session with a retained last will saying offline, delivered as the broker engine asks at
+enrolment (`MqttCredentials.delivery`): by default a persistent session (clean start off, session expiry
+`mqtt_session_expiry_s`) subscribed at QoS 1; with `persistent_session` false a clean one (clean start,
+session expiry 0), and its subscriptions at `delivery.qos` (`link_options`):
 
 - it subscribes to exactly the config topic of the (group, location) it holds, and to its cmd topic.
   When a document from any source changes the (group, location), it subscribes to the new topic first,
@@ -17,7 +20,8 @@ MQTT 5 session (clean start off, session expiry from the settings, a retained la
 
 When the document switches to pull, the loop publishes an offline state, ends its broker session (no
 point queueing messages for an agent that no longer listens) and returns. When stopped, it publishes an
-offline state and disconnects cleanly but keeps the session, so that what arrives meanwhile waits for it.
+offline state and disconnects cleanly but keeps a persistent session, so that what arrives meanwhile
+waits for it.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from fabric_core.topics import (
     parse_topic,
     state_topic,
 )
-from fabric_core.wire import AgentCommand, AgentStateReport, EffectiveDocument, Mode
+from fabric_core.wire import AgentCommand, AgentStateReport, EffectiveDocument, Mode, MqttDelivery
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +114,35 @@ def state_report(core: AgentCore, *, online: bool, mode: Mode | None) -> bytes:
 def will_payload(agent_id: str) -> bytes:
     """The last will: `{agent_id, online: false}`, published by the broker if the agent vanishes."""
     return AgentStateReport(agent_id=agent_id, online=False).model_dump_json(exclude_none=True).encode()
+
+
+def delivery_of(identity: Identity) -> MqttDelivery:
+    """How the agent's broker engine delivers: the identity's, else (no credentials) the default."""
+    return identity.mqtt.delivery if identity.mqtt is not None else MqttDelivery()
+
+
+def link_options(identity: Identity, settings: AgentSettings, *, will: Message | None = None) -> LinkOptions:
+    """The options of the agent's MQTT session: its broker account, and the session its engine asks for.
+
+    A persistent session (the default) starts without clean start and outlives a disconnection by
+    `mqtt_session_expiry_s`; a clean one (`persistent_session` false) starts clean and ends with the
+    connection (session expiry 0).
+    """
+    credentials = identity.mqtt
+    if credentials is None:  # pragma: no cover - callers check it (`push_blocker`)
+        raise RuntimeError("push mode without broker credentials")
+    persistent = credentials.delivery.persistent_session
+    return LinkOptions(
+        address=MqttAddress.parse(credentials.url),
+        client_id=identity.agent_id,
+        username=credentials.username,
+        password=credentials.password,
+        keepalive_s=settings.mqtt_keepalive_s,
+        session_expiry_s=settings.mqtt_session_expiry_s if persistent else 0,
+        clean_start=not persistent,
+        will=will,
+        timeout_s=settings.request_timeout_s,
+    )
 
 
 class PushLoop:
@@ -216,7 +249,7 @@ class PushLoop:
             self._subscribed = None
         self._reported = None
         self._changed.clear()
-        await link.subscribe(self._cmd_topic, qos=1)
+        await link.subscribe(self._cmd_topic, qos=self._qos)
         await self._follow_subscription(link)
         if self._failures:
             log.info("push session up again after %d failed attempt(s)", self._failures)
@@ -248,7 +281,7 @@ class PushLoop:
     async def _follow_subscription(self, link: Link) -> None:
         want = self._held_topic()
         if want is not None and want != self._subscribed:
-            await link.subscribe(want, qos=1)
+            await link.subscribe(want, qos=self._qos)
             if self._subscribed is not None:
                 self._stale.add(self._subscribed)
             log.info("push: subscribed to %s", want)
@@ -406,27 +439,16 @@ class PushLoop:
         doc = self._core.document
         return None if doc is None else config_topic(self._prefix, doc.group_id, doc.location_id)
 
-    def _new_link(self) -> Link:
-        self._link = self._link_factory(self._link_options(), self._on_message)
-        return self._link
+    @property
+    def _qos(self) -> int:
+        """The QoS of the agent's subscriptions (cmd and config topics), as its broker engine asks."""
+        return delivery_of(self._core.identity).qos
 
-    def _link_options(self) -> LinkOptions:
+    def _new_link(self) -> Link:
         identity = self._core.identity
-        credentials = identity.mqtt
-        if credentials is None:  # pragma: no cover - `wanted` checked it
-            raise RuntimeError("push mode without broker credentials")
-        settings = self._settings
-        return LinkOptions(
-            address=MqttAddress.parse(credentials.url),
-            client_id=identity.agent_id,
-            username=credentials.username,
-            password=credentials.password,
-            keepalive_s=settings.mqtt_keepalive_s,
-            session_expiry_s=settings.mqtt_session_expiry_s,
-            clean_start=False,
-            will=Message(self._state_topic, will_payload(identity.agent_id), qos=1, retain=True),
-            timeout_s=settings.request_timeout_s,
-        )
+        will = Message(self._state_topic, will_payload(identity.agent_id), qos=1, retain=True)
+        self._link = self._link_factory(link_options(identity, self._settings, will=will), self._on_message)
+        return self._link
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, None], stopped: asyncio.Future[Any]) -> bool:

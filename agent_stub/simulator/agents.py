@@ -22,13 +22,12 @@ from agent_stub.core import AgentCore
 from agent_stub.errors import LinkError
 from agent_stub.manager_client import ManagerClient
 from agent_stub.mqtt_link import LinkOptions, Message, MessageHandler, MqttLink
-from agent_stub.push import backoff_s, topic_prefix
+from agent_stub.push import backoff_s, link_options, topic_prefix
 from agent_stub.runtime import AgentRuntime
 from agent_stub.simulator.plan import DocumentKey, SimIdentity
 from agent_stub.simulator.stats import CountingClient, FleetStats
 from agent_stub.state import AgentStatus, Identity, MemoryStateStore
 from fabric_core.serials import NO_SERIAL
-from fabric_core.settings import MqttAddress
 from fabric_core.topics import cmd_topic, config_topic
 from fabric_core.wire import EffectiveDocument, Mode
 
@@ -233,12 +232,13 @@ class SimAgent(Timestamps):
 class BareAgent(Timestamps):
     """A baseline: the agent's broker account and topics on the same `MqttLink`, without the agent.
 
-    It connects (through the same pacer), subscribes to its cmd topic and its (group, location) config
-    topic, and reconnects with the push loop's back-off when the connection drops. No document is
+    It connects (through the same pacer, on the session its broker engine asks for), subscribes to its
+    cmd topic and its (group, location) config topic at the engine's QoS, and reconnects with the push
+    loop's back-off when the connection drops. No document is
     verified or applied, no state is reported, no heartbeat is sent: what is left is the MQTT floor.
     """
 
-    __slots__ = ("_rng", "_settings", "key", "link", "sessions", "topics")
+    __slots__ = ("_qos", "_rng", "_settings", "key", "link", "sessions", "topics")
 
     serial = NO_SERIAL
     mode: Mode = "push"
@@ -246,8 +246,7 @@ class BareAgent(Timestamps):
     def __init__(self, fleet: SimulatedFleet, index: int, sim: SimIdentity, key: DocumentKey) -> None:
         super().__init__(fleet, index, sim)
         identity = _with_broker(sim.identity, fleet.plan.mqtt_url)
-        credentials = identity.mqtt
-        if credentials is None:
+        if identity.mqtt is None:
             raise ValueError(f"agent {identity.agent_id} has no broker account")
         prefix = topic_prefix(identity)
         self.key: DocumentKey | None = key
@@ -255,16 +254,8 @@ class BareAgent(Timestamps):
         self._settings = fleet.settings
         self._rng = random.Random(fleet.plan.seed * 1_000_003 + index)
         self.sessions = 0
-        options = LinkOptions(
-            address=MqttAddress.parse(credentials.url),
-            client_id=identity.agent_id,
-            username=credentials.username,
-            password=credentials.password,
-            keepalive_s=fleet.settings.mqtt_keepalive_s,
-            session_expiry_s=fleet.settings.mqtt_session_expiry_s,
-            timeout_s=fleet.settings.request_timeout_s,
-        )
-        self.link = self._link_for(options, self._on_message, prefix)
+        self._qos = identity.mqtt.delivery.qos
+        self.link = self._link_for(link_options(identity, fleet.settings), self._on_message, prefix)
 
     @property
     def has_document(self) -> bool:
@@ -285,7 +276,7 @@ class BareAgent(Timestamps):
                 try:
                     await self.link.connect()
                     for topic in self.topics:
-                        await self.link.subscribe(topic, qos=1)
+                        await self.link.subscribe(topic, qos=self._qos)
                     self.sessions += 1
                     failures = 0
                     self._set_transport("push")

@@ -29,6 +29,8 @@ class Broker:
         self.calls: list[tuple[Any, ...]] = []
         self.connect_failures: list[Exception] = []
         self.refused_topics: set[str] = set()
+        self.subscribed_qos: list[tuple[str, int]] = []
+        """(topic, QoS asked) of every subscription, in order."""
         self.session_present = False
 
     def factory(self, options: LinkOptions, on_message: MessageHandler) -> FakeLink:
@@ -75,6 +77,7 @@ class FakeLink:
     async def subscribe(self, topic: str, qos: int = 1) -> int:
         self._require()
         self.broker.calls.append(("subscribe", topic))
+        self.broker.subscribed_qos.append((topic, qos))
         if topic in self.broker.refused_topics:
             raise LinkRefused(f"subscribe to {topic}", ReasonCode(PacketTypes.SUBACK, "Not authorized"))
         return qos

@@ -20,7 +20,7 @@ from agent_stub.state import MemoryStateStore, StoredMqttCredentials
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.topics import cmd_topic, config_topic
-from fabric_core.wire import AgentCommand
+from fabric_core.wire import AgentCommand, MqttDelivery
 from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc, make_identity, wait_until
 from tests.agent_stub.fakes import CMD, HELD, PREFIX, STATE, Broker, FakeLink
 
@@ -363,3 +363,45 @@ def test_the_topic_prefix_comes_from_the_stored_credentials(
         ("subscribe", cmd_topic("acme", "agent-1")),
         ("subscribe", config_topic("acme", GROUP_ID, LOCATION_ID)),
     ]
+
+
+# --- what the broker engine asks for ---------------------------------------------------------------
+
+
+def test_the_default_delivery_is_qos_1_on_a_persistent_session(
+    harness: Harness, push_settings: AgentSettings
+) -> None:
+    async def scenario(h: Harness) -> None:
+        await wait_until(lambda: h.push.connected)
+
+    harness.run(scenario)
+    options = harness.broker.link.options
+    assert (options.clean_start, options.session_expiry_s) == (False, push_settings.mqtt_session_expiry_s)
+    assert harness.broker.subscribed_qos == [(CMD, 1), (HELD, 1)]
+
+
+def test_qos_0_without_a_persistent_session_subscribes_at_qos_0_on_a_clean_session(
+    key: SigningKey, push_settings: AgentSettings
+) -> None:
+    identity = make_identity(key, mqtt_url="mqtt://broker.test:1883")
+    assert identity.mqtt is not None
+    clean = identity.mqtt.model_copy(update={"delivery": MqttDelivery(qos=0, persistent_session=False)})
+    core = AgentCore(identity=identity.model_copy(update={"mqtt": clean}), store=MemoryStateStore())
+    assert core.offer(key.sign_envelope(make_doc(serial=1, mode="push")), "test").applied
+    harness = Harness(core, key, push_settings)
+
+    async def scenario(h: Harness) -> None:
+        await wait_until(lambda: h.push.connected)
+        other = h.envelope(serial=2, location_id=LOCATION_ID + 1)
+        assert h.core.offer(other, source="heartbeat").applied  # the subscription follows, at QoS 0
+        await wait_until(lambda: ("unsubscribe", HELD) in h.broker.calls)
+
+    harness.run(scenario)
+    options = harness.broker.link.options
+    assert (options.clean_start, options.session_expiry_s) == (True, 0)
+    other_topic = config_topic(PREFIX, GROUP_ID, LOCATION_ID + 1)
+    assert harness.broker.subscribed_qos == [(CMD, 0), (HELD, 0), (other_topic, 0)]
+    # The will and the state reports are publications: unchanged.
+    assert options.will is not None and (options.will.qos, options.will.retain) == (1, True)
+    online = harness.broker.named("publish")[0]
+    assert (online[1], online[3], online[4]) == (STATE, 1, True)

@@ -27,7 +27,7 @@ from agent_stub.state import MemoryStateStore
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.topics import DEFAULT_PREFIX, cmd_topic, config_topic, state_topic
-from fabric_core.wire import AgentCommand
+from fabric_core.wire import AgentCommand, MqttDelivery
 from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc, make_identity, wait_until
 from tests.agent_stub.fakes import FakeManager
 from tests.agent_stub.mosquitto import Mosquitto
@@ -193,6 +193,31 @@ def test_an_update_now_command_reaches_on_command(
 
     _run(broker, push.run, scenario)
     assert (commands[0].command, commands[0].id) == ("update_now", "c-1")
+
+
+def test_on_a_clean_session_at_qos_0_documents_flow_and_a_switch_to_pull_ends_cleanly(
+    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+) -> None:
+    """What a broker engine without persistent sessions asks for (`MqttDelivery`)."""
+    core = _agent(key, broker)
+    assert core.identity.mqtt is not None
+    clean = core.identity.mqtt.model_copy(update={"delivery": MqttDelivery(qos=0, persistent_session=False)})
+    core.identity = core.identity.model_copy(update={"mqtt": clean})
+    push = _push(core, push_settings, [])
+
+    async def before(bridge: Bridge) -> None:
+        await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=4, mode="push")))
+
+    async def scenario(bridge: Bridge) -> None:
+        await wait_until(lambda: core.serial == 4, within=5)  # retained, sent to the new subscription
+        await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=5, mode="push")), retain=False)
+        await wait_until(lambda: core.serial == 5, within=5)
+        await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=6, mode="pull")))
+        await wait_until(lambda: bridge.last.get("online") is False, within=5)
+
+    bridge = _run(broker, push.run, scenario, before=before)
+    assert bridge.last["mode"] == "pull" and bridge.last["serial"] == 6
+    assert push.sessions == 1 and not push.connected
 
 
 def test_the_will_says_offline_when_the_connection_dies_and_the_agent_comes_back(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -23,7 +24,7 @@ from agent_stub.state import (
     StoredMqttCredentials,
 )
 from fabric_core.signing import SigningKey
-from fabric_core.wire import EnrollResponse, MqttCredentials
+from fabric_core.wire import EnrollResponse, MqttCredentials, MqttDelivery
 from tests.agent_stub.conftest import make_doc
 
 
@@ -198,3 +199,35 @@ def test_broker_credentials_and_an_optional_topic_prefix_survive_a_restart(
     loaded = store.load_identity()
     assert loaded is not None and loaded.mqtt == custom
     assert "pw-secret!" not in repr(loaded)
+
+
+def test_an_identity_stored_before_delivery_existed_loads_with_the_default_delivery(
+    state_dir: Path, identity: Identity
+) -> None:
+    stored = identity.model_copy(
+        update={"mqtt": StoredMqttCredentials(url="mqtt://b:1883", username="agent-1", password="pw")}
+    ).model_dump(mode="json")
+    del stored["mqtt"]["delivery"]  # as written by an agent of before `MqttCredentials.delivery`
+    state_dir.mkdir()
+    (state_dir / IDENTITY_FILE).write_text(json.dumps(stored))
+
+    loaded = FileStateStore(state_dir).load_identity()
+
+    assert loaded is not None and loaded.mqtt is not None
+    assert loaded.mqtt.delivery == MqttDelivery(qos=1, persistent_session=True)
+    assert (loaded.mqtt.url, loaded.mqtt.username, loaded.mqtt.password) == ("mqtt://b:1883", "agent-1", "pw")
+
+
+def test_the_delivery_of_an_enrolment_is_kept(state_dir: Path, identity: Identity) -> None:
+    delivery = MqttDelivery(qos=0, persistent_session=False)
+    wire = MqttCredentials(url="mqtt://b:1883", username="agent-1", password="pw", delivery=delivery)
+    response = EnrollResponse(
+        agent_id="agent-1", secret="s", group_id=3, signing_key=identity.signing_key, mqtt=wire
+    )
+    enrolled = Identity.from_enrollment(server="http://m", response=response, hostname="h")
+    store = FileStateStore(state_dir)
+    store.save_identity(enrolled)
+
+    loaded = store.load_identity()
+
+    assert loaded is not None and loaded.mqtt is not None and loaded.mqtt.delivery == delivery
