@@ -11,6 +11,15 @@ and is found by `python -m bench` without being listed anywhere. `args` is the `
 `bench/.work/`, gitignored) and `seed`. A benchmark measures its own baseline in the same run and
 reports the ratio; `python -m bench` writes each result to `bench/results/<NAME>-<date>.json`.
 
-`bench.common` holds what the benchmarks share: the stack (Mosquitto, the manager and the bridge, as
-`policycast up` runs them) in a kept data directory, and the fleet simulator as a child process.
+What the benchmarks share, a module a concept (none of them exposes `NAME`):
+
+    stack      the stack a benchmark runs against (Mosquitto, the manager and the bridge, as
+               `policycast up` runs them) in a kept data directory; the operator's admin API calls,
+               publishing straight to the broker, the waits for quiet
+    fleet      the fleet simulator as a child process, driven over its control protocol
+    observer   one more subscriber on every config topic, in a process of its own
+    meters     CPU seconds of the processes under test, heartbeats counted at the manager, /healthz probe
+    results    the result file (`write_result`, the one way results are written), machine, ratio
+    checkout   this checkout's root and commit, the kept work directory, child processes' environment
+    console    `say`: progress lines on stderr
 """

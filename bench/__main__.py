@@ -25,9 +25,11 @@ from types import ModuleType
 from typing import Any
 
 import bench
-from bench.common import WORK_DIR, say, write_result
+from bench.checkout import WORK_DIR
+from bench.console import say
+from bench.results import write_result
 
-SKIP = frozenset({"common", "__main__"})
+SKIP = frozenset({"__main__"})
 
 
 def discover() -> dict[str, ModuleType]:

@@ -25,7 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Fleet, Stack, fleet_size, machine, ratio, rss_bytes, say, work_dir
+from agent_stub.measure import rss_bytes
+from bench.checkout import work_dir
+from bench.console import say
+from bench.fleet import SimulatorProcess, fleet_size
+from bench.results import machine, ratio
+from bench.stack import Stack
 from broker_bridge.mosquitto.engine import MosquittoEngine
 from fabric_core.settings import Settings
 from local_stack.broker_process import BrokerProcess
@@ -88,7 +93,7 @@ def empty_broker_rss(directory: Path) -> int:
 
 def _measure(stack: Stack, agents: int, *, bare: bool) -> dict[str, Any]:
     assert stack.broker_pid is not None
-    fleet = Fleet(stack, agents, extra=["--bare"] if bare else [])
+    fleet = SimulatorProcess(stack, agents, extra=["--bare"] if bare else [])
     fleet.enrol()
     stack.wait_quiet()
     broker_before = rss_bytes(stack.broker_pid)
@@ -96,10 +101,10 @@ def _measure(stack: Stack, agents: int, *, bare: bool) -> dict[str, Any]:
     try:
         ready = fleet.launch()
         fleet.wait_quiet()
-        collected = fleet.sim.request("collect")
+        collected = fleet.control.request("collect")
         broker_after = rss_bytes(stack.broker_pid)
         manager_after = rss_bytes(os.getpid())
-        summary = fleet.sim.request("summary", refresh=False)
+        summary = fleet.control.request("summary", refresh=False)
     finally:
         fleet.stop()
     sim_start = summary["rss_bytes"]["start"]

@@ -26,18 +26,12 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import (
-    CpuMeter,
-    Observer,
-    Stack,
-    fleet_size,
-    machine,
-    publish_documents,
-    ratio,
-    say,
-    stack_and_fleet,
-    wait_until,
-)
+from bench.console import say
+from bench.fleet import fleet_size, stack_and_fleet
+from bench.meters import CpuMeter
+from bench.observer import Observer
+from bench.results import machine, ratio
+from bench.stack import Stack, publish_documents, wait_until
 from fabric_core.topics import config_topic
 
 NAME = "push_fanout"
@@ -52,7 +46,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds = int(getattr(args, "rounds", None) or ROUNDS)
     with stack_and_fleet(args, agents) as (stack, fleet):
         policy = stack.ensure_root_policy()
-        steady = fleet.sim.request("wait_converged", timeout_s=120)
+        steady = fleet.control.request("wait_converged", timeout_s=120)
         if not steady["ok"]:
             raise RuntimeError(f"the fleet did not converge before the change: {steady}")
         fleet.setup["quiet_wait_s"] = round(fleet.wait_quiet(), 1)
@@ -73,9 +67,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for key, body in sorted(documents.items())
                 ]
                 fleet.wait_quiet()
-                meter = CpuMeter(stack, fleet.sim)
+                meter = CpuMeter(stack, fleet.control)
                 started = publish_documents(link, messages)
-                baseline = fleet.sim.request("wait_messages", since=started, timeout_s=120)
+                baseline = fleet.control.request("wait_messages", since=started, timeout_s=120)
                 baseline["cpu_s"] = meter.read()
                 held = {topic: _serial_of(body) for topic, body in messages}
                 baseline["observer"] = _observed(observer.wait(held, since=started, timeout=60), started)
@@ -85,17 +79,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # Waited for: a serial newer than the one held before, per (group, location): known
                 # without asking the manager during the fan-out. Checked to be the current one after.
                 newer = {key: serial + 1 for key, serial in before.items()}
-                meter = CpuMeter(stack, fleet.sim)
+                meter = CpuMeter(stack, fleet.control)
                 sent = time.time()
                 answered, version = stack.change_policy(policy["id"])
-                change = fleet.sim.request("wait_converged", serials=newer, since=answered, timeout_s=120)
+                change = fleet.control.request("wait_converged", serials=newer, since=answered, timeout_s=120)
                 change["cpu_s"] = meter.read()
                 after = stack.current_documents(keys)
                 expected = {
                     config_topic(prefix, *key.split("/")): _serial_of(body) for key, body in after.items()
                 }
                 change["observer"] = _observed(observer.wait(expected, since=sent, timeout=60), answered)
-                current = fleet.sim.request("wait_converged", serials=_serials(after), timeout_s=30)
+                current = fleet.control.request("wait_converged", serials=_serials(after), timeout_s=30)
                 change["converged"] = min(change["converged"], current["converged"])
                 sizes = [len(body) for body in after.values()]
                 measured.append(_round(number, baseline, change, documents, sizes, version))
@@ -108,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             observer.__exit__(None, None, None)
             link.close()
         view = _manager_view(stack, agents)
-        final = fleet.sim.request("summary")
+        final = fleet.control.request("summary")
     return _result(args, agents, fleet.setup, measured, view, final)
 
 

@@ -30,17 +30,12 @@ import argparse
 import time
 from typing import Any
 
-from bench.common import (
-    CpuMeter,
-    Fleet,
-    ManagerProbe,
-    Stack,
-    fleet_size,
-    machine,
-    ratio,
-    say,
-    work_dir,
-)
+from bench.checkout import work_dir
+from bench.console import say
+from bench.fleet import SimulatorProcess, fleet_size
+from bench.meters import CpuMeter, ManagerProbe
+from bench.results import machine, ratio
+from bench.stack import Stack
 
 NAME = "reconnect_storm"
 OUTAGES_S = (0.0, 5.0)
@@ -58,7 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         policy = stack.ensure_root_policy()
         for kind, policy_id in (("agents", policy["id"]), ("bare_mqtt_baseline", None)):
             extra = ["--bare"] if policy_id is None else []
-            with Fleet(stack, agents, connect_rate=rate, extra=extra) as fleet:
+            with SimulatorProcess(stack, agents, connect_rate=rate, extra=extra) as fleet:
                 for outage in OUTAGES_S:
                     storms[f"{kind}_outage_{outage:g}s"] = _storm(stack, fleet, outage, policy_id=policy_id)
                 setup = fleet.setup
@@ -105,19 +100,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _storm(stack: Stack, fleet: Fleet, outage_s: float, *, policy_id: int | None) -> dict[str, Any]:
+def _storm(
+    stack: Stack, fleet: SimulatorProcess, outage_s: float, *, policy_id: int | None
+) -> dict[str, Any]:
     bare = policy_id is None
     agents = fleet.agents
     assert stack.broker is not None and stack.counter is not None
     keys = fleet.keys()
     if not bare:
-        steady = fleet.sim.request("wait_converged", timeout_s=120)
+        steady = fleet.control.request("wait_converged", timeout_s=120)
         if not steady["ok"]:
             raise RuntimeError(f"the fleet did not converge before the storm: {steady}")
     fleet.wait_quiet()
     before = stack.current_serials(keys)
     say(f"stopping the broker for {outage_s:g}s ({'bare clients' if bare else 'agents'})")
-    meter = CpuMeter(stack, fleet.sim)
+    meter = CpuMeter(stack, fleet.control)
     probe = ManagerProbe(stack.url).__enter__()
     stopping = time.time()
     stack.broker.process.stop()
@@ -133,7 +130,7 @@ def _storm(stack: Stack, fleet: Fleet, outage_s: float, *, policy_id: int | None
     limit = min(BACK_TIMEOUT_S, 60 + agents / 20)
     # From the restart command: a fast agent may connect between the broker's listen() and this process
     # noticing it (its session would otherwise seem to predate the restart).
-    back = fleet.sim.request("wait_sessions", since=restarting, serials=newer, timeout_s=limit)
+    back = fleet.control.request("wait_sessions", since=restarting, serials=newer, timeout_s=limit)
     # Agents whose last heartbeat said "pull" (they heartbeated while the broker was away) report their
     # new session with one heartbeat; the others stay quiet. Counted until the manager is quiet again.
     fleet.wait_quiet()
@@ -142,12 +139,12 @@ def _storm(stack: Stack, fleet: Fleet, outage_s: float, *, policy_id: int | None
     probe.__exit__(None, None, None)
     heartbeats = stack.counter.window(stopping, settled)
     during_outage = stack.counter.window(stopped, listening - 1)  # whole seconds while it was down
-    rates = fleet.sim.request("rates", since=stopping, until=settled)
+    rates = fleet.control.request("rates", since=stopping, until=settled)
     say(
         f"{'bare clients' if bare else 'agents'}: {back['back']}/{back['agents']} back, "
         f"all within {back['time_s'].get('max')}s; manager heartbeats peak {heartbeats['peak_per_s']}/s"
     )
-    summary = fleet.sim.request("summary", refresh=not bare)
+    summary = fleet.control.request("summary", refresh=not bare)
     return {
         "agents": back["agents"],
         "back": back["back"],

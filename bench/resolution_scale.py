@@ -6,7 +6,7 @@ locations (`Default`, `Office` with an IP-range condition, `Remote` with a netwo
 copy of the root's assignment of one firewall policy, as `PATCH /groups/{id} {inherit: false}` leaves
 them: 3,000 (group, location) documents that all name the policy. The tree is made in one change
 transaction with the api's own models and resolution (bulk inserts, then `refresh_documents`): 4,000
-HTTP calls would measure the setup, not the change. The stack is `policycast up`'s (`bench.common.Stack`:
+HTTP calls would measure the setup, not the change. The stack is `policycast up`'s (`bench.stack.Stack`:
 Mosquitto with Policycast's configuration, the manager on uvicorn, the bridge on a thread), on SQLite in a
 temporary directory, or on a throw-away PostgreSQL database with `--database-url`.
 
@@ -61,7 +61,11 @@ from api.resolution import load_tree
 from api.services import policies
 from api.services.change import Change
 from api.services.groups import COMMUNICATION_FIELDS, copy_location
-from bench.common import RESULTS_DIR, ROOT, Observer, Stack, machine, ratio, say, write_result
+from bench.checkout import ROOT
+from bench.console import say
+from bench.observer import Observer
+from bench.results import machine, ratio, write_result
+from bench.stack import Stack
 from broker_bridge.broker import BrokerLink, Publication
 from fabric_core.topics import config_topic
 from manager_db.models import Assignment, Group, Location
@@ -148,7 +152,7 @@ def _postgres_database(server_url: str) -> Iterator[str]:
 
 
 class ScaleStack(Stack):
-    """`bench.common.Stack` on a database of the caller's choice, with the queries this benchmark needs."""
+    """`bench.stack.Stack` on a database of the caller's choice, with the queries this benchmark needs."""
 
     def __init__(self, data_dir: Path, database_url: str | None = None) -> None:
         super().__init__(data_dir)
@@ -584,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     path = write_result(NAME, result)
     print(json.dumps(result["median"], indent=2))
-    print(f"results in {path.relative_to(RESULTS_DIR.parent.parent)}")
+    print(f"results in {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,254 @@
+"""The stack a benchmark runs against: Mosquitto, the manager and the bridge, in a kept data directory.
+
+The stack is `policycast up`'s, from its own pieces (`local_stack.local_broker.start_broker`,
+`local_stack.manager.ManagerThread` and `start_bridge`): Mosquitto with Policycast's configuration as a
+child process, the manager (uvicorn, on SQLite) and the bridge on threads of this process, the manager
+with a `HeartbeatCounter` in its middleware. `Stack` also speaks for the operator (the admin API: the
+policy the benchmarks edit, the documents and serials, the agents' view), reads the manager's database
+(broker accounts provisioned) and publishes straight to the broker with the bridge's rights, as the
+baselines do. The waits: for the bridge to provision every account, for the manager to hear next to no
+heartbeats, and `wait_until` for anything else.
+
+Broker accounts cost Mosquitto 10-50 ms each to provision (it rewrites its whole dynamic-security file
+on every change), so the data directory and the broker's files are kept under `bench/.work/` (gitignored)
+and reused: the first run at a size enrols and provisions, later runs start at once. `--fresh` starts
+from nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import SecretStr
+from sqlalchemy import text
+
+from agent_stub.measure import raise_fd_limit
+from bench.console import console, say
+from bench.meters import HeartbeatCounter
+from broker_bridge.broker import BrokerLink, Publication
+from broker_bridge.service import BridgeThread
+from fabric_core.broker_credentials import bridge_password
+from fabric_core.settings import Settings
+from fabric_core.signing import load_signing_key
+from local_stack.local_broker import LocalBroker, start_broker
+from local_stack.manager import ManagerThread, admin_key_for, pick_port, start_bridge
+
+POLICY_NAME = "bench-firewall"
+T = TypeVar("T")
+
+
+class Stack:
+    """Mosquitto, the manager and the bridge, on a data directory kept between runs."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        settings = Settings(data_dir=data_dir / "manager")
+        self.admin_key = admin_key_for(settings)
+        self.settings = settings.model_copy(update={"bootstrap_admin_key": SecretStr(self.admin_key)})
+        self.broker: LocalBroker | None = None
+        self.manager: ManagerThread | None = None
+        self.bridge: BridgeThread | None = None
+        self.counter: HeartbeatCounter | None = None
+        self._admin: httpx.Client | None = None
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        raise_fd_limit()  # Mosquitto inherits it: one descriptor per agent
+        load_signing_key(self.settings)  # the broker's bridge password derives from it
+        self.broker = start_broker(self.settings, console)
+        if self.broker is None:
+            raise RuntimeError("the benchmarks need Mosquitto 2 with its dynamic-security plugin")
+        self.settings = self.settings.model_copy(update={"mqtt_url": self.broker.url, "mqtt_enabled": True})
+        self.manager = ManagerThread(self.settings, pick_port(0))
+        self.manager.app.add_middleware(HeartbeatCounter)
+        self.manager.start()
+        self.counter = HeartbeatCounter.installed_in(self.manager.app.middleware_stack)
+        self.bridge = start_bridge(self.settings, self.manager)
+        say(f"stack up: manager {self.manager.url}, broker {self.broker.url}, data {self.data_dir}")
+
+    def stop(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+        if self.bridge is not None:
+            self.bridge.stop()
+        if self.manager is not None:
+            self.manager.stop()
+        if self.broker is not None:
+            self.broker.process.stop()
+
+    # --- admin API ---------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        assert self.manager is not None
+        return self.manager.url
+
+    @property
+    def admin(self) -> httpx.Client:
+        if self._admin is None:
+            self._admin = httpx.Client(
+                base_url=f"{self.url}/api/v1",
+                headers={"Authorization": f"Bearer {self.admin_key}"},
+                timeout=60,
+            )
+        return self._admin
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.admin.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status_code}: {response.text[:300]}")
+        return response.json() if response.content else None
+
+    def ensure_root_policy(self) -> dict[str, Any]:
+        """The firewall policy the benchmarks edit, assigned at the root group.
+
+        Assigned before the fleet's groups are made: they own their settings (so that each may choose
+        push or pull) and so start from a copy of the root's assignments, which names this same policy.
+        """
+        policies = {p["name"]: p for p in self.call("GET", "/policies")}
+        policy = policies.get(POLICY_NAME)
+        if policy is None:
+            policy = self.call(
+                "POST",
+                "/policies",
+                json={"name": POLICY_NAME, "type": "firewall", "body": {"default": "deny", "allow": []}},
+            )
+        root = next(g for g in self.call("GET", "/groups") if g["parent_id"] is None)
+        self.call("PUT", f"/groups/{root['id']}/policies/firewall", json={"policy_id": policy["id"]})
+        return dict(policy)
+
+    def change_policy(self, policy_id: int) -> tuple[float, int]:
+        """The operator's change: one more rule in the policy; returns (time of the response, version)."""
+        body = self.call("GET", f"/policies/{policy_id}")["body"]
+        body["allow"] = [*body.get("allow", []), f"tcp/{10000 + len(body.get('allow', []))}"]
+        response = self.admin.put(f"/policies/{policy_id}", json={"body": body})
+        answered = time.time()
+        if response.status_code != 200:
+            raise RuntimeError(
+                f"PUT /policies/{policy_id}: HTTP {response.status_code}: {response.text[:300]}"
+            )
+        return answered, int(response.json()["version"])
+
+    def sim_groups(self, prefix: str = "sim") -> list[dict[str, Any]]:
+        return [g for g in self.call("GET", "/groups") if str(g["name"]).startswith(f"{prefix}-")]
+
+    def current_documents(self, keys: list[str]) -> dict[str, bytes]:
+        """The current envelope bytes of each "group/location"."""
+        documents = {}
+        for key in keys:
+            group_id, location_id = key.split("/")
+            response = self.admin.get(f"/groups/{group_id}/locations/{location_id}/effective")
+            response.raise_for_status()
+            documents[key] = response.content
+        return documents
+
+    def current_serials(self, keys: list[str]) -> dict[str, int]:
+        return {
+            key: int(json.loads(body)["doc"]["serial"]) for key, body in self.current_documents(keys).items()
+        }
+
+    def wait_quiet(self, *, below_per_s: int = 5, seconds: int = 2, timeout: float = 300.0) -> float:
+        """Wait until the manager has received fewer than `below_per_s` heartbeats in each of the last
+        `seconds` whole seconds (a fleet that just came up still reports its sessions for a while)."""
+        assert self.counter is not None
+        counter = self.counter
+        began = time.monotonic()
+        while True:
+            now = int(time.time())
+            recent = [counter.per_s.get(now - back, 0) for back in range(1, seconds + 1)]
+            if all(count < below_per_s for count in recent):
+                return time.monotonic() - began
+            if time.monotonic() - began > timeout:
+                raise TimeoutError(f"the manager still receives {recent} heartbeats per second")
+            time.sleep(0.25)
+
+    # --- the manager's view --------------------------------------------------------------------------
+
+    def unprovisioned(self) -> int:
+        assert self.manager is not None
+        with self.manager.fabric.engine.connect() as connection:
+            query = text("SELECT count(*) FROM agents WHERE revoked_at IS NULL AND acl_group_id IS NULL")
+            return int(connection.execute(query).scalar_one())
+
+    def accounts(self) -> int:
+        """Agents with a broker account."""
+        assert self.manager is not None
+        with self.manager.fabric.engine.connect() as connection:
+            query = text("SELECT count(*) FROM agents WHERE acl_group_id IS NOT NULL")
+            return int(connection.execute(query).scalar_one())
+
+    def wait_provisioned(self, timeout: float) -> float:
+        began = time.monotonic()
+        last = -1
+        while True:
+            left = self.unprovisioned()
+            if left == 0:
+                return time.monotonic() - began
+            if left != last:
+                say(f"the bridge is provisioning broker accounts: {left} to go")
+                last = left
+            if time.monotonic() - began > timeout:
+                raise TimeoutError(f"{left} broker account(s) still unprovisioned after {timeout:.0f}s")
+            time.sleep(2.0)
+
+    def agents_view(self) -> list[dict[str, Any]]:
+        agents: list[dict[str, Any]] = []
+        while True:
+            page = self.call("GET", "/agents", params={"limit": 1000, "offset": len(agents)})
+            agents.extend(page)
+            if len(page) < 1000:
+                return agents
+
+    # --- the broker ----------------------------------------------------------------------------------
+
+    @property
+    def broker_pid(self) -> int | None:
+        return self.broker.process.pid if self.broker is not None else None
+
+    def publisher(self, client_id: str = "bench-baseline") -> BrokerLink:
+        """A connection with the bridge's rights, to publish straight to the broker."""
+        assert self.broker is not None and self.manager is not None
+        link = BrokerLink(
+            self.settings.mqtt_address,
+            username=self.settings.mqtt_username,
+            password=bridge_password(self.settings, self.manager.fabric.signing_key),
+            client_id=client_id,
+        )
+        link.connect(10)
+        return link
+
+
+def publish_documents(link: BrokerLink, topics_and_payloads: list[tuple[str, bytes]]) -> float:
+    """Publish straight to the broker as the bridge does (QoS 1, all in flight); returns the start time."""
+    started = time.time()
+    link.publish_many(
+        [Publication(topic, payload, qos=1, retain=False) for topic, payload in topics_and_payloads]
+    )
+    return started
+
+
+def wait_until(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.2) -> T:
+    """Call `check` every `interval` seconds until it returns something true; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
