@@ -17,7 +17,7 @@ import signal
 import socket
 from datetime import datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -52,7 +52,10 @@ app = typer.Typer(
     help="The Policycast reference agent.", no_args_is_help=True, pretty_exceptions_show_locals=False
 )
 
-STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="state directory [default: settings state_dir]")
+StateDirOption = Annotated[
+    Path | None, typer.Option("--state-dir", help="state directory [default: settings state_dir]")
+]
+LogLevelOption = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")]
 
 
 def main() -> None:
@@ -93,11 +96,11 @@ def _load_core(store: FileStateStore) -> AgentCore:
 def enroll(
     ctx: typer.Context,
     *,
-    server: str = typer.Option(..., help="manager URL, e.g. http://127.0.0.1:8000"),
-    token: str = typer.Option(..., help="enrolment token of the group to join"),
-    hostname: str | None = typer.Option(None, help="name to report [default: this host's name]"),
-    state_dir: Path | None = STATE_DIR_OPTION,
-    force: bool = typer.Option(False, "--force", help="replace an existing identity"),
+    server: Annotated[str, typer.Option(help="manager URL, e.g. http://127.0.0.1:8000")],
+    token: Annotated[str, typer.Option(help="enrolment token of the group to join")],
+    hostname: Annotated[str | None, typer.Option(help="name to report [default: this host's name]")] = None,
+    state_dir: StateDirOption = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing identity")] = False,
 ) -> None:
     """Enrol this agent with a manager and store its identity."""
     settings = _settings(ctx, state_dir)
@@ -164,8 +167,8 @@ def _call_enroll(*, server: str, token: str, hostname: str, timeout_s: float) ->
 @app.command()
 def run(
     ctx: typer.Context,
-    state_dir: Path | None = STATE_DIR_OPTION,
-    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+    state_dir: StateDirOption = None,
+    log_level: LogLevelOption = "INFO",
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C (SIGUSR1: update now; SIGUSR2: a security entry was logged).
 
@@ -241,7 +244,7 @@ async def _serve(core: AgentCore, settings: AgentSettings) -> None:
 
 
 @app.command("update-now")
-def update_now(ctx: typer.Context, state_dir: Path | None = STATE_DIR_OPTION) -> None:
+def update_now(ctx: typer.Context, state_dir: StateDirOption = None) -> None:
     """Ask the running agent to heartbeat at once."""
     settings = _settings(ctx, state_dir)
     try:
@@ -260,10 +263,14 @@ def update_now(ctx: typer.Context, state_dir: Path | None = STATE_DIR_OPTION) ->
 @app.command("log")
 def log_entry(
     ctx: typer.Context,
-    message: str = typer.Argument(..., help="the message"),
-    level: str = typer.Option("info", "--level", help="debug, info, warning, error, critical or security"),
-    category: str = typer.Option("agent", "--category", help="what the entry is about, e.g. antivirus"),
-    state_dir: Path | None = STATE_DIR_OPTION,
+    message: Annotated[str, typer.Argument(help="the message")],
+    level: Annotated[
+        str, typer.Option("--level", help="debug, info, warning, error, critical or security")
+    ] = "info",
+    category: Annotated[
+        str, typer.Option("--category", help="what the entry is about, e.g. antivirus")
+    ] = "agent",
+    state_dir: StateDirOption = None,
 ) -> None:
     """Add an entry to the agent's log; heartbeats upload it (security entries within a minute)."""
     settings = _settings(ctx, state_dir)
@@ -289,7 +296,7 @@ def _nudge_agent(state_dir: Path) -> None:
 
 
 @app.command()
-def status(ctx: typer.Context, state_dir: Path | None = STATE_DIR_OPTION) -> None:
+def status(ctx: typer.Context, state_dir: StateDirOption = None) -> None:
     """Show who this agent is and what it enforces."""
     settings = _settings(ctx, state_dir)
     core = _load_core(FileStateStore(settings.state_dir))
@@ -334,32 +341,64 @@ def _text(value: object) -> str:
 def simulate(
     ctx: typer.Context,
     *,
-    agents: int = typer.Option(100, "--agents", min=1, help="how many agents to run"),
-    server: str = typer.Option(..., help="manager URL, e.g. http://127.0.0.1:8000"),
-    admin_key: str | None = typer.Option(
-        None, "--admin-key", envvar="POLICYCAST_ADMIN_KEY", help="prepare groups and tokens by the admin API"
-    ),
-    token: list[str] = typer.Option([], "--token", help="enrolment token of a group (repeat: agents spread)"),
-    mode: str = typer.Option("push", help="push, pull or mix (every other group pulls); with --admin-key"),
-    groups: int = typer.Option(10, min=1, help="groups sim-01.. to spread agents over (with --admin-key)"),
-    locations: int = typer.Option(2, min=1, help="locations per group: Default, site-1, ..."),
-    heartbeat_s: int | None = typer.Option(None, "--heartbeat-s", help="the groups' heartbeat interval"),
-    connect_rate: float = typer.Option(500.0, "--connect-rate", min=1, help="MQTT connects per second"),
-    start_rate: float | None = typer.Option(None, "--start-rate", help="agents started per second"),
-    identities: Path | None = typer.Option(None, help="keep identities here and reuse them next time"),
-    mqtt_url: str | None = typer.Option(None, "--mqtt-url", help="override the broker URL of every agent"),
-    duration: float | None = typer.Option(None, help="seconds to run once ready [default: until Ctrl-C]"),
-    summary: Path | None = typer.Option(None, help="also write the JSON summary to this file"),
-    control: bool = typer.Option(False, "--control", help="JSON-lines requests on stdin (benchmarks)"),
-    enrol_only: bool = typer.Option(False, "--enrol-only", help="enrol and keep the identities, then exit"),
-    bare: bool = typer.Option(
-        False, "--bare", help="baseline: MQTT connect and subscribe only, no agent logic (with --admin-key)"
-    ),
-    ready_timeout: float = typer.Option(600.0, "--ready-timeout", help="seconds to wait for the fleet"),
-    seed: int = typer.Option(0, help="random seed"),
-    loop: str = typer.Option("auto", help="event loop: auto (uvloop if installed), uvloop or asyncio"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress on stderr"),
-    log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+    agents: Annotated[int, typer.Option("--agents", min=1, help="how many agents to run")] = 100,
+    server: Annotated[str, typer.Option(help="manager URL, e.g. http://127.0.0.1:8000")],
+    admin_key: Annotated[
+        str | None,
+        typer.Option(
+            "--admin-key", envvar="POLICYCAST_ADMIN_KEY", help="prepare groups and tokens by the admin API"
+        ),
+    ] = None,
+    token: Annotated[
+        list[str] | None, typer.Option("--token", help="enrolment token of a group (repeat: agents spread)")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="push, pull or mix (every other group pulls); with --admin-key")
+    ] = "push",
+    groups: Annotated[
+        int, typer.Option(min=1, help="groups sim-01.. to spread agents over (with --admin-key)")
+    ] = 10,
+    locations: Annotated[int, typer.Option(min=1, help="locations per group: Default, site-1, ...")] = 2,
+    heartbeat_s: Annotated[
+        int | None, typer.Option("--heartbeat-s", help="the groups' heartbeat interval")
+    ] = None,
+    connect_rate: Annotated[
+        float, typer.Option("--connect-rate", min=1, help="MQTT connects per second")
+    ] = 500.0,
+    start_rate: Annotated[
+        float | None, typer.Option("--start-rate", help="agents started per second")
+    ] = None,
+    identities: Annotated[
+        Path | None, typer.Option(help="keep identities here and reuse them next time")
+    ] = None,
+    mqtt_url: Annotated[
+        str | None, typer.Option("--mqtt-url", help="override the broker URL of every agent")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="seconds to run once ready [default: until Ctrl-C]")
+    ] = None,
+    summary: Annotated[Path | None, typer.Option(help="also write the JSON summary to this file")] = None,
+    control: Annotated[
+        bool, typer.Option("--control", help="JSON-lines requests on stdin (benchmarks)")
+    ] = False,
+    enrol_only: Annotated[
+        bool, typer.Option("--enrol-only", help="enrol and keep the identities, then exit")
+    ] = False,
+    bare: Annotated[
+        bool,
+        typer.Option(
+            "--bare", help="baseline: MQTT connect and subscribe only, no agent logic (with --admin-key)"
+        ),
+    ] = False,
+    ready_timeout: Annotated[
+        float, typer.Option("--ready-timeout", help="seconds to wait for the fleet")
+    ] = 600.0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    loop: Annotated[
+        str, typer.Option(help="event loop: auto (uvloop if installed), uvloop or asyncio")
+    ] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress on stderr")] = True,
+    log_level: LogLevelOption = "WARNING",
 ) -> None:
     """Run many agents in this process (the real agent logic, state in memory); print a JSON summary."""
     from agent_stub.simulator import run as sim
@@ -381,7 +420,7 @@ def simulate(
             agents=agents,
             server=normalize_server(server),
             admin_key=admin_key,
-            tokens=tuple(token),
+            tokens=tuple(token or ()),
             mode=mode,  # type: ignore[arg-type]  # checked above
             groups=groups,
             locations=locations,
