@@ -48,7 +48,9 @@ from typing import Any
 import httpx
 import orjson
 
-from bench.heartbeat_throughput import ADMIN_KEY, Server, free_port, machine, manager_server
+from bench.results import http_machine
+from bench.servers import ADMIN_KEY, Server, manager_server
+from local_stack.manager import pick_port
 
 NAME = "wire_cost"
 TARGET_BYTES = 400
@@ -348,7 +350,7 @@ class _Mosquitto:
     def __init__(self, directory: Path) -> None:
         from broker_bridge.mosquitto.install import mosquitto_binary
 
-        self.port = free_port()
+        self.port = pick_port(0)
         self.config = directory / "mosquitto.conf"
         self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
         self.argv = [mosquitto_binary(), "-c", str(self.config)]
@@ -496,7 +498,7 @@ async def _run(heartbeats: int, gap: float, keepalive: int, idle_s: float) -> di
     return {
         "name": NAME,
         "date": started.isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": http_machine(),
         "config": {"heartbeats": heartbeats, "gap_s": gap, "keepalive_s": keepalive, "idle_s": idle_s},
         "summary": {
             "unchanged_heartbeat_bytes": unchanged["app_bytes"],

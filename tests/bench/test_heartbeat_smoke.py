@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 from bench import heartbeat_throughput as bench
+from bench.heartbeat_requests import HEARTBEAT_PATH, baseline_validator, heartbeat_body, request_headers
+from bench.load_client import LoadResult, http_request, run_load
+from bench.servers import baseline_server, running
+from bench.wrk_client import WRK_SAMPLE, run_wrk
 
 pytestmark = pytest.mark.e2e
 
@@ -45,23 +49,14 @@ def test_a_small_benchmark_2_answers_every_heartbeat_right():
 
 def test_the_harness_counts_wrong_answers(tmp_path: Path):
     """The check is not vacuous: answers for another serial are all counted as errors."""
-    server = bench.baseline_server(tmp_path, 1)
+    server = baseline_server(tmp_path, 1)
     requests = [
-        bench.http_request(
-            "POST",
-            bench.HEARTBEAT_PATH,
-            bench.heartbeat_body(7, 1, i),
-            bench.request_headers(server.port, "s"),
-        )
+        http_request("POST", HEARTBEAT_PATH, heartbeat_body(7, 1, i), request_headers(server.port, "s"))
         for i in range(4)
     ]
-    with bench._running(server):
-        right = asyncio.run(
-            bench.run_load("127.0.0.1", server.port, [requests], bench.baseline_validator(7), total=50)
-        )
-        wrong = asyncio.run(
-            bench.run_load("127.0.0.1", server.port, [requests], bench.baseline_validator(8), total=50)
-        )
+    with running(server):
+        right = asyncio.run(run_load("127.0.0.1", server.port, [requests], baseline_validator(7), total=50))
+        wrong = asyncio.run(run_load("127.0.0.1", server.port, [requests], baseline_validator(8), total=50))
 
     assert (right.requests, right.errors) == (50, 0)
     assert (wrong.requests, wrong.errors) == (50, 50)
@@ -70,21 +65,21 @@ def test_the_harness_counts_wrong_answers(tmp_path: Path):
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make wrk)")
 def test_the_wrk_client_counts_refusals_and_checks_a_sample(tmp_path: Path):
-    server = bench.baseline_server(tmp_path, 1)
-    headers = bench.request_headers(server.port, "secret")
+    server = baseline_server(tmp_path, 1)
+    headers = request_headers(server.port, "secret")
 
     def requests(body: bytes) -> list[list[bytes]]:
-        return [[bench.http_request("POST", bench.HEARTBEAT_PATH, body, headers)] for _ in range(4)]
+        return [[http_request("POST", HEARTBEAT_PATH, body, headers)] for _ in range(4)]
 
-    good, refused = requests(bench.heartbeat_body(7, 1, 0)), requests(b'{"serial": -1, "mode": "pull"}')
-    with bench._running(server):
+    good, refused = requests(heartbeat_body(7, 1, 0)), requests(b'{"serial": -1, "mode": "pull"}')
+    with running(server):
 
-        def load(requests: list[list[bytes]], serial: int) -> bench.LoadResult:
-            check = bench.baseline_validator(serial)
-            return asyncio.run(bench.run_wrk("127.0.0.1", server.port, requests, check, duration=1, warmup=0))
+        def load(requests: list[list[bytes]], serial: int) -> LoadResult:
+            check = baseline_validator(serial)
+            return asyncio.run(run_wrk("127.0.0.1", server.port, requests, check, duration=1, warmup=0))
 
         right, wrong, refusals = load(good, 7), load(good, 8), load(refused, 7)
 
-    assert right.requests > 0 and right.errors == 0 and right.bodies_checked >= bench.WRK_SAMPLE
-    assert wrong.errors >= bench.WRK_SAMPLE, "the sample's bodies are checked"
+    assert right.requests > 0 and right.errors == 0 and right.bodies_checked >= WRK_SAMPLE
+    assert wrong.errors >= WRK_SAMPLE, "the sample's bodies are checked"
     assert refusals.errors >= refusals.requests, "every 422 counts"
