@@ -27,9 +27,9 @@ from agent_stub.facts import HostFacts
 from agent_stub.manager_client import ManagerClient
 from agent_stub.runtime import AgentRuntime
 from agent_stub.state import Identity, MemoryStateStore
-from api.main import create_app
 from fabric_core.settings import AgentSettings, Settings
 from fabric_core.wire import EffectiveDocument, EnrollResponse
+from local_stack.composition import manager_app
 from tests.agent_stub.conftest import wait_until
 from tests.api.conftest import Admin
 from tests.api.test_content import publish, sha
@@ -56,7 +56,7 @@ def manager(tmp_path: Path, sqlite_template: Path) -> Iterator[TestClient]:
         heartbeat_flush_s=0.2,
         cache_refresh_s=0.2,
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(manager_app(settings)) as client:
         yield client
 
 
