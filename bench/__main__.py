@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import pkgutil
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 import bench
 from bench.checkout import WORK_DIR
 from bench.console import say
-from bench.results import write_result
+from bench.results import result_json, write_result
 
 SKIP = frozenset({"__main__"})
 
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("name", name)
         result.setdefault("elapsed_s", round(time.monotonic() - began, 1))
         if args.no_write:
-            print(json.dumps(result, indent=2, default=str))
+            print(result_json(result))
             summary.append((name, "done"))
         else:
             path = write_result(name, result)

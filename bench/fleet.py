@@ -43,6 +43,13 @@ def fleet_size(args: argparse.Namespace) -> int:
     return FULL_AGENTS if getattr(args, "full", False) else DEFAULT_AGENTS
 
 
+def size_note(args: argparse.Namespace, agents: int) -> str:
+    """What a result's notes add when the fleet had the default size, not the issue's full one."""
+    if getattr(args, "agents", None) is None and not getattr(args, "full", False):
+        return f" Measured with {agents} agents (the default); --full runs 10,000."
+    return ""
+
+
 class SimulatorControl:
     """A running `policycast-agent simulate --control`: requests on its stdin, JSON-line answers on its
     stdout."""

@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import orjson
 
-from bench.load_client import http_request
 from bench.servers import ADMIN_KEY, Server, wait_healthy
 
 HEARTBEAT_PATH = "/agent/v1/heartbeat"
@@ -30,6 +29,13 @@ class EnrolledAgents:
     location_id: int
     requests: list[bytes]  # one unchanged heartbeat per agent
     bodies: list[bytes] = field(repr=False)
+
+
+def http_request(method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """The bytes of one HTTP/1.1 request (keep-alive is HTTP/1.1's default)."""
+    lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def agent_status(index: int) -> dict[str, str]:

@@ -43,11 +43,12 @@ from bench.heartbeat_requests import (
     baseline_validator,
     heartbeat_body,
     heartbeat_validator,
+    http_request,
     prepare_agents,
     request_headers,
 )
-from bench.load_client import LoadResult, Validate, http_request, run_load, split
-from bench.results import RESULTS_DIR, http_machine
+from bench.load_client import LoadResult, Validate, run_load, split
+from bench.results import http_machine, write_result
 from bench.servers import Server, baseline_server, manager_server, running
 from bench.wrk_client import WRK_SAMPLE, run_wrk
 
@@ -302,9 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help=f"results file (default bench/results/{NAME}-<date>.json)")
     args = parser.parse_args(argv)
     result = run(args)
-    out = args.out or RESULTS_DIR / f"{NAME}-{datetime.now(UTC).strftime('%Y-%m-%dT%H%M%SZ')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(NAME, result, args.out)
     print(json.dumps(result["summary"], indent=2))
     print(f"errors: {result['errors']}; results in {out}")
 

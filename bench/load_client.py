@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent_stub.measure import percentiles
 from bench.meters import own_cpu, process_tree_cpu
 
 Validate = Callable[[int, bytes], bool]
@@ -197,20 +198,14 @@ async def run_load(
 def _summarise(load: _Load, *, client_cpu: float, server_cpu: float) -> LoadResult:
     count = load.completed
     seconds = max(load.last_done - load.first_done, 1e-9)
-    latencies = sorted(load.latencies)
-
-    def quantile(q: float) -> float:
-        if not latencies:
-            return 0.0
-        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 3)
-
+    latency_ms = percentiles(latency * 1000 for latency in load.latencies)
     return LoadResult(
         requests=count,
         errors=load.errors,
         seconds=round(seconds, 3),
         rps=round(count / seconds, 1) if count else 0.0,
-        p50_ms=quantile(0.5),
-        p99_ms=quantile(0.99),
+        p50_ms=round(latency_ms.get("p50", 0.0), 3),
+        p99_ms=round(latency_ms.get("p99", 0.0), 3),
         bytes_out_per_request=round(load.bytes_out / count, 1) if count else 0.0,
         bytes_in_per_request=round(load.bytes_in / count, 1) if count else 0.0,
         client_cpu_s=round(client_cpu, 3),
@@ -219,13 +214,6 @@ def _summarise(load: _Load, *, client_cpu: float, server_cpu: float) -> LoadResu
         first_error=load.first_error,
         bodies_checked=count,
     )
-
-
-def http_request(method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    """The bytes of one HTTP/1.1 request (keep-alive is HTTP/1.1's default)."""
-    lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
-    lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def split(requests: list[bytes], connections: int) -> list[list[bytes]]:

@@ -28,7 +28,7 @@ from typing import Any
 from agent_stub.measure import rss_bytes
 from bench.checkout import work_dir
 from bench.console import say
-from bench.fleet import SimulatorProcess, fleet_size
+from bench.fleet import SimulatorProcess, fleet_size, size_note
 from bench.results import machine, ratio
 from bench.stack import Stack
 from broker_bridge.mosquitto.engine import MosquittoEngine
@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "broker's, divided by the accounts it holds (account, roles, session, connection)."
         ),
     }
-    if getattr(args, "agents", None) is None and not getattr(args, "full", False):
-        result["notes"] += f" Measured with {agents} agents (the default); --full runs 10,000."
+    result["notes"] += size_note(args, agents)
     return result
 
 

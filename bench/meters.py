@@ -21,12 +21,12 @@ import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent_stub.measure import percentiles
+from bench.heartbeat_requests import HEARTBEAT_PATH
 
 if TYPE_CHECKING:
     from bench.fleet import SimulatorControl
     from bench.stack import Stack
 
-HEARTBEAT_PATH = "/agent/v1/heartbeat"
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -15,9 +15,7 @@ import uuid
 from multiprocessing.connection import Connection
 from typing import Any
 
-import orjson
-
-from bench.stack import Stack
+from bench.stack import Stack, serial_of
 from broker_bridge.broker import BrokerLink
 from broker_bridge.mosquitto import dynsec
 from broker_bridge.mosquitto.control import control
@@ -172,7 +170,7 @@ def _wait(
         for at, topic, payload in batch:
             if not payload:
                 continue
-            serial = int(orjson.loads(payload)["doc"]["serial"])
+            serial = serial_of(payload)
             held = newest.get(topic)
             if held is None or serial > held[1]:
                 newest[topic] = (at, serial, payload)

@@ -21,17 +21,15 @@ Targets (issue [4/4]): p99 <= 1 s and <= 2x the baseline's p99, every agent conv
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 from typing import Any
 
 from bench.console import say
-from bench.fleet import fleet_size, stack_and_fleet
+from bench.fleet import fleet_size, size_note, stack_and_fleet
 from bench.meters import CpuMeter
 from bench.observer import Observer
-from bench.results import machine, ratio
-from bench.stack import Stack, publish_documents, wait_until
+from bench.results import machine, median, median_of, ratio
+from bench.stack import Stack, publish_documents, serial_of, wait_until
 from fabric_core.topics import config_topic
 
 NAME = "push_fanout"
@@ -71,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 started = publish_documents(link, messages)
                 baseline = fleet.control.request("wait_messages", since=started, timeout_s=120)
                 baseline["cpu_s"] = meter.read()
-                held = {topic: _serial_of(body) for topic, body in messages}
+                held = {topic: serial_of(body) for topic, body in messages}
                 baseline["observer"] = _observed(observer.wait(held, since=started, timeout=60), started)
                 time.sleep(SETTLE_S)
                 fleet.wait_quiet()
@@ -86,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 change["cpu_s"] = meter.read()
                 after = stack.current_documents(keys)
                 expected = {
-                    config_topic(prefix, *key.split("/")): _serial_of(body) for key, body in after.items()
+                    config_topic(prefix, *key.split("/")): serial_of(body) for key, body in after.items()
                 }
                 change["observer"] = _observed(observer.wait(expected, since=sent, timeout=60), answered)
                 current = fleet.control.request("wait_converged", serials=_serials(after), timeout_s=30)
@@ -107,11 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serials(documents: dict[str, bytes]) -> dict[str, int]:
-    return {key: _serial_of(body) for key, body in documents.items()}
-
-
-def _serial_of(envelope: bytes) -> int:
-    return int(json.loads(envelope)["doc"]["serial"])
+    return {key: serial_of(body) for key, body in documents.items()}
 
 
 def _observed(seen: dict[str, Any], since: float) -> dict[str, Any]:
@@ -183,16 +177,6 @@ def _manager_view(stack: Stack, agents: int) -> dict[str, Any]:
     }
 
 
-def _median_observed(rounds: list[dict[str, Any]], side: str) -> float | None:
-    values = [r[side]["observer"]["last_s"] for r in rounds if r[side]["observer"]["last_s"] is not None]
-    return round(statistics.median(values), 4) if values else None
-
-
-def _median(rounds: list[dict[str, Any]], side: str, key: str) -> float | None:
-    values = [r[side][key] for r in rounds if r[side].get(key) is not None]
-    return round(statistics.median(values), 4) if values else None
-
-
 def _result(
     args: argparse.Namespace,
     agents: int,
@@ -201,8 +185,8 @@ def _result(
     view: dict[str, Any],
     final: dict[str, Any],
 ) -> dict[str, Any]:
-    p99 = _median(rounds, "policycast", "p99")
-    base_p99 = _median(rounds, "baseline", "p99")
+    p99 = median_of(rounds, "policycast", "p99")
+    base_p99 = median_of(rounds, "baseline", "p99")
     all_converged = all(r["policycast"]["converged"] == r["policycast"]["agents"] == agents for r in rounds)
     all_received = all(r["baseline"]["received"] == r["baseline"]["agents"] == agents for r in rounds)
     result: dict[str, Any] = {
@@ -211,10 +195,13 @@ def _result(
         "groups_x_locations": "10 x 2",
         "rounds": rounds,
         "median": {
-            "policycast": {k: _median(rounds, "policycast", k) for k in ("p50", "p99", "max")},
-            "baseline": {k: _median(rounds, "baseline", k) for k in ("p50", "p99", "max")},
+            "policycast": {k: median_of(rounds, "policycast", k) for k in ("p50", "p99", "max")},
+            "baseline": {k: median_of(rounds, "baseline", k) for k in ("p50", "p99", "max")},
             "ratio_p99": ratio(p99, base_p99),
-            "observer_last_s": {side: _median_observed(rounds, side) for side in ("policycast", "baseline")},
+            "observer_last_s": {
+                side: median(r[side]["observer"]["last_s"] for r in rounds)
+                for side in ("policycast", "baseline")
+            },
         },
         "all_converged": all_converged,
         "all_observed": all(
@@ -245,6 +232,5 @@ def _result(
             "benchmark process, Mosquitto and the simulator in processes of their own, all on this machine."
         ),
     }
-    if getattr(args, "agents", None) is None and not getattr(args, "full", False):
-        result["notes"] += f" Measured with {agents} agents (the default); --full runs 10,000."
+    result["notes"] += size_note(args, agents)
     return result

@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.checkout import work_dir
 from bench.console import say
-from bench.fleet import SimulatorProcess, fleet_size
+from bench.fleet import SimulatorProcess, fleet_size, size_note
 from bench.meters import CpuMeter, ManagerProbe
 from bench.results import machine, ratio
 from bench.stack import Stack
@@ -95,8 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "the broker is started again as soon as it has stopped."
         ),
     }
-    if getattr(args, "agents", None) is None and not getattr(args, "full", False):
-        result["notes"] += f" Measured with {agents} agents (the default); --full runs 10,000."
+    result["notes"] += size_note(args, agents)
     return result
 
 

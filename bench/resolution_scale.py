@@ -64,7 +64,7 @@ from api.services.groups import COMMUNICATION_FIELDS, copy_location
 from bench.checkout import ROOT
 from bench.console import say
 from bench.observer import Observer
-from bench.results import machine, ratio, write_result
+from bench.results import machine, median_of, ratio, result_json, write_result
 from bench.stack import Stack
 from broker_bridge.broker import BrokerLink, Publication
 from fabric_core.topics import config_topic
@@ -417,7 +417,7 @@ PHASES = {
     "resolve_group (bodies)": ("api/resolution.py", "resolve_group"),
     "document hash (canonical JSON + SHA-256)": ("api/resolution.py", "sha256"),
     "_issue (serials, signing, rows)": ("api/resolution.py", "_issue"),
-    "allocate_serials": ("api/db.py", "allocate_serials"),
+    "allocate_serials": ("manager_db/counters.py", "allocate_serials"),
     "sign_envelope": ("fabric_core/signing.py", "sign_envelope"),
     "Session.merge": ("sqlalchemy/orm/session.py", "merge"),
     "Session.flush": ("sqlalchemy/orm/session.py", "flush"),
@@ -482,11 +482,6 @@ def _short(line: str) -> str:
 # --- the result --------------------------------------------------------------------------------------
 
 
-def _median(rounds: list[dict[str, Any]], side: str, key: str) -> float | None:
-    values = [r[side][key] for r in rounds if r[side].get(key) is not None]
-    return round(statistics.median(values), 4) if values else None
-
-
 def _result(
     args: argparse.Namespace,
     setup: dict[str, Any],
@@ -497,8 +492,8 @@ def _result(
     host: dict[str, Any],
 ) -> dict[str, Any]:
     documents = setup["documents"]
-    last = _median(rounds, "policycast", "time_to_last_puback_s")
-    base = _median(rounds, "baseline", "time_to_last_puback_s")
+    last = median_of(rounds, "policycast", "time_to_last_puback_s")
+    base = median_of(rounds, "baseline", "time_to_last_puback_s")
     correct = all(
         r["policycast"]["outbox_rows"] == r["policycast"]["outbox_pairs"] == documents
         and r["policycast"]["outbox_published"] == documents
@@ -524,7 +519,7 @@ def _result(
         "rounds": rounds,
         "median": {
             "policycast": {
-                k: _median(rounds, "policycast", k)
+                k: median_of(rounds, "policycast", k)
                 for k in (
                     "time_to_outbox_s",
                     "time_to_first_puback_s",
@@ -533,13 +528,13 @@ def _result(
                 )
             },
             "baseline": {
-                k: _median(rounds, "baseline", k)
+                k: median_of(rounds, "baseline", k)
                 for k in ("time_to_last_puback_s", "time_to_last_delivery_s")
             },
             "ratio_last_puback": ratio(last, base),
             "ratio_last_delivery": ratio(
-                _median(rounds, "policycast", "time_to_last_delivery_s"),
-                _median(rounds, "baseline", "time_to_last_delivery_s"),
+                median_of(rounds, "policycast", "time_to_last_delivery_s"),
+                median_of(rounds, "baseline", "time_to_last_delivery_s"),
             ),
         },
         "all_correct": correct,
@@ -584,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = run(args)
     if args.no_write:
-        print(json.dumps(result, indent=2, default=str))
+        print(result_json(result))
         return
     path = write_result(NAME, result)
     print(json.dumps(result["median"], indent=2))

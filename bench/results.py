@@ -9,7 +9,9 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,17 @@ def ratio(value: float | None, baseline: float | None) -> float | None:
     if value is None or not baseline:
         return None
     return round(value / baseline, 2)
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the values that are not None, to 4 places; None if none is."""
+    present = [value for value in values if value is not None]
+    return round(statistics.median(present), 4) if present else None
+
+
+def median_of(rounds: list[dict[str, Any]], side: str, key: str) -> float | None:
+    """The median over a benchmark's rounds of one figure of one side (`policycast`, `baseline`)."""
+    return median(r[side].get(key) for r in rounds)
 
 
 def _cpu_model() -> str | None:

@@ -17,13 +17,13 @@ from nothing.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 from pydantic import SecretStr
 from sqlalchemy import text
 
@@ -158,9 +158,7 @@ class Stack:
         return documents
 
     def current_serials(self, keys: list[str]) -> dict[str, int]:
-        return {
-            key: int(json.loads(body)["doc"]["serial"]) for key, body in self.current_documents(keys).items()
-        }
+        return {key: serial_of(body) for key, body in self.current_documents(keys).items()}
 
     def wait_quiet(self, *, below_per_s: int = 5, seconds: int = 2, timeout: float = 300.0) -> float:
         """Wait until the manager has received fewer than `below_per_s` heartbeats in each of the last
@@ -231,6 +229,11 @@ class Stack:
         )
         link.connect(10)
         return link
+
+
+def serial_of(envelope: bytes) -> int:
+    """The serial of a signed envelope's document (read, not verified)."""
+    return int(orjson.loads(envelope)["doc"]["serial"])
 
 
 def publish_documents(link: BrokerLink, topics_and_payloads: list[tuple[str, bytes]]) -> float:

@@ -48,7 +48,8 @@ from typing import Any
 import httpx
 import orjson
 
-from bench.results import http_machine
+from bench.heartbeat_requests import HEARTBEAT_PATH
+from bench.results import http_machine, write_result
 from bench.servers import ADMIN_KEY, Server, manager_server
 from local_stack.manager import pick_port
 
@@ -56,7 +57,6 @@ NAME = "wire_cost"
 TARGET_BYTES = 400
 SEPM_BYTES = (3000, 5000)
 ETHERNET_FRAME_OVERHEAD = 14 + 4 + 8 + 12  # header, FCS, preamble + start delimiter, inter-frame gap
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FIREWALL = {
     "rules": [
         {"name": f"rule-{i}", "action": "allow", "protocol": "tcp", "port": 1000 + i, "remote": "10.0.0.0/8"}
@@ -286,7 +286,7 @@ async def _previous_agent(
     before = Counters.of(hook.socket)
     response = None
     for _ in range(count):
-        response = await http.post(f"{url}/agent/v1/heartbeat", content=body, headers=headers)
+        response = await http.post(f"{url}{HEARTBEAT_PATH}", content=body, headers=headers)
         assert response.status_code == 200 and not response.json()["changed"], response.text
         await asyncio.sleep(gap)
     assert response is not None
@@ -305,7 +305,7 @@ def _lean_heartbeats(
     """The protocol's floor: unchanged heartbeats from a client that sends only the headers HTTP/1.1 and
     the API need (Host, Authorization, Content-Type, Content-Length), in one write."""
     head = (
-        f"POST /agent/v1/heartbeat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {secret}\r\n"
+        f"POST {HEARTBEAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {secret}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     expected = b'{"changed":false,"serial":%d,' % serial
@@ -338,6 +338,16 @@ def _envelope_bytes(heartbeat_response: bytes) -> bytes:
     envelope = heartbeat_response[at + len(marker) : -1]
     orjson.loads(envelope)  # it is the whole envelope
     return envelope
+
+
+def _shown(headers: httpx.Headers) -> dict[str, str]:
+    """Headers as the result file keeps them: the bearer secret's length counts, not its value."""
+    shown = dict(headers)
+    for name in list(shown):
+        if name.lower() == "authorization":
+            scheme, _, secret = shown[name].partition(" ")
+            shown[name] = f"{scheme} <{len(secret)} characters>"
+    return shown
 
 
 # --- push: a real Mosquitto --------------------------------------------------------------------------
@@ -550,22 +560,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="results file (default bench/results/wire_cost-<date>.json)")
     args = parser.parse_args(argv)
     result = run(args)
-    out = args.out or RESULTS_DIR / f"{NAME}-{datetime.now(UTC).strftime('%Y-%m-%dT%H%M%SZ')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(NAME, result, args.out)
     print(json.dumps(result["summary"], indent=2))
     print(f"results in {out}")
 
 
 if __name__ == "__main__":
     main()
-
-
-def _shown(headers: httpx.Headers) -> dict[str, str]:
-    """Headers as the result file keeps them: the bearer secret's length counts, not its value."""
-    shown = dict(headers)
-    for name in list(shown):
-        if name.lower() == "authorization":
-            scheme, _, secret = shown[name].partition(" ")
-            shown[name] = f"{scheme} <{len(secret)} characters>"
-    return shown

@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 
 from bench import heartbeat_throughput as bench
-from bench.heartbeat_requests import HEARTBEAT_PATH, baseline_validator, heartbeat_body, request_headers
-from bench.load_client import LoadResult, http_request, run_load
+from bench.heartbeat_requests import (
+    HEARTBEAT_PATH,
+    baseline_validator,
+    heartbeat_body,
+    http_request,
+    request_headers,
+)
+from bench.load_client import LoadResult, run_load
 from bench.servers import baseline_server, running
 from bench.wrk_client import WRK_SAMPLE, run_wrk
 
