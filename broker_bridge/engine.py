@@ -30,6 +30,15 @@ from fabric_core.wire import MqttCredentials, MqttDelivery
 
 
 @dataclass(frozen=True, slots=True)
+class TlsListener:
+    """A listener for MQTT over TLS: its port, and the broker's certificate chain and key (PEM files)."""
+
+    port: int
+    certfile: Path
+    keyfile: Path
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerLaunch:
     """How to run a broker from the files an engine wrote: the command, and how to tell it is up."""
 
@@ -62,10 +71,17 @@ class BrokerEngine(ABC):
 
     @abstractmethod
     def write_config(
-        self, directory: Path, *, port: int, bind: str, run_as: str | None = None
+        self,
+        directory: Path,
+        *,
+        port: int,
+        bind: str,
+        run_as: str | None = None,
+        tls: TlsListener | None = None,
     ) -> BrokerLaunch:
         """Write the broker's configuration into `directory` (keeping the broker's own state there);
-        return how to run it. `run_as`: the user a broker started by root drops to."""
+        return how to run it. `run_as`: the user a broker started by root drops to; `tls`: a listener
+        for MQTT over TLS beside the one on `port`."""
 
     @abstractmethod
     def bridge_credentials(self) -> tuple[str, str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker_bridge.engine import TlsListener
 from fabric_core.topics import all_cmds_filter, all_configs_filter, all_states_filter
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,31 @@ class BrokerLayout:
         return self.directory / "mosquitto.pid"
 
 
+def _tls_listener(tls: TlsListener, bind: str) -> str:
+    return (
+        "\n# MQTT over TLS; certfile and keyfile belong to the listener above them.\n"
+        f"listener {tls.port} {bind}\ncertfile {tls.certfile}\nkeyfile {tls.keyfile}\n"
+    )
+
+
 def render_config(
-    *, port: int, bind: str, layout: BrokerLayout, plugin_path: str, user: str | None = None
+    *,
+    port: int,
+    bind: str,
+    layout: BrokerLayout,
+    plugin_path: str,
+    user: str | None = None,
+    tls: TlsListener | None = None,
 ) -> str:
     """A `mosquitto.conf` for a fleet of push agents, commented with why each setting is there.
 
     `user`: who the broker runs as when started by root; default: whoever runs this, so that a broker
     started by root (containers, CI) does not drop to `mosquitto` and lose access to `layout`.
+    `tls`: a second listener, MQTT over TLS, with the same authentication.
     """
     run_as = user or getpass.getuser()
     persistence = f"{layout.persistence_dir}/"  # 1.x appends the file name as is; 2.0 adds a "/" itself
+    tls_listener = "" if tls is None else _tls_listener(tls, bind)
     return f"""\
 # Written by Policycast (broker_bridge.mosquitto.render_config). Mosquitto 2.0.
 
@@ -79,7 +95,7 @@ per_listener_settings false
 listener {port} {bind}
 # Mosquitto 2.0's listen() backlog (about 100) cannot be configured: agents pace and jitter their
 # connects so that a fleet coming back after an outage does not overflow it.
-
+{tls_listener}
 # Every client authenticates; what it may read and write comes from its dynamic-security roles.
 allow_anonymous false
 plugin {plugin_path}
@@ -198,6 +214,7 @@ def write_broker_files(
     prefix: str,
     plugin_path: str,
     user: str | None = None,
+    tls: TlsListener | None = None,
 ) -> None:
     """Write `mosquitto.conf` (always) and the dynamic-security JSON (only when absent).
 
@@ -207,7 +224,7 @@ def write_broker_files(
     layout.directory.mkdir(parents=True, exist_ok=True)
     layout.persistence_dir.mkdir(parents=True, exist_ok=True)
     layout.config_path.write_text(
-        render_config(port=port, bind=bind, layout=layout, plugin_path=plugin_path, user=user)
+        render_config(port=port, bind=bind, layout=layout, plugin_path=plugin_path, user=user, tls=tls)
     )
     if layout.dynsec_path.exists():
         log.info("keeping the existing %s", layout.dynsec_path)

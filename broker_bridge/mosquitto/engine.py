@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from broker_bridge.broker import BrokerLink
-from broker_bridge.engine import BrokerEngine, BrokerLaunch
+from broker_bridge.engine import BrokerEngine, BrokerLaunch, TlsListener
 from broker_bridge.mosquitto import accounts
 from broker_bridge.mosquitto.config import BrokerLayout, write_broker_files
 from broker_bridge.mosquitto.install import find_dynsec_plugin, mosquitto_binary
@@ -30,7 +30,13 @@ class MosquittoEngine(BrokerEngine):
     delivery: ClassVar[MqttDelivery] = MqttDelivery(qos=1, persistent_session=True)
 
     def write_config(
-        self, directory: Path, *, port: int, bind: str, run_as: str | None = None
+        self,
+        directory: Path,
+        *,
+        port: int,
+        bind: str,
+        run_as: str | None = None,
+        tls: TlsListener | None = None,
     ) -> BrokerLaunch:
         layout = BrokerLayout(directory)
         username, password = self.bridge_credentials()
@@ -43,6 +49,7 @@ class MosquittoEngine(BrokerEngine):
             prefix=self.settings.mqtt_prefix,
             plugin_path=find_dynsec_plugin(self.settings.mosquitto_plugin),
             user=run_as,
+            tls=tls,
         )
         host = "127.0.0.1" if bind in ("0.0.0.0", "") else "::1" if bind == "::" else bind
         return BrokerLaunch(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from broker_bridge.errors import BrokerNotInstalled
+from broker_bridge.engine import TlsListener
 from broker_bridge.mosquitto.config import BrokerLayout, render_config, render_dynsec, write_broker_files
 from broker_bridge.mosquitto.install import find_dynsec_plugin
 
@@ -96,3 +97,14 @@ def test_write_broker_files_never_clobbers_the_dynsec_json(tmp_path: Path) -> No
 def test_missing_plugin_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BrokerNotInstalled, match="does not exist"):
         find_dynsec_plugin(str(tmp_path / "nope.so"))
+
+
+def test_a_tls_listener_sits_beside_the_plain_one_with_its_own_certificate(tmp_path: Path) -> None:
+    layout = BrokerLayout(tmp_path)
+    tls = TlsListener(8883, tmp_path / "broker.crt", tmp_path / "broker.key")
+    text = render_config(port=1883, bind="0.0.0.0", layout=layout, plugin_path="/x/dynsec.so", tls=tls)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    at = lines.index("listener 8883 0.0.0.0")
+    assert lines[at + 1 : at + 3] == [f"certfile {tls.certfile}", f"keyfile {tls.keyfile}"]
+    assert lines.index("listener 1883 0.0.0.0") < at
+    assert "allow_anonymous false" in lines and sum(line.startswith("listener") for line in lines) == 2
