@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from broker_bridge.errors import BrokerNotInstalled
 from broker_bridge.engine import TlsListener
+from broker_bridge.errors import BrokerNotInstalled
 from broker_bridge.mosquitto.config import BrokerLayout, render_config, render_dynsec, write_broker_files
 from broker_bridge.mosquitto.install import find_dynsec_plugin
 
