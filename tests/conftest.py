@@ -19,12 +19,12 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from manager_db.database import make_engine, migrate
 from fabric_core.settings import Settings
+from manager_db.database import make_engine, migrate
+from tests.support.clients import ADMIN_KEY
 
 pytest_plugins = ["tests.support.broker"]
 
-ADMIN_KEY = "pck_test-admin-key"
 POSTGRES_URL = os.environ.get("POLICYCAST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = (
     "blobs, content_revisions, agent_commands, bridge_leases, outbox, effective_configs, log_entries, "
@@ -97,7 +97,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
         database_url=database_url,
-        bootstrap_admin_key=ADMIN_KEY,  # type: ignore[arg-type]
+        bootstrap_admin_key=ADMIN_KEY,
         heartbeat_flush_s=0.2,
         cache_refresh_s=0.2,
     )

@@ -26,7 +26,8 @@ from agent_stub.state import Identity, MemoryStateStore
 from api.main import create_app
 from fabric_core.settings import AgentSettings, Settings
 from fabric_core.wire import SigningKeyInfo
-from tests.api.conftest import Admin, AgentClient
+from tests.support.clients import Admin, AgentClient
+from tests.support.waiting import wait_for_async
 
 SERVER = "http://testserver"  # TestClient's base URL
 
@@ -137,11 +138,7 @@ def test_a_backlog_gets_through_a_manager_with_a_lower_batch_limit(
     small_batches_client: TestClient, tmp_path: Path
 ) -> None:
     admin = Admin(small_batches_client)
-    token = admin.post(f"/groups/{admin.root()['id']}/enrollment-tokens", {})["token"]
-    response = small_batches_client.post(
-        "/agent/v1/enroll", json={"token": token, "hostname": "host-1", "facts": {}}
-    )
-    enrolled = AgentClient(small_batches_client, response.json())
+    enrolled = admin.enroll()
     agent = Agent(enrolled, ThroughTestClient(small_batches_client), tmp_path)
     pull, spool = agent.start()
     for n in range(1200):
@@ -172,9 +169,13 @@ def test_a_security_entry_reaches_the_manager_before_the_next_heartbeat_is_due(
         task = asyncio.create_task(runtime.run(stop))
         try:
             # Serial applied, then reported at once; the next heartbeat is due in 300 s (the default).
-            await _until(lambda: runtime.pull.heartbeats == 2)
+            await wait_for_async(
+                lambda: runtime.pull.heartbeats == 2, timeout=10, what="the applied serial reported"
+            )
             spool.append("security", "threat found", category="antivirus")
-            await _until(lambda: runtime.pull.heartbeats == 3)
+            await wait_for_async(
+                lambda: runtime.pull.heartbeats == 3, timeout=10, what="a heartbeat carrying the entry"
+            )
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=5)
@@ -185,11 +186,3 @@ def test_a_security_entry_reaches_the_manager_before_the_next_heartbeat_is_due(
     security = [(r["level"], r["category"], r["message"]) for r in records if r["level"] == "security"]
     assert security == [("security", "antivirus", "threat found")]
     assert any(r["category"] == "policy" and r["message"].startswith("applied serial") for r in records)
-
-
-async def _until(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)

@@ -8,7 +8,6 @@ the audit trail, the outbox, agents, tokens, keys and logs), the heartbeat cache
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +18,9 @@ from sqlalchemy import text
 
 from api.main import create_app
 from fabric_core.settings import Settings
-from tests.api.conftest import Admin, AgentClient
 from tests.conftest import TABLES as ALL_TABLES
+from tests.support.clients import Admin, AgentClient
+from tests.support.waiting import wait_for
 
 TABLES = [name.strip() for name in ALL_TABLES.split(",")]
 
@@ -88,9 +88,7 @@ def build_world(client: TestClient) -> World:
     engineering_office = next(
         loc for loc in admin.get(f"/groups/{engineering['id']}/locations") if loc["name"] == "Office"
     )
-    token = admin.post(f"/groups/{sales['id']}/enrollment-tokens", {})["token"]
-    enrolment = client.post("/agent/v1/enroll", json={"token": token, "hostname": "pc", "facts": {}})
-    assert enrolment.status_code == 200, enrolment.text
+    agent = admin.enroll(sales["id"], hostname="pc")
     return World(
         client=client,
         admin=admin,
@@ -103,7 +101,7 @@ def build_world(client: TestClient) -> World:
         engineering_office=engineering_office["id"],
         firewall=firewall,
         antivirus=antivirus,
-        agent=AgentClient(client, enrolment.json()),
+        agent=agent,
     )
 
 
@@ -400,10 +398,11 @@ def test_a_serial_beyond_64_bits_is_refused_and_bookkeeping_goes_on(world):
     world.refused("POST", HEARTBEAT, 422, agent=True, json={"serial": 2**63, "mode": "pull"})
 
     world.agent.heartbeat(serial=3)
-    deadline = time.monotonic() + 5
-    while world.admin.get(f"/agents/{world.agent.id}")["serial"] != 3:
-        assert time.monotonic() < deadline, "heartbeat bookkeeping stalled"
-        time.sleep(0.05)
+    wait_for(
+        lambda: world.admin.agent(world.agent.id)["serial"] == 3,
+        timeout=5,
+        what="the heartbeat bookkeeping to record serial 3 (stalled?)",
+    )
 
 
 # --- ids that name nothing ---------------------------------------------------------------------------

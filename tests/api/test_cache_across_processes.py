@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from fabric_core.settings import Settings
-from tests.api.conftest import Admin, AgentClient
-from tests.support.processes import wait_for
+from tests.support.clients import Admin, AgentClient
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture

@@ -12,23 +12,16 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from fabric_core.settings import Settings
-from tests.api.conftest import Admin, AgentClient
+from tests.support.clients import Admin, AgentClient
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def upload(admin: Admin, data: bytes, expect: int = 201) -> str:
-    digest = sha(data)
-    response = admin.client.put(f"/api/v1/blobs/{digest}", content=data, headers=admin.headers)
-    assert response.status_code == expect, response.text
-    return digest
-
-
 def publish(admin: Admin, kind: str, files: dict[str, bytes], expect: int = 201) -> Any:
-    listed = [{"path": path, "sha256": upload(admin, data)} for path, data in files.items()]
-    return admin.post(f"/content/{kind}/revisions", {"files": listed}, expect=expect)
+    """`Admin.publish_content` (a function, for tests/agent_stub/test_content.py, which imports it)."""
+    return admin.publish_content(kind, files, expect)
 
 
 @pytest.fixture
@@ -43,13 +36,13 @@ def test_a_blob_is_stored_only_if_its_bytes_match_its_name(admin: Admin) -> None
     assert wrong.status_code == 422 and "hash" in wrong.json()["detail"]
     assert admin.client.head(f"/api/v1/blobs/{sha(b'other')}", headers=admin.headers).status_code == 404
 
-    digest = upload(admin, data)
+    digest = admin.upload(data)
     assert admin.client.head(f"/api/v1/blobs/{digest}", headers=admin.headers).status_code == 200
 
 
 def test_uploads_may_exceed_the_ordinary_body_limit_up_to_the_blob_limit(admin: Admin) -> None:
     big = b"x" * (admin.client.app.state.settings.max_body_bytes + 1)  # type: ignore[attr-defined]
-    upload(admin, big)
+    admin.upload(big)
 
 
 def test_publishing_a_revision_puts_it_in_every_document(admin: Admin) -> None:
@@ -87,7 +80,7 @@ def test_bad_revisions_are_refused_and_change_nothing(admin: Admin, files: list[
 
 
 def test_a_path_listed_twice_is_refused(admin: Admin) -> None:
-    digest = upload(admin, b"one")
+    digest = admin.upload(b"one")
     files = [{"path": "a.db", "sha256": digest}, {"path": "a.db", "sha256": digest}]
     assert "twice" in admin.post("/content/definitions/revisions", {"files": files}, expect=422)["detail"]
 
@@ -117,9 +110,7 @@ def test_agents_fetch_manifests_with_etags_and_blobs_with_ranges(admin: Admin, e
 
 def test_retention_keeps_the_newest_and_what_agents_still_hold(small_retention: Admin) -> None:
     admin = small_retention
-    token = admin.post(f"/groups/{admin.root()['id']}/enrollment-tokens", {})["token"]
-    enrolment = admin.client.post("/agent/v1/enroll", json={"token": token, "hostname": "h"}).json()
-    agent = AgentClient(admin.client, enrolment)
+    agent = admin.enroll(hostname="h")
     shared = b"shared by every revision"
     publish(admin, "definitions", {"base.db": shared, "r1.db": b"only in 1"})
     agent.heartbeat(status={"content": {"definitions": 1}})  # this agent still holds revision 1
@@ -158,6 +149,6 @@ def test_a_blob_the_agent_already_has_is_not_sent_again(admin: Admin, enroll: An
 
 
 def test_reserved_kinds_are_refused(admin: Admin) -> None:
-    digest = upload(admin, b"x")
+    digest = admin.upload(b"x")
     answer = admin.post("/content/blobs/revisions", {"files": [{"path": "a", "sha256": digest}]}, expect=422)
     assert "reserved" in answer["detail"]

@@ -10,7 +10,7 @@ from sqlmodel import Session
 
 from fabric_core.signing import VerifyKey, open_envelope
 from manager_db.models import EnrollmentToken, utcnow
-from tests.api.conftest import AgentClient
+from tests.support.clients import AgentClient
 
 
 def enrol(client: Any, token: str, hostname: str = "pc-1", facts: dict[str, Any] | None = None) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +18,8 @@ from fabric_core.errors import BadSignature
 from fabric_core.settings import Settings
 from fabric_core.signing import VerifyKey, open_envelope
 from manager_db.models import Agent
-from tests.api.conftest import Admin, AgentClient
+from tests.support.clients import Admin, AgentClient
+from tests.support.waiting import wait_for
 
 
 def pinned_key(agent: AgentClient) -> VerifyKey:
@@ -30,17 +30,6 @@ def pinned_key(agent: AgentClient) -> VerifyKey:
 def document_of(agent: AgentClient, envelope: Any) -> dict[str, Any]:
     """The document of an envelope, verified with the key the agent pinned at enrolment."""
     return open_envelope(envelope, pinned_key(agent))
-
-
-def eventually(read: Callable[[], Any], check: Callable[[Any], bool], timeout: float = 5.0) -> Any:
-    """Poll `read` until `check` holds for its value; fail with the last value at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = read()
-        if check(value):
-            return value
-        assert time.monotonic() < deadline, f"still not so after {timeout}s: {value}"
-        time.sleep(0.05)
 
 
 def assign_firewall(admin: Admin, group_id: int, name: str = "Firewall") -> dict[str, Any]:
@@ -186,7 +175,9 @@ def test_heartbeat_bookkeeping_shows_in_the_agent_view(admin, enroll):
     serial = agent.heartbeat(serial=0, location_id=office["id"], mode="push")["serial"]
     agent.heartbeat(serial=serial, location_id=office["id"], mode="push")
 
-    seen = eventually(lambda: admin.get(f"/agents/{agent.id}"), lambda a: a["serial"] == serial)
+    seen = wait_for(
+        lambda: admin.agent(agent.id), until=lambda a: a["serial"] == serial, timeout=5, what="the sighting"
+    )
     assert seen["last_seen"] is not None
     assert seen["online"] is True
     assert seen["mode"] == "push"
@@ -201,7 +192,9 @@ def test_heartbeat_bookkeeping_shows_in_the_agent_view(admin, enroll):
 
     newer = agent.heartbeat(serial=serial, location_id=office["id"], mode="push")["serial"]
     agent.heartbeat(serial=newer, location_id=office["id"], mode="push")
-    caught_up = eventually(lambda: admin.get(f"/agents/{agent.id}"), lambda a: a["serial"] == newer)
+    caught_up = wait_for(
+        lambda: admin.agent(agent.id), until=lambda a: a["serial"] == newer, timeout=5, what="the new serial"
+    )
     assert caught_up["up_to_date"] is True
     assert caught_up["current_serial"] == newer
 
@@ -233,9 +226,7 @@ def _writes(statements: list[str]) -> list[str]:
 
 def test_heartbeats_do_no_per_request_database_write(quiet_client):
     admin = Admin(quiet_client)
-    token = admin.post(f"/groups/{admin.root()['id']}/enrollment-tokens", {})["token"]
-    enrolment = quiet_client.post("/agent/v1/enroll", json={"token": token, "hostname": "h", "facts": {}})
-    agent = AgentClient(quiet_client, enrolment.json())
+    agent = admin.enroll(hostname="h")
     fabric = quiet_client.app.state.fabric
     serial = agent.heartbeat(serial=0)["serial"]
     fabric.view.refresh()  # take in the enrolment now, not while counting
@@ -280,7 +271,10 @@ def test_update_now_resends_the_current_document_once(admin, enroll, client):
             assert row is not None
             return row.update_requested
 
-    eventually(requested, lambda flag: flag is False)  # served: the request is cleared in the database too
+    # served: the request is cleared in the database too
+    wait_for(
+        requested, until=lambda flag: flag is False, timeout=5, what="the request cleared in the database"
+    )
 
 
 def test_update_now_before_the_first_heartbeat_is_served(admin, enroll):

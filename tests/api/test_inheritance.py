@@ -7,7 +7,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from manager_db.models import OutboxEntry
-from tests.api.conftest import Admin
+from tests.support.clients import Admin
 
 FIREWALL = {"rules": [{"allow": "tcp/443"}]}
 ANTIVIRUS = {"scan": "daily"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from tests.api.conftest import AgentClient
+from tests.support.clients import AgentClient
 
 
 def entry(ts: str, message: str, level: str = "info", **more: Any) -> dict[str, Any]:

@@ -9,15 +9,16 @@ import orjson
 import pytest
 from sqlmodel import Session, col, select
 
-from broker_bridge import lease, relay
+from broker_bridge import lease, relay, service
 from broker_bridge.engine import engine_for
+from broker_bridge.errors import BrokerUnavailable
 from broker_bridge.service import Bridge
 from fabric_core.signing import VerifyKey, open_envelope
 from fabric_core.topics import cmd_topic, config_topic, state_topic
 from manager_db.models import Agent, OutboxEntry
 from tests.support.broker import MqttClient, Received
-from tests.support.processes import wait_for
 from tests.support.stack import Stack, bridge_thread
+from tests.support.waiting import wait_for
 
 PREFIX = "policycast"
 
@@ -29,17 +30,23 @@ def verified(stack: Stack, payload: bytes) -> dict[str, Any]:
 
 def next_document(client: MqttClient, topic: str, *, timeout: float, after: int = 0) -> dict[str, Any]:
     """The next document on `topic` with a serial above `after` (payload parsed, not verified)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        message = client.expect(topic, timeout=max(0.01, deadline - time.monotonic()))
-        doc: dict[str, Any] = orjson.loads(message.payload)["doc"]
-        if doc["serial"] > after:
-            return doc
+
+    def newer(got: list[Received]) -> bool:
+        return bool(got) and got[-1].topic == topic and orjson.loads(got[-1].payload)["doc"]["serial"] > after
+
+    doc: dict[str, Any] = orjson.loads(client.received_until(newer, timeout=timeout)[-1].payload)["doc"]
+    return doc
 
 
 def pending_outbox(stack: Stack) -> int:
     with Session(stack.admin.client.app.state.fabric.engine) as session:  # type: ignore[attr-defined]
         return len(session.exec(select(OutboxEntry).where(col(OutboxEntry.published_at).is_(None))).all())
+
+
+def outbox_rows(stack: Stack) -> int:
+    """Every outbox row ever written, published or not."""
+    with Session(stack.admin.client.app.state.fabric.engine) as session:  # type: ignore[attr-defined]
+        return len(session.exec(select(OutboxEntry)).all())
 
 
 def test_a_root_change_reaches_push_agents_in_every_group_and_location_within_two_seconds(
@@ -149,23 +156,56 @@ def test_a_bridge_killed_between_publish_and_mark_loses_nothing(
     assert verified(stack, late.expect(topic, timeout=5).payload)["serial"] == target
 
 
-def test_a_broker_outage_holds_changes_in_the_outbox_until_it_returns(stack: Stack) -> None:
+def test_a_broker_outage_holds_changes_in_the_outbox_until_it_returns(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     admin = stack.admin
     root = admin.root()
     location = admin.default_location(root["id"])["id"]
     _, client = stack.push_agent(root["id"])
     client.close()
+    bridge = stack.bridge.bridge
+    wait_for(lambda: pending_outbox(stack) == 0, timeout=5, what="the bridge to drain the outbox")
+    published = bridge.published
+    # A round gives up a publication after 0.2 s instead of 10 s, so that the outage shows in rounds.
+    monkeypatch.setattr(service, "PUBLISH_TIMEOUT_S", 0.2)
+    attempts: list[tuple[set[int], BaseException | None]] = []
+    real_publish_many = bridge.link.publish_many
+
+    def recorded(messages: Any, *, timeout: float) -> None:
+        batch = list(messages)
+        documents = [m for m in batch if m.topic.startswith(f"{PREFIX}/v1/config/") and m.payload]
+        serials = {orjson.loads(m.payload)["doc"]["serial"] for m in documents}
+        try:
+            real_publish_many(batch, timeout=timeout)
+        except BaseException as exc:
+            attempts.append((serials, exc))
+            raise
+        attempts.append((serials, None))
+
+    monkeypatch.setattr(bridge.link, "publish_many", recorded)
     stack.broker.stop()
 
     policy = admin.policy("fw", "firewall", {"during": "outage"})
     admin.put(f"/groups/{root['id']}/policies/firewall", {"policy_id": policy["id"]})
     admin.put(f"/policies/{policy['id']}", {"body": {"during": "outage", "edit": 2}})
     target = admin.effective(root["id"])["serial"]
-    time.sleep(0.5)  # bridge rounds fail meanwhile
-    assert pending_outbox(stack) > 0
+
+    def failed_to_publish_target() -> bool:
+        return any(target in serials and isinstance(error, BrokerUnavailable) for serials, error in attempts)
+
+    wait_for(
+        failed_to_publish_target,
+        timeout=10,
+        what=lambda: f"a bridge round failing to publish serial {target} while the broker is down {attempts}",
+    )
+    assert pending_outbox(stack) == 2  # the assignment's document and the edit's, neither marked published
+    assert bridge.published == published
 
     stack.broker.start()
     wait_for(lambda: pending_outbox(stack) == 0, timeout=15, what="the outbox to drain after the outage")
+    assert bridge.published == published + 2  # both rows settled (the newer document superseding the older)
+    assert any(target in serials and error is None for serials, error in attempts)
     _, again = stack.push_agent(root["id"], hostname="after")
     topic = config_topic(PREFIX, root["id"], location)
     assert not again.subscribe(topic).is_failure
@@ -181,6 +221,8 @@ def test_many_changes_leave_in_serial_order_even_with_two_bridges(stack: Stack) 
         _, client = stack.push_agent(root["id"])
         topic = config_topic(PREFIX, root["id"], admin.default_location(root["id"])["id"])
         assert not client.subscribe(topic).is_failure
+        wait_for(lambda: pending_outbox(stack) == 0, timeout=5, what="the bridge to drain the outbox")
+        rows_before = outbox_rows(stack)
         policy = admin.policy("fw", "firewall", {"n": 0})
         admin.put(f"/groups/{root['id']}/policies/firewall", {"policy_id": policy["id"]})
         for n in range(1, 21):
@@ -188,13 +230,15 @@ def test_many_changes_leave_in_serial_order_even_with_two_bridges(stack: Stack) 
         target = admin.effective(root["id"])["serial"]
         wait_for(lambda: pending_outbox(stack) == 0, timeout=10, what="the outbox to drain")
 
-        def serials(messages: list[Received]) -> list[int]:
-            return [orjson.loads(m.payload)["doc"]["serial"] for m in messages]
-
-        received = serials(client.received_until(lambda got: serials(got[-1:]) == [target]))
-        received += serials(client.received(within=0.3))  # and nothing older after it
+        # Everything the bridges sent arrives before a marker published after the outbox drained.
+        sent = stack.broker.received_before_marker(client, topic)
+        received = [orjson.loads(m.payload)["doc"]["serial"] for m in sent]
         assert received == sorted(received)  # never an older document after a newer one
-        assert stack.bridge.bridge.published + second.bridge.published >= 1
+        assert received[-1] == target
+        # One outbox row per change (the assignment and twenty edits), each settled once by the lease
+        # holder, whichever bridge that is: superseded rows are settled without being sent.
+        assert outbox_rows(stack) == rows_before + 21
+        assert stack.bridge.bridge.published + second.bridge.published == outbox_rows(stack)
     finally:
         second.stop()
 
@@ -323,12 +367,12 @@ def test_deleting_a_location_clears_its_retained_document(stack: Stack) -> None:
     admin.delete(f"/groups/{root['id']}/locations/{lab['id']}")
 
     # Withdrawn: an empty payload (after, perhaps, the bridge's start-up republication of the old one).
-    wait_for(lambda: client.expect(topic, timeout=5).payload == b"", timeout=10, what="the empty payload")
+    client.received_until(lambda got: bool(got) and got[-1].topic == topic and got[-1].payload == b"")
     mqtt = agent.enrolment["mqtt"]
     late = stack.broker.client(mqtt["username"], mqtt["password"], client_id=f"{agent.id}-late")
     assert not late.connect().is_failure
     assert not late.subscribe(topic).is_failure
-    assert late.received(within=0.5) == []  # nothing retained any more
+    assert stack.broker.received_before_marker(late, topic) == []  # nothing retained any more
 
 
 def test_deleting_a_group_clears_its_retained_documents(stack: Stack) -> None:
@@ -342,7 +386,7 @@ def test_deleting_a_group_clears_its_retained_documents(stack: Stack) -> None:
         reader = stack.broker.client("reader", password)
         assert not reader.connect().is_failure
         assert not reader.subscribe(topic).is_failure
-        payloads = [m.payload for m in reader.received(within=0.5) if m.retain]
+        payloads = [m.payload for m in stack.broker.received_before_marker(reader, topic) if m.retain]
         reader.close()
         return payloads
 

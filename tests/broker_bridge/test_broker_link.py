@@ -6,9 +6,11 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 
+from broker_bridge import broker
 from broker_bridge.broker import BrokerLink, Publication
 from broker_bridge.errors import BrokerRefused, BrokerUnavailable, DynsecError
 from broker_bridge.mosquitto import dynsec
@@ -16,7 +18,7 @@ from broker_bridge.mosquitto.control import control
 from fabric_core.topics import all_states_filter, config_topic, group_config_filter, state_topic
 from tests.broker_bridge.conftest import AgentFactory
 from tests.support.broker import Broker, Inbox
-from tests.support.processes import wait_for
+from tests.support.waiting import wait_for
 
 
 def test_publish_fails_while_the_broker_is_down_and_works_after_it_returns(
@@ -42,9 +44,19 @@ def test_publish_waits_for_a_reconnect_within_its_timeout(mosquitto: Broker, bri
     bridge.publish(config_topic(mosquitto.prefix, 1, 10), b"doc", retain=True, timeout=5)
 
 
-def test_a_lost_connection_fails_waiting_publishes_at_once(mosquitto: Broker, bridge: BrokerLink) -> None:
+def test_a_lost_connection_fails_waiting_publishes_at_once(
+    mosquitto: Broker, bridge: BrokerLink, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pid = mosquitto.process.pid
     assert pid is not None
+    waiting = threading.Event()
+    real_wait = broker._Acks.wait
+
+    def wait(acks: Any, *args: Any, **kwargs: Any) -> Any:
+        waiting.set()  # sent: the publish now waits for its PUBACK
+        return real_wait(acks, *args, **kwargs)
+
+    monkeypatch.setattr(broker._Acks, "wait", wait)
     os.kill(pid, signal.SIGSTOP)  # the broker stops answering: the PUBACK never comes
     errors: list[Exception] = []
 
@@ -56,7 +68,7 @@ def test_a_lost_connection_fails_waiting_publishes_at_once(mosquitto: Broker, br
 
     thread = threading.Thread(target=publish)
     thread.start()
-    time.sleep(0.2)
+    assert waiting.wait(5), "the publish never went out"
     started = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     thread.join(5)

@@ -6,17 +6,16 @@ and reports what it holds in its heartbeats, so that the manager's retention kee
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.test_pull_agent import HEARTBEAT_S, SLACK_S, enrolled_agent, root_group
-from tests.support.processes import Manager, wait_for
+from tests.e2e.test_pull_agent import HEARTBEAT_S, SLACK_S
+from tests.support.processes import Manager, enrolled_agent
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 KIND = "definitions"
@@ -33,19 +32,9 @@ def manager(tmp_path: Path) -> Iterator[Manager]:
         cache_refresh_s="0.5",
         content_retention="1",
     ).start()
-    root = root_group(manager)
-    manager.call("PUT", f"/groups/{root}/communication", json={"mode": "pull", "heartbeat_s": HEARTBEAT_S})
+    manager.admin.communication(manager.root(), mode="pull", heartbeat_s=HEARTBEAT_S)
     yield manager
     manager.stop()
-
-
-def publish(manager: Manager, files: dict[str, bytes]) -> Any:
-    listed = []
-    for path, data in files.items():
-        digest = hashlib.sha256(data).hexdigest()
-        manager.call("PUT", f"/blobs/{digest}", expect=201, content=data)
-        listed.append({"path": path, "sha256": digest})
-    return manager.call("POST", f"/content/{KIND}/revisions", expect=201, json={"files": listed})
 
 
 def tree(state_dir: Path) -> dict[str, bytes] | None:
@@ -56,37 +45,39 @@ def tree(state_dir: Path) -> dict[str, bytes] | None:
     return {p.relative_to(current).as_posix(): p.read_bytes() for p in current.rglob("*") if p.is_file()}
 
 
-def reported_content(manager_dir: Path, agent_id: str) -> Any:
+def reported_content(manager: Manager, agent_id: str) -> Any:
     """What the manager stored of the agent's `status.content` (its heartbeats, flushed in batches)."""
-    with sqlite3.connect(manager_dir / "policycast.db") as db:
-        row = db.execute("SELECT status FROM agents WHERE id = ?", (agent_id,)).fetchone()
-    status = json.loads(row[0]) if row and row[0] else {}
-    return status.get("content")
+    stored = manager.agent_row(agent_id)["status"]
+    return (json.loads(stored) if stored else {}).get("content")
 
 
 def test_a_pull_agent_downloads_each_revision_and_the_manager_keeps_what_it_holds(
     manager: Manager, tmp_path: Path
 ) -> None:
     first = {"virus.db": b"signatures 1 " * 2000, "engine/rules.db": b"rules 1 " * 1000}
-    publish(manager, first)
-    state_dir, agent = enrolled_agent(manager, tmp_path, "agent-content")
-    agent_id = json.loads((state_dir / "identity.json").read_text())["agent_id"]
+    manager.admin.publish_content(KIND, first)
+    agent = enrolled_agent(manager, tmp_path, "agent-content")
+    state_dir = agent.state_dir
     interval = HEARTBEAT_S * 2 + SLACK_S
     agent.start()
     try:
-        wait_for(lambda: tree(state_dir) == first, timeout=10, what=f"revision 1 on disk\n{agent.output()}")
         wait_for(
-            lambda: reported_content(tmp_path / "manager", agent_id) == {KIND: 1},
+            lambda: tree(state_dir) == first, timeout=10, what=lambda: f"revision 1 on disk\n{agent.output()}"
+        )
+        wait_for(
+            lambda: reported_content(manager, agent.agent_id) == {KIND: 1},
             timeout=interval,
-            what=f"the agent reporting revision 1\n{agent.output()}",
+            what=lambda: f"the agent reporting revision 1\n{agent.output()}",
         )
 
         second = {**first, "virus.db": b"signatures 2 " * 2000}
-        publish(manager, second)
+        manager.admin.publish_content(KIND, second)
         # Retention is one revision, but the agent still held 1 when 2 was published.
-        assert [r["revision"] for r in manager.call("GET", f"/content/{KIND}/revisions")] == [2, 1]
+        assert [r["revision"] for r in manager.admin.get(f"/content/{KIND}/revisions")] == [2, 1]
 
-        wait_for(lambda: tree(state_dir) == second, timeout=interval, what=f"revision 2\n{agent.output()}")
+        wait_for(
+            lambda: tree(state_dir) == second, timeout=interval, what=lambda: f"revision 2\n{agent.output()}"
+        )
         assert (state_dir / "content" / KIND / "current").readlink() == Path("2")
         assert "1 blob(s) reused, 1 fetched" in agent.output()
     finally:

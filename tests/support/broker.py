@@ -1,16 +1,19 @@
-"""A real Mosquitto for tests, configured by the project's own `write_broker_files`, on a free port.
+"""A real Mosquitto for tests, configured by the project's own engine, on a free port.
 
-- `Broker`: the broker process in a temporary directory, with the bridge's account; `link()` gives a
-  connected `BrokerLink` as the bridge, `provision()` makes an agent account, `stop/start/restart()`.
+- `Broker`: the broker process in a temporary directory, with the bridge's account: its files are
+  written by `MosquittoEngine.write_config` and it runs as `local_stack.broker_process.BrokerProcess`,
+  exactly as `policycast up` runs it. `link()` gives a connected `BrokerLink` as the bridge,
+  `provision()` makes an agent account, `stop/start/restart()`, and `received_before_marker()` tells
+  that something did NOT arrive without waiting out a window.
 - `MqttClient`: a plain paho MQTT 5 client (an agent, an intruder) whose calls return reason codes, so
   that tests can assert what the broker allowed.
+- `Inbox`: a `BrokerLink.subscribe` handler that keeps what arrives.
 - `mosquitto`: a function-scoped fixture giving a fresh, started `Broker`. Register it with
   `pytest_plugins = ["tests.support.broker"]` in the top-level conftest, or import it into a conftest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import secrets
 import threading
@@ -121,6 +124,26 @@ class Broker:
             self.admin, prefix=self.prefix, agent_id=agent_id, group_id=group_id, password=password
         )
         return password
+
+    def publish_marker(self, topic: str) -> bytes:
+        """Publish a unique, non-retained marker on `topic` with the bridge's account; return it."""
+        marker = f"marker-{secrets.token_hex(6)}".encode()
+        self.admin.publish(topic, marker, qos=1, retain=False)
+        return marker
+
+    def received_before_marker(
+        self, client: MqttClient, topic: str, *, timeout: float = 5.0
+    ) -> list[Received]:
+        """What `client` receives before a marker published now on `topic` reaches it.
+
+        The broker queues messages to a subscriber in the order it takes them in, so once the marker
+        arrives, everything the broker had taken in for `client` before it (a retained document after a
+        SUBACK, anything an earlier acknowledged publish sent) has arrived too: a negative check ("nothing
+        came") without a fixed window. `client` must read `topic` (subscribed, allowed to).
+        """
+        marker = self.publish_marker(topic)
+        got = client.received_until(lambda got: bool(got) and got[-1].payload == marker, timeout=timeout)
+        return got[:-1]
 
     def client(self, username: str | None, password: str | None, client_id: str | None = None) -> MqttClient:
         """A plain MQTT 5 client (not yet connected), closed by `close()`."""
@@ -243,15 +266,6 @@ class MqttClient:
         """The next message on `topic` (others received meanwhile are dropped)."""
         got = self.received_until(lambda got: bool(got) and got[-1].topic == topic, timeout=timeout)
         return got[-1]
-
-    def received(self, *, within: float) -> list[Received]:
-        """Everything that arrives within `within` seconds."""
-        deadline = time.monotonic() + within
-        got: list[Received] = []
-        while (remaining := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(queue.Empty):
-                got.append(self.messages.get(timeout=remaining))
-        return got
 
     def received_until(
         self, done: Callable[[list[Received]], bool], *, timeout: float = 10.0

@@ -1,39 +1,35 @@
-"""Real processes for end-to-end tests: the manager under uvicorn and agents, on free local ports."""
+"""Real processes for end-to-end tests: the manager under uvicorn and agents, on free local ports.
+
+- `Process`: a child process whose output goes to a log file that failures can show.
+- `Manager`: `policycast serve` with its own data directory; `admin` is the shared `Admin` client.
+- `enrolled_agent`: `policycast-agent enroll` against a manager, giving an `AgentProcess` (not yet
+  started) that runs `policycast-agent run` over that state directory.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
-T = TypeVar("T")
+from fabric_core.signing import VerifyKey, open_envelope
+from tests.support.clients import Admin
+from tests.support.waiting import wait_for
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Process:
@@ -90,7 +86,7 @@ class Manager:
     def __init__(self, data_dir: Path, log_dir: Path, *, admin_key: str, **settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.admin_key = admin_key
+        self.data_dir = data_dir
         env = python_env(
             POLICYCAST_DATA_DIR=str(data_dir),
             POLICYCAST_BOOTSTRAP_ADMIN_KEY=admin_key,
@@ -107,13 +103,16 @@ class Manager:
             "warning",
         ]
         self.process = Process("manager", argv, env=env, log_dir=log_dir)
-        self.admin = httpx.Client(
-            base_url=f"{self.url}/api/v1", headers={"Authorization": f"Bearer {admin_key}"}
-        )
+        self.admin = Admin(httpx.Client(base_url=self.url), admin_key)
 
     def start(self) -> Manager:
         self.process.start()
-        wait_for(self._healthy, timeout=30, what=f"the manager on {self.url}\n{self.process.output()}")
+        wait_for(
+            self._healthy,
+            timeout=30,
+            what=lambda: f"the manager on {self.url}\n{self.process.output()}",
+            interval=0.02,
+        )
         return self
 
     def _healthy(self) -> bool:
@@ -126,7 +125,60 @@ class Manager:
     def stop(self) -> None:
         self.process.stop()
 
-    def call(self, method: str, path: str, expect: int = 200, **kwargs: Any) -> Any:
-        response = self.admin.request(method, path, **kwargs)
-        assert response.status_code == expect, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json() if response.content else None
+    def root(self) -> int:
+        return int(self.admin.root()["id"])
+
+    def agent_row(self, agent_id: str) -> dict[str, Any]:
+        """The agent's row as the manager stored it (its SQLite database, read directly): what the
+        admin API does not show, such as a pending update-now request or the stored status."""
+        with contextlib.closing(sqlite3.connect(self.data_dir / "policycast.db")) as db:
+            db.row_factory = sqlite3.Row
+            row = db.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        assert row is not None, f"no agent {agent_id} in the manager's database"
+        return dict(row)
+
+
+def agent_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agent_stub", *args]
+
+
+class AgentProcess(Process):
+    """`policycast-agent run` over an enrolled state directory."""
+
+    def __init__(self, name: str, state_dir: Path, *, env: dict[str, str], log_dir: Path) -> None:
+        super().__init__(name, agent_cli("run", "--state-dir", str(state_dir)), env=env, log_dir=log_dir)
+        self.state_dir = state_dir
+        self.identity: dict[str, Any] = json.loads((state_dir / "identity.json").read_text())
+        self.agent_id: str = self.identity["agent_id"]
+
+    def start(self) -> AgentProcess:
+        super().start()
+        return self
+
+    def applied(self) -> dict[str, Any] | None:
+        """The document the agent applied (None before the first), verified against the key it pinned."""
+        current = self.state_dir / "current.json"
+        if not current.exists():
+            return None
+        key = self.identity["signing_key"]
+        return open_envelope(current.read_bytes(), VerifyKey.from_base64(key["kid"], key["public_key"]))
+
+
+def enrolled_agent(
+    manager: Manager, directory: Path, name: str, *, group_id: int | None = None, **settings: str
+) -> AgentProcess:
+    """Enrol an agent in the group (the root when not given) with `policycast-agent enroll`; return
+    its `run` process, not started. `settings` become POLICYCAST_AGENT_* variables of that process."""
+    token = manager.admin.enrollment_token(group_id if group_id is not None else manager.root())
+    state_dir = directory / name
+    enrol = subprocess.run(
+        agent_cli("enroll", "--server", manager.url, "--token", token, "--state-dir", str(state_dir)),
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert enrol.returncode == 0, enrol.stderr
+    env = python_env(**{f"POLICYCAST_AGENT_{k.upper()}": v for k, v in settings.items()})
+    return AgentProcess(name, state_dir, env=env, log_dir=directory)

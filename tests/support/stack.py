@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,9 +14,9 @@ from broker_bridge.engine import engine_for
 from broker_bridge.service import Bridge, BridgeThread
 from fabric_core.settings import Settings
 from local_stack.composition import manager_app
-from tests.api.conftest import Admin, AgentClient
 from tests.support.broker import Broker, MqttClient
-from tests.support.processes import wait_for
+from tests.support.clients import Admin, AgentClient
+from tests.support.waiting import wait_for
 
 
 def bridge_thread(client: TestClient, broker: Broker) -> BridgeThread:
@@ -44,12 +43,9 @@ class Stack:
 
     def push_agent(self, group_id: int, hostname: str = "host") -> tuple[AgentClient, MqttClient]:
         """Enrol an agent, wait for the bridge to provision its broker account, and connect as it."""
-        token = self.admin.post(f"/groups/{group_id}/enrollment-tokens", {})["token"]
-        response = self.admin.client.post("/agent/v1/enroll", json={"token": token, "hostname": hostname})
-        assert response.status_code == 200, response.text
-        enrolment: dict[str, Any] = response.json()
-        mqtt = enrolment["mqtt"]
-        assert mqtt["url"] == self.broker.url and mqtt["username"] == enrolment["agent_id"]
+        agent = self.admin.enroll(group_id, hostname=hostname)
+        mqtt = agent.enrolment["mqtt"]
+        assert mqtt["url"] == self.broker.url and mqtt["username"] == agent.id
 
         def connected() -> MqttClient | None:
             client = self.broker.client(mqtt["username"], mqtt["password"], client_id=mqtt["username"])
@@ -59,7 +55,7 @@ class Stack:
             return client
 
         client = wait_for(connected, timeout=10, what="the bridge to provision the agent's broker account")
-        return AgentClient(self.admin.client, enrolment), client
+        return agent, client
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from api.heartbeat import fast_path
-from tests.api.conftest import AgentClient
+from tests.support.clients import AgentClient
 
 JSON = {"Content-Type": "application/json"}
 

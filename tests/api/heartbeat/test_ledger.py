@@ -6,7 +6,7 @@ from sqlmodel import Session
 
 from api.heartbeat.ledger import HeartbeatLedger
 from manager_db.models import Agent
-from tests.api.conftest import Admin
+from tests.support.clients import Admin
 
 
 def test_one_unwritable_sighting_does_not_stall_the_batch(admin: Admin, enroll: object) -> None:
