@@ -11,6 +11,7 @@ CPU-second of the server hold on a shared machine where client and server compet
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -169,9 +170,7 @@ async def run_load(
         future: asyncio.Future[None] = loop.create_future()
         closed.append(future)
         # asyncio and uvloop both set TCP_NODELAY on their TCP connections
-        await loop.create_connection(
-            lambda own=own, future=future: _Connection(load, own, future), host, port
-        )
+        await loop.create_connection(functools.partial(_Connection, load, own, future), host, port)
     cpu_before = server_cpu = 0.0
     if total is None:
         await asyncio.sleep(warmup)

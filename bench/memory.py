@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def empty_broker_rss(directory: Path) -> int:
     """RSS of a Mosquitto with Policycast's configuration and no account but the bridge's."""
-    settings = Settings(data_dir=directory, mqtt_password="unused-in-this-measurement")  # type: ignore[arg-type]
+    settings = Settings(data_dir=directory, mqtt_password="unused-in-this-measurement")
     launch = MosquittoEngine(settings, None).write_config(directory, port=pick_port(0), bind="127.0.0.1")
     process = BrokerProcess(launch)
     process.start()

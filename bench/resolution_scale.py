@@ -37,51 +37,38 @@ Target (issue [4/4]): <= 2 s from the change to the last publication.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import json
 import os
 import pstats
 import re
-import statistics
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
-from api.resolution import load_tree
 from api.services import policies
 from api.services.change import Change
-from api.services.groups import COMMUNICATION_FIELDS, copy_location
 from bench.checkout import ROOT
 from bench.console import say
+from bench.group_tree import build_tree, firewall_body
 from bench.observer import Observer
 from bench.results import machine, median_of, ratio, result_json, write_result
-from bench.stack import Stack
+from bench.scale_stack import WAIT_S, ScaleStack, throwaway_database
 from broker_bridge.broker import BrokerLink, Publication
 from fabric_core.topics import config_topic
-from manager_db.models import Assignment, Group, Location
 
 NAME = "resolution_scale"
 GROUPS = 1000
 BRANCHING = 10
 ROUNDS = 3
 TARGET_S = 2.0
-POLICY_NAME = "bench-scale-firewall"
-EXTRA_LOCATIONS = (
-    ("Office", [{"type": "ip_range", "cidr": "10.20.0.0/16", "weight": 10}]),
-    ("Remote", [{"type": "network_type", "value": "vpn", "weight": 5}]),
-)
 SETTLE_S = 1.0
-WAIT_S = 120.0
 PROFILE_TOP = 25
 
 
@@ -125,214 +112,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             where = profile_change(stack, observer, setup["policy_id"], rounds + 1) if profile else None
         backend = make_url(stack.settings.resolved_database_url).get_backend_name()
     return _result(args, setup, measured, where, backend, groups, host)
-
-
-def throwaway_database(server_url: str | None) -> contextlib.AbstractContextManager[str | None]:
-    """SQLite in the stack's data directory (None), the URL as given (SQLite), or for a PostgreSQL URL
-    a database of its own on that server, made for this run and dropped after it."""
-    if server_url is None or make_url(server_url).get_backend_name() != "postgresql":
-        return contextlib.nullcontext(server_url)
-    return _postgres_database(server_url)
-
-
-@contextlib.contextmanager
-def _postgres_database(server_url: str) -> Iterator[str]:
-    import psycopg
-
-    url = make_url(server_url)
-    admin_dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"policycast_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield url.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-class ScaleStack(Stack):
-    """`bench.stack.Stack` on a database of the caller's choice, with the queries this benchmark needs."""
-
-    def __init__(self, data_dir: Path, database_url: str | None = None) -> None:
-        super().__init__(data_dir)
-        if database_url:
-            self.settings = self.settings.model_copy(update={"database_url": database_url})
-
-    def __enter__(self) -> ScaleStack:
-        super().__enter__()
-        return self
-
-    @property
-    def engine(self) -> Any:
-        assert self.manager is not None
-        return self.manager.fabric.engine
-
-    def query(self, sql: str, **params: Any) -> list[Any]:
-        with self.engine.connect() as connection:
-            return list(connection.execute(text(sql), params).all())
-
-    def current_documents_by_topic(self) -> dict[str, bytes]:
-        """The current envelope of every (group, location), by topic, in serial order."""
-        prefix = self.settings.mqtt_prefix
-        rows = self.query("SELECT group_id, location_id, envelope FROM effective_configs ORDER BY serial")
-        return {config_topic(prefix, g, loc): bytes(envelope) for g, loc, envelope in rows}
-
-    def current_serials_by_topic(self) -> dict[str, int]:
-        prefix = self.settings.mqtt_prefix
-        rows = self.query("SELECT group_id, location_id, serial FROM effective_configs")
-        return {config_topic(prefix, g, loc): int(serial) for g, loc, serial in rows}
-
-    def last_outbox_id(self) -> int:
-        return int(self.query("SELECT coalesce(max(id), 0) FROM outbox")[0][0])
-
-    def outbox_since(self, after_id: int) -> list[tuple[int, int, int, datetime | None]]:
-        """(group_id, location_id, serial, published_at) of the outbox rows after `after_id`."""
-        rows = self.query(
-            "SELECT group_id, location_id, serial, published_at FROM outbox WHERE id > :after ORDER BY id",
-            after=after_id,
-        )
-        return [(int(g), int(loc), int(s), _aware(p)) for g, loc, s, p in rows]
-
-    def wait_outbox_published(self, after_id: int, *, timeout: float = WAIT_S) -> list[Any]:
-        """Poll until every outbox row after `after_id` is marked published; return the rows."""
-        deadline = time.monotonic() + timeout
-        while True:
-            pending = self.query(
-                "SELECT count(*) FROM outbox WHERE id > :after AND published_at IS NULL", after=after_id
-            )[0][0]
-            if not pending:
-                return self.outbox_since(after_id)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{pending} outbox row(s) still unpublished after {timeout:.0f}s")
-            time.sleep(0.05)
-
-
-def _aware(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):  # SQLite through a raw text() query
-        value = datetime.fromisoformat(value)
-    assert isinstance(value, datetime)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def firewall_body(edit: int) -> dict[str, Any]:
-    """The policy's body at each edit: the same size every time, a different rule set."""
-    return {
-        "default": "deny",
-        "edit": edit,
-        "allow": [{"port": 443 + (edit + i) % 7, "proto": "tcp", "to": f"10.{i}.0.0/16"} for i in range(8)],
-    }
-
-
-# --- the tree ----------------------------------------------------------------------------------------
-
-
-def tree_levels(groups: int, branching: int) -> list[int]:
-    """Groups per depth of a tree of `groups` filled breadth first, each parent with `branching` children."""
-    levels, left = [1], groups - 1
-    while left > 0:
-        width = min(levels[-1] * branching, left)
-        levels.append(width)
-        left -= width
-    return levels
-
-
-def build_tree(stack: ScaleStack, *, groups: int, branching: int) -> dict[str, Any]:
-    """The root's locations and policy through the admin API; the rest in one change transaction."""
-    began = time.monotonic()
-    root = next(g for g in stack.call("GET", "/groups") if g["parent_id"] is None)
-    for name, conditions in EXTRA_LOCATIONS:
-        stack.call("POST", f"/groups/{root['id']}/locations", json={"name": name, "conditions": conditions})
-    policy = stack.call(
-        "POST", "/policies", json={"name": POLICY_NAME, "type": "firewall", "body": firewall_body(0)}
-    )
-    stack.call("PUT", f"/groups/{root['id']}/policies/firewall", json={"policy_id": policy["id"]})
-    levels = tree_levels(groups, branching)
-    say(f"making {groups} groups (levels {levels}), each with its own {1 + len(EXTRA_LOCATIONS)} locations")
-    before = stack.last_outbox_id()
-    fabric = stack.manager.fabric if stack.manager is not None else None
-    assert fabric is not None
-    with Session(fabric.engine, expire_on_commit=False) as session:
-        change = Change(
-            session=session, actor="bench", signing_key=fabric.signing_key, after_commit=fabric.view.refresh
-        )
-        _insert_tree(change, root_id=int(root["id"]), levels=levels, branching=branching)
-        inserted = time.monotonic()
-        refreshed = change.refresh([int(root["id"])])
-        change.commit()
-    resolved = time.monotonic()
-    say(f"tree stored in {inserted - began:.1f}s; {len(refreshed.changed)} documents issued")
-    rows = stack.wait_outbox_published(before, timeout=WAIT_S + groups * 0.1)
-    documents = stack.current_documents_by_topic()
-    sizes = [len(body) for body in documents.values()]
-    setup = {
-        "policy_id": int(policy["id"]),
-        "root_group_id": int(root["id"]),
-        "groups": groups,
-        "branching": branching,
-        "levels": levels,
-        "locations_per_group": 1 + len(EXTRA_LOCATIONS),
-        "documents": len(documents),
-        "envelope_bytes": {"min": min(sizes), "median": int(statistics.median(sizes)), "max": max(sizes)},
-        "insert_s": round(inserted - began, 2),
-        "first_resolution_s": round(resolved - inserted, 2),
-        "first_publication_rows": len(rows),
-        "setup_s": round(time.monotonic() - began, 2),
-    }
-    say(f"first publication of {len(rows)} documents done; setup took {setup['setup_s']}s")
-    return setup
-
-
-def _insert_tree(change: Change, *, root_id: int, levels: list[int], branching: int) -> None:
-    """Every group below the root, owning a copy of the root's state (what `inherit: false` copies)."""
-    session = change.session
-    tree = load_tree(session)
-    root = tree.groups[root_id]
-    sources = tree.locations[root_id]
-    assignments = tree.assignments.get(root_id, [])
-    communication = {name: getattr(root, name) for name in COMMUNICATION_FIELDS}
-    parents = [root_id]
-    for depth, width in enumerate(levels[1:], start=1):
-        made = [
-            Group(
-                name=f"bench-{depth}-{index}",
-                parent_id=parents[index // branching],
-                inherit=False,
-                **communication,
-            )
-            for index in range(width)
-        ]
-        session.add_all(made)
-        session.flush()
-        copies: list[tuple[Group, Location, Location]] = []
-        for group in made:
-            assert group.id is not None
-            for source in sources:
-                copies.append((group, source, copy_location(source, group_id=group.id)))
-        session.add_all([copy for _, _, copy in copies])
-        session.flush()
-        location_map = {(g.id, s.id): c.id for g, s, c in copies}
-        session.add_all(
-            [
-                Assignment(
-                    group_id=group.id,
-                    location_id=None
-                    if assignment.location_id is None
-                    else location_map[(group.id, assignment.location_id)],
-                    policy_type=assignment.policy_type,
-                    policy_id=assignment.policy_id,
-                )
-                for group in made
-                if group.id is not None
-                for assignment in assignments
-            ]
-        )
-        session.flush()
-        say(f"level {depth}: {width} groups, {len(copies)} locations")
-        parents = [group.id for group in made if group.id is not None]
-    change.audit("bench.tree", f"group:{root_id}", groups=sum(levels), levels=levels)
 
 
 # --- one round ---------------------------------------------------------------------------------------

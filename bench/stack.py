@@ -177,18 +177,25 @@ class Stack:
 
     # --- the manager's view --------------------------------------------------------------------------
 
-    def unprovisioned(self) -> int:
+    @property
+    def engine(self) -> Any:
         assert self.manager is not None
-        with self.manager.fabric.engine.connect() as connection:
-            query = text("SELECT count(*) FROM agents WHERE revoked_at IS NULL AND acl_group_id IS NULL")
-            return int(connection.execute(query).scalar_one())
+        return self.manager.fabric.engine
+
+    def query(self, sql: str, **params: Any) -> list[Any]:
+        """The rows of one SQL query on the manager's database."""
+        with self.engine.connect() as connection:
+            return list(connection.execute(text(sql), params).all())
+
+    def unprovisioned(self) -> int:
+        """Agents the bridge has not yet given a broker account."""
+        return int(
+            self.query("SELECT count(*) FROM agents WHERE revoked_at IS NULL AND acl_group_id IS NULL")[0][0]
+        )
 
     def accounts(self) -> int:
         """Agents with a broker account."""
-        assert self.manager is not None
-        with self.manager.fabric.engine.connect() as connection:
-            query = text("SELECT count(*) FROM agents WHERE acl_group_id IS NOT NULL")
-            return int(connection.execute(query).scalar_one())
+        return int(self.query("SELECT count(*) FROM agents WHERE acl_group_id IS NOT NULL")[0][0])
 
     def wait_provisioned(self, timeout: float) -> float:
         began = time.monotonic()

@@ -1,7 +1,7 @@
 """Benchmark 3: what a heartbeat, an idle push agent and a policy change cost on the wire.
 
-Everything is counted by the kernel on the agent's own socket (`TCP_INFO`: bytes sent and received,
-segments in and out, pure ACKs included), never estimated from message sizes:
+Everything is counted by the kernel on the agent's own socket (`TCP_INFO`, read by `bench.tcp_counters`:
+bytes sent and received, segments in and out, pure ACKs included), never estimated from message sizes:
 
 - pull: the reference agent (`agent_stub.pull.PullLoop` and `agent_stub.core.AgentCore`, talking
   through `agent_stub.manager_client.ManagerClient` over its keep-alive `httpx` connection) heartbeating
@@ -35,12 +35,11 @@ import asyncio
 import contextlib
 import json
 import socket
-import struct
 import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,12 +50,12 @@ import orjson
 from bench.heartbeat_requests import HEARTBEAT_PATH
 from bench.results import http_machine, write_result
 from bench.servers import ADMIN_KEY, Server, manager_server
+from bench.tcp_counters import Counters, WireCost
 from local_stack.manager import pick_port
 
 NAME = "wire_cost"
 TARGET_BYTES = 400
 SEPM_BYTES = (3000, 5000)
-ETHERNET_FRAME_OVERHEAD = 14 + 4 + 8 + 12  # header, FCS, preamble + start delimiter, inter-frame gap
 FIREWALL = {
     "rules": [
         {"name": f"rule-{i}", "action": "allow", "protocol": "tcp", "port": 1000 + i, "remote": "10.0.0.0/8"}
@@ -64,70 +63,6 @@ FIREWALL = {
     ]
 }
 ANTIVIRUS = {"scan": {"schedule": "daily", "at": "12:30", "paths": ["/home", "/srv"]}, "quarantine": True}
-
-
-# --- counting on the socket --------------------------------------------------------------------------
-
-_TCPI_OPT_TIMESTAMPS = 1
-
-
-@dataclass(frozen=True)
-class Counters:
-    """The kernel's counters of one TCP socket (struct tcp_info, Linux ≥ 4.19)."""
-
-    bytes_sent: int
-    bytes_received: int
-    segs_out: int
-    segs_in: int
-    timestamps: bool
-
-    @classmethod
-    def of(cls, sock: Any) -> Counters:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-        options = info[5]
-        (bytes_received,) = struct.unpack_from("Q", info, 128)
-        segs_out, segs_in = struct.unpack_from("II", info, 136)
-        (bytes_sent,) = struct.unpack_from("Q", info, 200)
-        return cls(bytes_sent, bytes_received, segs_out, segs_in, bool(options & _TCPI_OPT_TIMESTAMPS))
-
-    def __sub__(self, other: Counters) -> Counters:
-        return Counters(
-            self.bytes_sent - other.bytes_sent,
-            self.bytes_received - other.bytes_received,
-            self.segs_out - other.segs_out,
-            self.segs_in - other.segs_in,
-            self.timestamps,
-        )
-
-
-@dataclass(frozen=True)
-class WireCost:
-    """Bytes of one exchange (averaged over `samples`), from the agent's side."""
-
-    samples: int
-    app_bytes_out: float
-    app_bytes_in: float
-    segments_out: float
-    segments_in: float
-    app_bytes: float
-    ip_bytes: float
-    ethernet_bytes: float
-
-    @classmethod
-    def of(cls, delta: Counters, samples: int) -> WireCost:
-        header = 20 + 20 + (12 if delta.timestamps else 0)
-        segments = delta.segs_out + delta.segs_in
-        app = delta.bytes_sent + delta.bytes_received
-        return cls(
-            samples=samples,
-            app_bytes_out=round(delta.bytes_sent / samples, 1),
-            app_bytes_in=round(delta.bytes_received / samples, 1),
-            segments_out=round(delta.segs_out / samples, 2),
-            segments_in=round(delta.segs_in / samples, 2),
-            app_bytes=round(app / samples, 1),
-            ip_bytes=round((app + segments * header) / samples, 1),
-            ethernet_bytes=round((app + segments * (header + ETHERNET_FRAME_OVERHEAD)) / samples, 1),
-        )
 
 
 # --- pull: the reference agent heartbeating a real manager --------------------------------------------

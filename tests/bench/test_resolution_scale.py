@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench import resolution_scale
+from bench.group_tree import tree_levels
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 GROUPS = 30
@@ -24,9 +25,9 @@ SUBSCRIBER_CHECKS = ("arrived", "exact_serial", "valid_signature", "right_topic"
 
 
 def test_the_tree_has_the_stated_shape() -> None:
-    assert resolution_scale.tree_levels(1000, 10) == [1, 10, 100, 889]
-    assert resolution_scale.tree_levels(GROUPS, 10) == [1, 10, 19]
-    assert sum(resolution_scale.tree_levels(1234, 3)) == 1234
+    assert tree_levels(1000, 10) == [1, 10, 100, 889]
+    assert tree_levels(GROUPS, 10) == [1, 10, 19]
+    assert sum(tree_levels(1234, 3)) == 1234
 
 
 def test_resolution_scale_harness_publishes_every_document(tmp_path: Path) -> None:
