@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,9 +21,9 @@ def replica(settings: Settings) -> Iterator[TestClient]:
 
 
 def test_a_change_made_through_one_replica_reaches_heartbeats_on_another(
-    admin: Admin, replica: TestClient, enroll: object
+    admin: Admin, replica: TestClient, enroll: Callable[..., AgentClient]
 ) -> None:
-    agent: AgentClient = enroll()  # type: ignore[operator]
+    agent = enroll()
     on_replica = AgentClient(replica, agent.enrolment)
     first = on_replica.heartbeat()
     serial = first["serial"]
@@ -35,7 +35,8 @@ def test_a_change_made_through_one_replica_reaches_heartbeats_on_another(
     new_serial = admin.effective(root["id"])["serial"]
 
     answer = wait_for(
-        lambda: (r := on_replica.heartbeat(serial=serial))["changed"] and r,
+        lambda: on_replica.heartbeat(serial=serial),
+        until=lambda r: r["changed"],
         timeout=5,
         what="the replica to see the new document",
     )
@@ -44,9 +45,9 @@ def test_a_change_made_through_one_replica_reaches_heartbeats_on_another(
 
 
 def test_revoking_through_one_replica_locks_the_agent_out_of_another(
-    admin: Admin, replica: TestClient, enroll: object
+    admin: Admin, replica: TestClient, enroll: Callable[..., AgentClient]
 ) -> None:
-    agent: AgentClient = enroll()  # type: ignore[operator]
+    agent = enroll()
     on_replica = AgentClient(replica, agent.enrolment)
     on_replica.heartbeat()  # now cached by the replica
 
@@ -63,9 +64,9 @@ def test_revoking_through_one_replica_locks_the_agent_out_of_another(
 
 
 def test_moving_an_agent_through_one_replica_changes_its_document_on_another(
-    admin: Admin, replica: TestClient, enroll: object
+    admin: Admin, replica: TestClient, enroll: Callable[..., AgentClient]
 ) -> None:
-    agent: AgentClient = enroll()  # type: ignore[operator]
+    agent = enroll()
     on_replica = AgentClient(replica, agent.enrolment)
     serial = on_replica.heartbeat()["serial"]
     servers = admin.group("Servers", admin.root()["id"], inherit=False)
@@ -73,7 +74,8 @@ def test_moving_an_agent_through_one_replica_changes_its_document_on_another(
     admin.patch(f"/agents/{agent.id}", {"group_id": servers["id"]})
 
     answer = wait_for(
-        lambda: (r := on_replica.heartbeat(serial=serial))["changed"] and r,
+        lambda: on_replica.heartbeat(serial=serial),
+        until=lambda r: r["changed"],
         timeout=5,
         what="the replica to serve the new group's document",
     )

@@ -8,11 +8,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
-from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from api.heartbeat import fast_path
-from api.heartbeat.ledger import HeartbeatLedger
 from api.main import create_app
 from fabric_core.errors import BadSignature
 from fabric_core.settings import Settings
@@ -370,29 +368,3 @@ def test_a_malformed_status_is_refused_and_changes_nothing(client, enroll, door,
     assert words in response.text
     assert stored_status(client, agent) == status
     assert door[1] == []  # never the fast path's to answer
-
-
-def test_a_status_is_not_lost_when_a_flush_fails(client, enroll):
-    """The database away at a flush: the sightings wait for the next one, and a later heartbeat
-    without status does not drop the status of one that came before the outage."""
-    agent = enroll()
-    fabric = client.app.state.fabric
-    ledger = HeartbeatLedger()
-    status = {"hostname": "pc-1", "content": {"definitions": 3}}
-    ledger.record(agent.id, serial=1, location_id=1, mode="pull", status=status, served_update=False)
-
-    class Away:
-        def begin(self) -> Any:
-            raise OperationalError("UPDATE agents", {}, Exception("connection refused"))
-
-    with pytest.raises(OperationalError):
-        ledger.flush(Away())  # type: ignore[arg-type]
-    ledger.record(agent.id, serial=2, location_id=1, mode="push", status=None, served_update=False)
-    assert len(ledger) == 1
-
-    assert ledger.flush(fabric.engine) == 1
-
-    with Session(fabric.engine) as session:
-        row = session.get(Agent, agent.id)
-        assert row is not None
-        assert (row.serial, row.mode, row.status) == (2, "push", status)

@@ -24,7 +24,7 @@ PREFIX = "policycast"
 
 
 def verified(stack: Stack, payload: bytes) -> dict[str, Any]:
-    key = stack.admin.client.app.state.fabric.signing_key.verify_key  # type: ignore[attr-defined]
+    key = stack.fabric.signing_key.verify_key
     return open_envelope(payload, VerifyKey.from_base64(key.kid, key.public_base64))
 
 
@@ -39,13 +39,13 @@ def next_document(client: MqttClient, topic: str, *, timeout: float, after: int 
 
 
 def pending_outbox(stack: Stack) -> int:
-    with Session(stack.admin.client.app.state.fabric.engine) as session:  # type: ignore[attr-defined]
+    with Session(stack.fabric.engine) as session:
         return len(session.exec(select(OutboxEntry).where(col(OutboxEntry.published_at).is_(None))).all())
 
 
 def outbox_rows(stack: Stack) -> int:
     """Every outbox row ever written, published or not."""
-    with Session(stack.admin.client.app.state.fabric.engine) as session:  # type: ignore[attr-defined]
+    with Session(stack.fabric.engine) as session:
         return len(session.exec(select(OutboxEntry)).all())
 
 
@@ -119,7 +119,7 @@ def test_a_bridge_killed_between_publish_and_mark_loses_nothing(
     policy = admin.policy("fw", "firewall", {"v": 1})
     admin.put(f"/groups/{root['id']}/policies/firewall", {"policy_id": policy["id"]})
     target = admin.effective(root["id"])["serial"]
-    fabric = admin.client.app.state.fabric  # type: ignore[attr-defined]
+    fabric = stack.fabric
 
     class Killed(BaseException):
         pass
@@ -216,7 +216,7 @@ def test_many_changes_leave_in_serial_order_even_with_two_bridges(stack: Stack) 
     admin = stack.admin
     root = admin.root()
 
-    second = bridge_thread(admin.client, stack.broker)
+    second = bridge_thread(stack.client, stack.broker)
     try:
         _, client = stack.push_agent(root["id"])
         topic = config_topic(PREFIX, root["id"], admin.default_location(root["id"])["id"])
@@ -259,7 +259,7 @@ def test_agent_state_reaches_the_operator_view_and_the_last_will_marks_it_offlin
     assert not presence.publish(topic, orjson.dumps(online), retain=True).is_failure
 
     view = wait_for(
-        lambda: (a := admin.get(f"/agents/{agent.id}"))["online"] and a, timeout=5, what="the agent online"
+        lambda: admin.agent(agent.id), until=lambda a: a["online"], timeout=5, what="the agent online"
     )
     assert (view["mode"], view["serial"], view["location_id"], view["up_to_date"]) == (
         "push",
@@ -268,9 +268,12 @@ def test_agent_state_reaches_the_operator_view_and_the_last_will_marks_it_offlin
         True,
     )
 
-    presence.paho.socket().close()  # dies without a DISCONNECT: the broker sends the will
+    sock = presence.paho.socket()
+    assert sock is not None
+    sock.close()  # dies without a DISCONNECT: the broker sends the will
     view = wait_for(
-        lambda: not (a := admin.get(f"/agents/{agent.id}"))["online"] and a,
+        lambda: admin.agent(agent.id),
+        until=lambda a: not a["online"],
         timeout=10,
         what="the last will to mark the agent offline",
     )
@@ -288,7 +291,7 @@ def test_malformed_state_is_logged_and_dropped(stack: Stack) -> None:
     ):
         assert not client.publish(topic, payload).is_failure
     wait_for(lambda: stack.bridge.bridge.ingest.dropped >= 3, timeout=5, what="three dropped state messages")
-    with Session(admin.client.app.state.fabric.engine) as session:  # type: ignore[attr-defined]
+    with Session(stack.fabric.engine) as session:
         stored = session.get(Agent, agent.id)
     assert stored is not None and stored.online is None
 

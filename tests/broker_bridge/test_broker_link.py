@@ -1,4 +1,4 @@
-"""`BrokerLink`: acknowledged publishing, reconnection, restored subscriptions, dynsec control calls."""
+"""`BrokerLink`: acknowledged publishing, reconnection, restored subscriptions."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import pytest
 
 from broker_bridge import broker
 from broker_bridge.broker import BrokerLink, Publication
-from broker_bridge.errors import BrokerRefused, BrokerUnavailable, DynsecError
-from broker_bridge.mosquitto import dynsec
-from broker_bridge.mosquitto.control import control
+from broker_bridge.errors import BrokerRefused, BrokerUnavailable
 from fabric_core.topics import all_states_filter, config_topic, group_config_filter, state_topic
 from tests.broker_bridge.conftest import AgentFactory
 from tests.support.broker import Broker, Inbox
@@ -154,37 +152,3 @@ def test_connect_keeps_trying_until_the_broker_starts(mosquitto: Broker) -> None
         wait_for(link.connected.is_set, timeout=5, what="the link to connect")
     finally:
         link.close()
-
-
-def test_control_calls_of_two_links_do_not_mix(mosquitto: Broker, bridge: BrokerLink) -> None:
-    other = mosquitto.link("bridge-2")
-    results: dict[str, list[dict[str, object]]] = {}
-
-    def create(link: BrokerLink, role: str) -> None:
-        results[role] = control(link, [dynsec.create_role(role, []), dynsec.get_role(role)])
-
-    threads = [
-        threading.Thread(target=create, args=(link, f"r-{name}-{i}"))
-        for i in range(10)
-        for name, link in (("a", bridge), ("b", other))
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert len(results) == 20
-    for role, responses in results.items():
-        dynsec.check(responses)
-        assert [r["command"] for r in responses] == ["createRole", "getRole"]
-        assert responses[1]["data"]["role"]["rolename"] == role  # type: ignore[index]
-
-
-def test_dynsec_errors_are_distinguishable(bridge: BrokerLink) -> None:
-    dynsec.check(control(bridge, [dynsec.create_role("r1", [])]))
-    with pytest.raises(DynsecError) as exists:
-        dynsec.check(control(bridge, [dynsec.create_role("r1", [])]))
-    assert exists.value.already_exists and not exists.value.not_found
-    assert exists.value.command == "createRole"
-    with pytest.raises(DynsecError) as missing:
-        dynsec.check(control(bridge, [dynsec.delete_client("nobody")]))
-    assert missing.value.not_found and not missing.value.already_exists

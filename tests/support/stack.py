@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from api.fabric import Fabric
 from broker_bridge.broker import BrokerLink
 from broker_bridge.engine import engine_for
 from broker_bridge.service import Bridge, BridgeThread
@@ -36,10 +37,19 @@ def bridge_thread(client: TestClient, broker: Broker) -> BridgeThread:
 
 
 class Stack:
-    def __init__(self, admin: Admin, broker: Broker, bridge: BridgeThread) -> None:
-        self.admin = admin
+    """The in-process manager (`client`, `admin`, `fabric`), its Mosquitto and its bridge thread."""
+
+    def __init__(self, client: TestClient, broker: Broker, bridge: BridgeThread) -> None:
+        self.client = client
+        self.admin = Admin(client)
         self.broker = broker
         self.bridge = bridge
+
+    @property
+    def fabric(self) -> Fabric:
+        """The manager's `Fabric`: its settings, database engine, signing key, view and ledger."""
+        fabric: Fabric = self.client.app.state.fabric  # type: ignore[attr-defined]
+        return fabric
 
     def push_agent(self, group_id: int, hostname: str = "host") -> tuple[AgentClient, MqttClient]:
         """Enrol an agent, wait for the bridge to provision its broker account, and connect as it."""
@@ -70,7 +80,7 @@ def stack(settings: Settings, mosquitto: Broker) -> Iterator[Stack]:
     with TestClient(manager_app(settings)) as client:
         bridge = bridge_thread(client, mosquitto)
         try:
-            yield Stack(Admin(client), mosquitto, bridge)
+            yield Stack(client, mosquitto, bridge)
         finally:
             bridge.stop()
             assert bridge.error is None, f"the bridge died: {bridge.error!r}"
