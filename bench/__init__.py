@@ -22,4 +22,8 @@ What the benchmarks share, a module a concept (none of them exposes `NAME`):
     results    the result file (`write_result`, the one way results are written), machine, ratio
     checkout   this checkout's root and commit, the kept work directory, child processes' environment
     console    `say`: progress lines on stderr
+
+and what a few of them need: benchmark 2's `servers` under test (and benchmark 3's manager),
+`load_client` and `wrk_client`, `heartbeat_requests` and `baseline_app`; benchmark 3's `tcp_counters`;
+benchmark 5's `group_tree` and `scale_stack`.
 """
