@@ -1,10 +1,11 @@
-"""Helpers for agent tests: signed documents, an identity that pins the test key, tiny intervals, a broker."""
+"""Helpers for agent tests: signed documents, an identity that pins the test key, tiny intervals, and the
+agent's own account on the project's broker (`broker_identity`, with the `mosquitto` fixture of
+tests/support/broker.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +20,9 @@ from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.wire import SigningKeyInfo
 from tests.agent_stub.agent_process import HeartbeatServer
-from tests.agent_stub.mosquitto import MOSQUITTO, Mosquitto
+from tests.support.broker import Broker
 
+AGENT_ID = "agent-1"
 GROUP_ID = 3
 LOCATION_ID = 7
 
@@ -60,14 +62,20 @@ def make_doc(
     }
 
 
-def make_identity(key: SigningKey, *, group_id: int = GROUP_ID, mqtt_url: str | None = None) -> Identity:
+def make_identity(
+    key: SigningKey,
+    *,
+    group_id: int = GROUP_ID,
+    mqtt_url: str | None = None,
+    mqtt_password: str = "mqtt-s3cret",
+) -> Identity:
     """The test agent; with `mqtt_url`, it also has broker credentials (push mode possible)."""
     verify = key.verify_key
     mqtt = None
     if mqtt_url is not None:
-        mqtt = StoredMqttCredentials(url=mqtt_url, username="agent-1", password="mqtt-s3cret")
+        mqtt = StoredMqttCredentials(url=mqtt_url, username=AGENT_ID, password=mqtt_password)
     return Identity(
-        agent_id="agent-1",
+        agent_id=AGENT_ID,
         secret="s3cret",
         server="http://manager.test",
         group_id=group_id,
@@ -143,16 +151,11 @@ def push_settings(state_dir: Path) -> AgentSettings:
     )
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A real Mosquitto on free ports, stopped after the test (only the process started here)."""
-    if shutil.which(MOSQUITTO) is None:
-        pytest.fail(f"mosquitto is not installed (looked for {MOSQUITTO})", pytrace=False)
-    workdir = tmp_path / "broker"
-    workdir.mkdir()
-    mosquitto = Mosquitto(workdir).start()
-    yield mosquitto
-    mosquitto.stop()
+def broker_identity(key: SigningKey, broker: Broker, *, group_id: int = GROUP_ID) -> Identity:
+    """The test agent with its own account on `broker`, provisioned as the bridge does: it may read its
+    group's config topics and its cmd topic, and write its state topic; nothing else."""
+    password = broker.provision(AGENT_ID, group_id)
+    return make_identity(key, group_id=group_id, mqtt_url=broker.url, mqtt_password=password)
 
 
 @pytest.fixture

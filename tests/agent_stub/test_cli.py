@@ -18,8 +18,8 @@ from agent_stub.state import FileStateStore, Identity
 from fabric_core.signing import SigningKey
 from fabric_core.wire import EnrollResponse, SigningKeyInfo
 from tests.agent_stub.agent_process import HeartbeatServer, running_agent, stop_agent
-from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc, make_identity
-from tests.agent_stub.mosquitto import Mosquitto
+from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, broker_identity, make_doc
+from tests.support.broker import Broker
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -197,10 +197,10 @@ def test_update_now_as_the_agent_starts_does_not_kill_it(
 
 
 def test_run_keeps_a_push_session_and_status_shows_the_transport(
-    http_manager: str, state_dir: Path, signing_key: SigningKey, broker: Mosquitto
+    http_manager: str, state_dir: Path, signing_key: SigningKey, mosquitto: Broker
 ) -> None:
     HeartbeatServer.envelope = signing_key.sign_envelope(make_doc(serial=42, mode="push"))
-    identity = make_identity(signing_key, mqtt_url=broker.url).model_copy(update={"server": http_manager})
+    identity = broker_identity(signing_key, mosquitto).model_copy(update={"server": http_manager})
     FileStateStore(state_dir).save_identity(identity)
     with running_agent(state_dir) as proc:
         _wait(lambda: _status_row("transport", state_dir) == "push")

@@ -1,9 +1,11 @@
-"""MqttLink against a real Mosquitto: acknowledgements, refusals, timeouts, will, sessions, TLS."""
+"""MqttLink against the project's Mosquitto (the `mosquitto` fixture: dynamic security, agents on their own
+accounts, the bridge on its own): acknowledgements, refusals, timeouts, will, sessions, TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 import ssl
 import threading
@@ -18,12 +20,17 @@ import pytest
 from agent_stub.errors import LinkDisconnected, LinkRefused, LinkUnavailable
 from agent_stub.mqtt_link import LinkOptions, Message, MqttLink
 from fabric_core.settings import MqttAddress
+from fabric_core.topics import DEFAULT_PREFIX, cmd_topic, config_topic, group_config_filter, state_topic
 from tests.agent_stub.conftest import wait_until
-from tests.agent_stub.mosquitto import Mosquitto, self_signed_certificate
+from tests.support.broker import Broker
+from tests.support.certificates import self_signed_certificate
 from tests.support.processes import free_port
 
 T = TypeVar("T")
-STATE = "policycast/v1/agents/a-1/state"
+AGENT = "a-1"
+GROUP = 1
+STATE = state_topic(DEFAULT_PREFIX, AGENT)
+CMD = cmd_topic(DEFAULT_PREFIX, AGENT)
 
 
 class Inbox:
@@ -47,27 +54,60 @@ def _link(address: MqttAddress, inbox: Inbox | None = None, **options: Any) -> M
     return MqttLink(LinkOptions(address=address, **options), inbox or Inbox())
 
 
+def _bridge(
+    broker: Broker, inbox: Inbox | None = None, *, address: MqttAddress | None = None, **options: Any
+) -> MqttLink:
+    """A link on the bridge's account: it publishes documents and commands, and reads agents' states."""
+    credentials = {"username": broker.bridge_username, "password": broker.bridge_password}
+    return _link(address or broker.address, inbox, **credentials, **options)
+
+
+def _agent(broker: Broker, inbox: Inbox | None = None, *, group_id: int = GROUP, **options: Any) -> MqttLink:
+    """A link on agent a-1's own account, provisioned now: it reads its group's config topics and its
+    cmd topic, and writes its state topic."""
+    password = broker.provision(AGENT, group_id)
+    return _link(broker.address, inbox, client_id=AGENT, username=AGENT, password=password, **options)
+
+
+async def _marker(publisher: MqttLink, inbox: Inbox, topic: str) -> bytes:
+    """Publish a unique marker on `topic` and wait until `inbox` has it. The broker keeps the order of
+    what it takes in, so whatever it had taken in for that subscriber before has arrived by then: a
+    negative check ("nothing else came") without waiting out a window."""
+    marker = f"marker-{secrets.token_hex(6)}".encode()
+    await publisher.publish(Message(topic, marker, qos=1))
+    await wait_until(lambda: marker in inbox.payloads(topic))
+    return marker
+
+
+def _disconnections(broker: Broker, client_id: str) -> int:
+    """How many clean DISCONNECTs of `client_id` the broker has handled (its log says so once it has,
+    after dealing with the will)."""
+    return broker.layout.log_path.read_text(errors="replace").count(f"Client {client_id} disconnected.")
+
+
 def _run(scenario: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(asyncio.wait_for(scenario(), timeout=20))
 
 
-def test_publish_subscribe_and_a_retained_message_for_a_late_joiner(broker: Mosquitto) -> None:
+def test_publish_subscribe_and_a_retained_message_for_a_late_joiner(mosquitto: Broker) -> None:
     inbox = Inbox()
+    topic = config_topic(DEFAULT_PREFIX, GROUP, 2)
 
     async def scenario() -> None:
-        publisher, subscriber = _link(broker.address), _link(broker.address, inbox)
+        publisher, subscriber = _bridge(mosquitto), _agent(mosquitto, inbox)
         assert await publisher.connect() is False and publisher.connected
-        await publisher.publish(Message("policycast/v1/config/1/2", b"retained", qos=1, retain=True))
+        await publisher.publish(Message(topic, b"retained", qos=1, retain=True))
         await subscriber.connect()
-        assert await subscriber.subscribe("policycast/v1/config/1/+", qos=1) == 1
-        await wait_until(lambda: inbox.payloads("policycast/v1/config/1/2") == [b"retained"])
-        await publisher.publish(Message("policycast/v1/config/1/2", b"live", qos=1))
-        await publisher.publish(Message("policycast/v1/config/1/2", b"qos0", qos=0))
+        await subscriber.subscribe(CMD, qos=1)  # for the marker below
+        assert await subscriber.subscribe(group_config_filter(DEFAULT_PREFIX, GROUP), qos=1) == 1
+        await wait_until(lambda: inbox.payloads(topic) == [b"retained"])
+        await publisher.publish(Message(topic, b"live", qos=1))
+        await publisher.publish(Message(topic, b"qos0", qos=0))
         await wait_until(lambda: len(inbox.messages) == 3)
-        await subscriber.unsubscribe("policycast/v1/config/1/+")
-        await publisher.publish(Message("policycast/v1/config/1/2", b"after", qos=1))
-        await asyncio.sleep(0.1)
-        assert [p for _, p in inbox.messages] == [b"retained", b"live", b"qos0"]
+        await subscriber.unsubscribe(group_config_filter(DEFAULT_PREFIX, GROUP))
+        await publisher.publish(Message(topic, b"after", qos=1))
+        marker = await _marker(publisher, inbox, CMD)
+        assert inbox.messages == [(topic, b"retained"), (topic, b"live"), (topic, b"qos0"), (CMD, marker)]
         await publisher.close()
         await subscriber.close()
         assert not publisher.connected and publisher.disconnected.is_set()
@@ -75,12 +115,12 @@ def test_publish_subscribe_and_a_retained_message_for_a_late_joiner(broker: Mosq
     _run(scenario)
 
 
-def test_a_received_message_is_the_message_type_with_its_qos_and_retain_flag(broker: Mosquitto) -> None:
+def test_a_received_message_is_the_message_type_with_its_qos_and_retain_flag(mosquitto: Broker) -> None:
     inbox = Inbox()
-    topic = "policycast/v1/config/5/6"
+    topic = config_topic(DEFAULT_PREFIX, GROUP, 6)
 
     async def scenario() -> None:
-        publisher, subscriber = _link(broker.address), _link(broker.address, inbox)
+        publisher, subscriber = _bridge(mosquitto), _agent(mosquitto, inbox)
         await publisher.connect()
         await publisher.publish(Message(topic, b"retained", qos=1, retain=True))
         await subscriber.connect()
@@ -100,32 +140,40 @@ def test_a_received_message_is_the_message_type_with_its_qos_and_retain_flag(bro
     ]
 
 
-def test_refusals_carry_the_reason_code(broker: Mosquitto) -> None:
+def test_refusals_carry_the_reason_code(mosquitto: Broker) -> None:
     async def scenario() -> None:
-        link = _link(broker.address)
+        link = _agent(mosquitto)
         await link.connect()
         with pytest.raises(LinkRefused) as refused:
-            await link.publish(Message("forbidden/topic", b"x", qos=1))  # outside the listener's ACL
+            # Another agent's state topic: outside the account's ACL, dynamic security refuses it.
+            await link.publish(Message(state_topic(DEFAULT_PREFIX, "a-2"), b"x", qos=1))
         assert (refused.value.reason_code, refused.value.reason) == (0x87, "Not authorized")
-        assert link.connected  # a refused publication does not end the session
+        with pytest.raises(LinkRefused) as refused:
+            await link.subscribe(cmd_topic(DEFAULT_PREFIX, "a-2"))  # another agent's commands
+        assert (refused.value.reason_code, refused.value.reason) == (0x87, "Not authorized")
+        assert link.connected  # a refused publication or subscription does not end the session
         await link.close()
 
-        locked = _link(broker.locked_address, username="nobody", password="wrong")
-        with pytest.raises(LinkRefused) as refused:
-            await locked.connect()
-        assert refused.value.operation == "connect" and refused.value.reason_code >= 0x80
-        assert not locked.connected
+        # CONNACK refusals: a wrong password for the agent's account, and an account the broker does not
+        # know. Dynamic security answers both alike, Not authorized, telling an intruder nothing.
+        for username in (AGENT, "nobody"):
+            locked = _link(mosquitto.address, client_id=username, username=username, password="wrong")
+            with pytest.raises(LinkRefused) as refused:
+                await locked.connect()
+            assert refused.value.operation == "connect"
+            assert (refused.value.reason_code, refused.value.reason) == (0x87, "Not authorized")
+            assert not locked.connected
 
     _run(scenario)
 
 
-def test_operations_without_a_connection_fail_at_once(broker: Mosquitto) -> None:
+def test_operations_without_a_connection_fail_at_once(mosquitto: Broker) -> None:
     async def scenario() -> None:
-        link = _link(broker.address)
+        link = _link(mosquitto.address)
         with pytest.raises(LinkDisconnected):
-            await link.subscribe("policycast/x")
+            await link.subscribe(CMD)
         with pytest.raises(LinkDisconnected):
-            await link.publish(Message("policycast/x", b"x"))
+            await link.publish(Message(STATE, b"x"))
         await link.close()  # nothing to close: no error
 
     _run(scenario)
@@ -168,19 +216,14 @@ def test_a_silent_server_times_out_without_blocking_the_loop() -> None:
     assert ticks > 10  # the loop kept running other work while waiting
 
 
-def test_the_will_is_published_on_abort_and_not_on_close(broker: Mosquitto) -> None:
+def test_the_will_is_published_on_abort_and_not_on_close(mosquitto: Broker) -> None:
     inbox = Inbox()
 
     async def scenario() -> None:
-        observer = _link(broker.address, inbox)
+        observer = _bridge(mosquitto, inbox)
         await observer.connect()
         await observer.subscribe(STATE)
-        agent = _link(
-            broker.address,
-            client_id="a-1",
-            will=Message(STATE, b"offline", qos=1, retain=True),
-            session_expiry_s=60,
-        )
+        agent = _agent(mosquitto, will=Message(STATE, b"offline", qos=1, retain=True), session_expiry_s=60)
         await agent.connect()
         await agent.publish(Message(STATE, b"online", retain=True))
         await wait_until(lambda: inbox.payloads(STATE) == [b"online"])
@@ -190,52 +233,56 @@ def test_the_will_is_published_on_abort_and_not_on_close(broker: Mosquitto) -> N
         await wait_until(lambda: inbox.payloads(STATE) == [b"online", b"offline"])
 
         assert await agent.connect() is True  # the broker kept the session
+        closed = _disconnections(mosquitto, AGENT)
         await agent.close()
-        await asyncio.sleep(0.2)
-        assert inbox.payloads(STATE) == [b"online", b"offline"]  # a clean close sends no will
+        # Once the broker has handled the DISCONNECT (and with it the will), a marker comes after any will.
+        await wait_until(lambda: _disconnections(mosquitto, AGENT) > closed)
+        marker = await _marker(observer, inbox, STATE)
+        assert inbox.payloads(STATE) == [b"online", b"offline", marker]  # a clean close sends no will
         await observer.close()
 
     _run(scenario)
 
 
-def test_a_persistent_session_queues_messages_until_it_is_ended(broker: Mosquitto) -> None:
+def test_a_persistent_session_queues_messages_until_it_is_ended(mosquitto: Broker) -> None:
     inbox = Inbox()
-    topic = "policycast/v1/agents/a-1/cmd"
 
     async def scenario() -> None:
-        publisher = _link(broker.address)
+        publisher = _bridge(mosquitto)
         await publisher.connect()
-        agent = _link(broker.address, inbox, client_id="a-1", session_expiry_s=60)
+        agent = _agent(mosquitto, inbox, session_expiry_s=60)
         await agent.connect()
-        await agent.subscribe(topic)
+        await agent.subscribe(CMD)
         await agent.close()  # the session stays
-        await publisher.publish(Message(topic, b"while away", qos=1))
+        await publisher.publish(Message(CMD, b"while away", qos=1))
         assert await agent.connect() is True
-        await wait_until(lambda: inbox.payloads(topic) == [b"while away"])
+        await wait_until(lambda: inbox.payloads(CMD) == [b"while away"])
 
         await agent.close(end_session=True)
-        await publisher.publish(Message(topic, b"lost", qos=1))
+        await publisher.publish(Message(CMD, b"lost", qos=1))
         assert await agent.connect() is False  # a fresh session: nothing queued, nothing subscribed
-        await asyncio.sleep(0.1)
-        assert inbox.payloads(topic) == [b"while away"]
+        # Subscribed again, a marker comes after anything a kept session would have delivered at once.
+        await agent.subscribe(CMD)
+        marker = await _marker(publisher, inbox, CMD)
+        assert inbox.payloads(CMD) == [b"while away", marker]
         await agent.close()
         await publisher.close()
 
     _run(scenario)
 
 
-def test_a_stopped_broker_disconnects_and_fails_waiting_operations(broker: Mosquitto) -> None:
+def test_a_stopped_broker_disconnects_and_fails_waiting_operations(mosquitto: Broker) -> None:
     async def scenario() -> None:
-        link = _link(broker.address)
+        link = _agent(mosquitto)
         await link.connect()
-        broker.stop()
+        mosquitto.stop()
         await asyncio.wait_for(link.disconnected.wait(), timeout=5)
         assert not link.connected
         with pytest.raises(LinkDisconnected):
-            await link.subscribe("policycast/x")
+            await link.subscribe(CMD)
         with pytest.raises(LinkUnavailable):
             await link.connect()
-        broker.start()
+        mosquitto.start()
         await link.connect()
         assert link.connected
         await link.close()
@@ -244,31 +291,30 @@ def test_a_stopped_broker_disconnects_and_fails_waiting_operations(broker: Mosqu
 
 
 def test_tls_handshake_through_the_loop(tmp_path: Path) -> None:
-    workdir = tmp_path / "tls-broker"
-    workdir.mkdir()
-    cert, key = self_signed_certificate(workdir)
-    tls_broker = Mosquitto(workdir, tls=(cert, key)).start()
+    """MQTT over TLS on the project's broker configuration (`MosquittoEngine.write_config(tls=...)`)."""
+    cert, key = self_signed_certificate(tmp_path / "certs")
+    tls_broker = Broker(tmp_path / "tls-broker", tls=(cert, key)).start()
     inbox = Inbox()
     try:
 
         async def scenario() -> None:
             context = ssl.create_default_context(cafile=str(cert))
-            link = _link(tls_broker.address, inbox, ssl_context=context)
+            link = _bridge(tls_broker, inbox, address=tls_broker.tls_address, ssl_context=context)
             await link.connect()
-            await link.subscribe("policycast/tls")
-            await link.publish(Message("policycast/tls", b"x" * 100_000, qos=1))  # spans many TLS records
+            await link.subscribe(STATE)
+            await link.publish(Message(STATE, b"x" * 100_000, qos=1))  # spans many TLS records
             await wait_until(lambda: len(inbox.messages) == 1)
             assert inbox.messages[0][1] == b"x" * 100_000
             await link.close()
 
-            untrusted = _link(tls_broker.address)  # the system store does not know this certificate
+            untrusted = _link(tls_broker.tls_address)  # the system store does not know this certificate
             with pytest.raises(LinkUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
                 await untrusted.connect()
 
         _run(scenario)
     finally:
         with contextlib.suppress(Exception):
-            tls_broker.stop()
+            tls_broker.close()
 
 
 def test_an_unacknowledged_publish_fails_after_the_timeout() -> None:

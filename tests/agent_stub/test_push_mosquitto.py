@@ -1,8 +1,6 @@
-"""Push mode end to end against a real Mosquitto: retained documents, bad input, commands, presence,
-and falling back to pull while the broker is away.
-
-TODO(tests/support/broker.py): run these on the project's dynsec-enabled broker fixture (agents with
-their own accounts and ACLs) once it lands; `broker` here is the minimal anonymous one of conftest.py.
+"""Push mode end to end against the project's Mosquitto (the `mosquitto` fixture: dynamic security, the
+agent on its own account and ACLs, the bridge on its own): retained documents, bad input, commands,
+presence, and falling back to pull while the broker is away.
 """
 
 from __future__ import annotations
@@ -10,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import socket
 import time
 import uuid
@@ -24,29 +23,50 @@ from agent_stub.mqtt_link import LinkOptions, Message, MqttLink
 from agent_stub.push import PushLoop
 from agent_stub.runtime import AgentRuntime
 from agent_stub.state import MemoryStateStore
+from broker_bridge.mosquitto import accounts
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.topics import DEFAULT_PREFIX, cmd_topic, config_topic, state_topic
 from fabric_core.wire import AgentCommand, MqttDelivery
-from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc, make_identity, wait_until
+from tests.agent_stub.conftest import (
+    AGENT_ID,
+    GROUP_ID,
+    LOCATION_ID,
+    broker_identity,
+    make_doc,
+    make_identity,
+    wait_until,
+)
 from tests.agent_stub.fakes import FakeManager
-from tests.agent_stub.mosquitto import Mosquitto
+from tests.support.broker import Broker
 
 CONFIG = config_topic(DEFAULT_PREFIX, GROUP_ID, LOCATION_ID)
-CMD = cmd_topic(DEFAULT_PREFIX, "agent-1")
-STATE = state_topic(DEFAULT_PREFIX, "agent-1")
+CMD = cmd_topic(DEFAULT_PREFIX, AGENT_ID)
+STATE = state_topic(DEFAULT_PREFIX, AGENT_ID)
 
 
 class Bridge:
-    """Stands in for broker_bridge (publishes documents and commands) and for the manager's state ingest."""
+    """Stands in for broker_bridge (publishes documents and commands) and for the manager's state ingest,
+    on the bridge's own broker account."""
 
-    def __init__(self, broker: Mosquitto) -> None:
+    def __init__(self, broker: Broker) -> None:
         self.states: list[dict[str, Any]] = []
-        options = LinkOptions(address=broker.address, client_id=f"bridge-{uuid.uuid4().hex[:6]}", timeout_s=2)
+        self.markers: list[bytes] = []
+        options = LinkOptions(
+            address=broker.address,
+            client_id=f"bridge-{uuid.uuid4().hex[:6]}",
+            username=broker.bridge_username,
+            password=broker.bridge_password,
+            timeout_s=2,
+        )
         self.link = MqttLink(options, self._received)
 
     def _received(self, message: Message) -> None:
-        if message.topic == STATE:
+        if message.topic != STATE:
+            return
+        if message.payload.startswith(b"marker-"):
+            self.markers.append(message.payload)
+        else:
             self.states.append(orjson.loads(message.payload))
 
     async def start(self) -> Bridge:
@@ -57,14 +77,21 @@ class Bridge:
     async def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
         await self.link.publish(Message(topic, payload, qos=1, retain=retain))
 
+    async def settle(self) -> None:
+        """Return once every state the broker took in before now has reached the bridge: a marker
+        published now on the state topic (not retained) comes after them (the broker keeps the order)."""
+        marker = f"marker-{secrets.token_hex(6)}".encode()
+        await self.publish(STATE, marker, retain=False)
+        await wait_until(lambda: marker in self.markers)
+
     @property
     def last(self) -> dict[str, Any]:
         return self.states[-1] if self.states else {}
 
 
-def _agent(key: SigningKey, broker: Mosquitto, **doc: Any) -> AgentCore:
+def _agent(key: SigningKey, broker: Broker, **doc: Any) -> AgentCore:
     """An agent holding serial 1 of a push document (what its first heartbeat would have brought)."""
-    identity = make_identity(key, mqtt_url=broker.url)
+    identity = broker_identity(key, broker)
     core = AgentCore(identity=identity, store=MemoryStateStore(identity))
     assert core.offer(key.sign_envelope(make_doc(serial=1, mode="push", **doc)), "heartbeat").applied
     return core
@@ -75,7 +102,7 @@ def _push(core: AgentCore, settings: AgentSettings, commands: list[AgentCommand]
 
 
 def _run(
-    broker: Mosquitto,
+    broker: Broker,
     loop_under_test: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
     scenario: Callable[[Bridge], Awaitable[None]],
     *,
@@ -94,7 +121,7 @@ def _run(
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=5)
-        await asyncio.sleep(0.05)  # let the last state reach the bridge
+        await bridge.settle()  # the agent's last state (acknowledged before it disconnected) is in
         await bridge.link.close()
         return bridge
 
@@ -107,9 +134,9 @@ def key() -> SigningKey:
 
 
 def test_a_late_joiner_applies_the_retained_document_and_reports_online(
-    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+    key: SigningKey, mosquitto: Broker, push_settings: AgentSettings
 ) -> None:
-    core = _agent(key, broker)
+    core = _agent(key, mosquitto)
     push = _push(core, push_settings, [])
 
     async def before(bridge: Bridge) -> None:
@@ -127,15 +154,15 @@ def test_a_late_joiner_applies_the_retained_document_and_reports_online(
         )
         assert push.connected
 
-    bridge = _run(broker, push.run, scenario, before=before)
+    bridge = _run(mosquitto, push.run, scenario, before=before)
     # Stopped: the agent said so itself, retained (the will was not needed).
     assert bridge.last["online"] is False and bridge.last["serial"] == 4
 
 
 def test_a_document_published_while_connected_is_applied_at_once(
-    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+    key: SigningKey, mosquitto: Broker, push_settings: AgentSettings
 ) -> None:
-    core = _agent(key, broker)
+    core = _agent(key, mosquitto)
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
@@ -144,13 +171,13 @@ def test_a_document_published_while_connected_is_applied_at_once(
         await wait_until(lambda: core.serial == 2, within=5)
         await wait_until(lambda: bridge.last.get("serial") == 2, within=5)
 
-    _run(broker, push.run, scenario)
+    _run(mosquitto, push.run, scenario)
 
 
 def test_forged_unsigned_and_older_documents_are_not_applied(
-    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings, caplog: pytest.LogCaptureFixture
+    key: SigningKey, mosquitto: Broker, push_settings: AgentSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    core = _agent(key, broker)
+    core = _agent(key, mosquitto)
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
@@ -169,7 +196,7 @@ def test_forged_unsigned_and_older_documents_are_not_applied(
         await wait_until(lambda: core.serial == 6)
 
     with caplog.at_level(logging.DEBUG, logger="agent_stub.core"):
-        _run(broker, push.run, scenario)
+        _run(mosquitto, push.run, scenario)
     messages = [r.getMessage() for r in caplog.records]
     applied = [m for m in messages if m.startswith("applied serial") and m.endswith("from mqtt")]
     assert [m.split()[2] for m in applied] == ["5", "6"]
@@ -178,9 +205,9 @@ def test_forged_unsigned_and_older_documents_are_not_applied(
 
 
 def test_an_update_now_command_reaches_on_command(
-    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+    key: SigningKey, mosquitto: Broker, push_settings: AgentSettings
 ) -> None:
-    core = _agent(key, broker)
+    core = _agent(key, mosquitto)
     commands: list[AgentCommand] = []
     push = _push(core, push_settings, commands)
 
@@ -191,15 +218,15 @@ def test_an_update_now_command_reaches_on_command(
         await bridge.publish(CMD, command, retain=False)
         await wait_until(lambda: len(commands) == 1)
 
-    _run(broker, push.run, scenario)
+    _run(mosquitto, push.run, scenario)
     assert (commands[0].command, commands[0].id) == ("update_now", "c-1")
 
 
 def test_on_a_clean_session_at_qos_0_documents_flow_and_a_switch_to_pull_ends_cleanly(
-    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+    key: SigningKey, mosquitto: Broker, push_settings: AgentSettings
 ) -> None:
     """What a broker engine without persistent sessions asks for (`MqttDelivery`)."""
-    core = _agent(key, broker)
+    core = _agent(key, mosquitto)
     assert core.identity.mqtt is not None
     clean = core.identity.mqtt.model_copy(update={"delivery": MqttDelivery(qos=0, persistent_session=False)})
     core.identity = core.identity.model_copy(update={"mqtt": clean})
@@ -215,15 +242,15 @@ def test_on_a_clean_session_at_qos_0_documents_flow_and_a_switch_to_pull_ends_cl
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=6, mode="pull")))
         await wait_until(lambda: bridge.last.get("online") is False, within=5)
 
-    bridge = _run(broker, push.run, scenario, before=before)
+    bridge = _run(mosquitto, push.run, scenario, before=before)
     assert bridge.last["mode"] == "pull" and bridge.last["serial"] == 6
     assert push.sessions == 1 and not push.connected
 
 
 def test_the_will_says_offline_when_the_connection_dies_and_the_agent_comes_back(
-    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+    key: SigningKey, mosquitto: Broker, push_settings: AgentSettings
 ) -> None:
-    core = _agent(key, broker)
+    core = _agent(key, mosquitto)
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
@@ -235,13 +262,13 @@ def test_the_will_says_offline_when_the_connection_dies_and_the_agent_comes_back
         await wait_until(lambda: bridge.last.get("online") is True, within=5)
         assert push.sessions == 2
 
-    _run(broker, push.run, scenario)
+    _run(mosquitto, push.run, scenario)
 
 
 def test_a_location_move_moves_the_subscription(
-    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+    key: SigningKey, mosquitto: Broker, push_settings: AgentSettings
 ) -> None:
-    core = _agent(key, broker)
+    core = _agent(key, mosquitto)
     push = _push(core, push_settings, [])
     other = config_topic(DEFAULT_PREFIX, GROUP_ID, LOCATION_ID + 1)
 
@@ -259,45 +286,79 @@ def test_a_location_move_moves_the_subscription(
         await wait_until(lambda: core.serial == 12)
         assert core.location_id == LOCATION_ID + 1
 
-    _run(broker, push.run, scenario)
+    _run(mosquitto, push.run, scenario)
+
+
+def test_a_group_the_account_may_not_read_is_refused_until_the_bridge_moves_the_account(
+    key: SigningKey, mosquitto: Broker, push_settings: AgentSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A heartbeat moved the agent to another group before the bridge moved its broker account: the
+    broker refuses the new group's config topic, and the agent keeps trying until it may read it."""
+    password = mosquitto.provision(AGENT_ID, GROUP_ID + 1)
+    identity = make_identity(key, group_id=GROUP_ID + 1, mqtt_url=mosquitto.url, mqtt_password=password)
+    core = AgentCore(identity=identity, store=MemoryStateStore(identity))
+    assert core.offer(key.sign_envelope(make_doc(serial=1, mode="push")), "heartbeat").applied
+    assert core.identity.group_id == GROUP_ID
+    push = _push(core, push_settings, [])
+
+    async def before(bridge: Bridge) -> None:
+        await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=4, mode="push")))
+
+    async def scenario(bridge: Bridge) -> None:
+        await wait_until(lambda: any("Not authorized" in r.getMessage() for r in caplog.records))
+        assert core.serial == 1 and not push.connected
+        accounts.move_agent(
+            mosquitto.admin,
+            prefix=DEFAULT_PREFIX,
+            agent_id=AGENT_ID,
+            old_group_id=GROUP_ID + 1,
+            new_group_id=GROUP_ID,
+        )
+        await wait_until(lambda: core.serial == 4)  # the retained document, on the topic it may now read
+        await wait_until(lambda: bridge.last.get("serial") == 4 and bridge.last.get("online") is True)
+
+    with caplog.at_level(logging.ERROR, logger="agent_stub.push"):
+        _run(mosquitto, push.run, scenario, before=before)
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals and f"subscribe to {CONFIG}" in refusals[0]
 
 
 # --- the runtime: fallback to pull, and switching modes ---------------------------------------------
 
 
-def _runtime(key: SigningKey, broker: Mosquitto, settings: AgentSettings) -> tuple[AgentRuntime, FakeManager]:
-    identity = make_identity(key, mqtt_url=broker.url)
+def _runtime(key: SigningKey, broker: Broker, settings: AgentSettings) -> tuple[AgentRuntime, FakeManager]:
+    identity = broker_identity(key, broker)
     core = AgentCore(identity=identity, store=MemoryStateStore(identity))
     manager = FakeManager(key.sign_envelope(make_doc(serial=1, mode="push")))
     return AgentRuntime(core, manager, settings, rng=random.Random(6)), manager
 
 
 def test_the_runtime_falls_back_to_pull_while_the_broker_is_away(
-    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+    key: SigningKey, mosquitto: Broker, push_settings: AgentSettings
 ) -> None:
-    runtime, manager = _runtime(key, broker, push_settings)
+    runtime, manager = _runtime(key, mosquitto, push_settings)
 
     async def scenario(bridge: Bridge) -> None:
         await wait_until(lambda: runtime.transport == "push", within=5)
         await bridge.link.close()
-        broker.stop()
+        mosquitto.stop()
         await wait_until(lambda: runtime.transport == "pull", within=5)
         assert not runtime.push.connected
         runtime.update_now()  # heartbeats go on, and say pull
         await wait_until(lambda: manager.requests[-1].mode == "pull")
-        broker.start()
+        mosquitto.start()
         await wait_until(lambda: runtime.transport == "push", within=5)
         assert runtime.push.sessions == 2
-        await bridge.link.connect()
+        await bridge.start()  # a session of its own again, subscribed again
 
-    _run(broker, runtime.run, scenario)
+    _run(mosquitto, runtime.run, scenario)
     assert runtime.core.status.transport is None
 
 
 def test_the_runtime_follows_mode_changes(
-    key: SigningKey, broker: Mosquitto, push_settings: AgentSettings
+    key: SigningKey, mosquitto: Broker, push_settings: AgentSettings
 ) -> None:
-    runtime, manager = _runtime(key, broker, push_settings)
+    runtime, manager = _runtime(key, mosquitto, push_settings)
 
     async def scenario(bridge: Bridge) -> None:
         await wait_until(lambda: bridge.last.get("online") is True, within=5)
@@ -315,7 +376,7 @@ def test_the_runtime_follows_mode_changes(
         )
         assert runtime.transport == "push"
 
-    _run(broker, runtime.run, scenario)
+    _run(mosquitto, runtime.run, scenario)
 
 
 def test_stopping_does_not_wait_for_a_silent_broker(key: SigningKey, push_settings: AgentSettings) -> None:

@@ -4,7 +4,8 @@
   written by `MosquittoEngine.write_config` and it runs as `local_stack.broker_process.BrokerProcess`,
   exactly as `policycast up` runs it. `link()` gives a connected `BrokerLink` as the bridge,
   `provision()` makes an agent account, `stop/start/restart()`, and `received_before_marker()` tells
-  that something did NOT arrive without waiting out a window.
+  that something did NOT arrive without waiting out a window. With `tls=(certfile, keyfile)` it also
+  listens for MQTT over TLS (`tls_address`), on a port of its own, with the same accounts.
 - `MqttClient`: a plain paho MQTT 5 client (an agent, an intruder) whose calls return reason codes, so
   that tests can assert what the broker allowed.
 - `Inbox`: a `BrokerLink.subscribe` handler that keeps what arrives.
@@ -31,7 +32,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import SecretStr
 
 from broker_bridge.broker import BrokerLink
-from broker_bridge.engine import BrokerLaunch
+from broker_bridge.engine import BrokerLaunch, TlsListener
 from broker_bridge.errors import BrokerUnavailable
 from broker_bridge.mosquitto import accounts
 from broker_bridge.mosquitto.config import BrokerLayout
@@ -48,8 +49,12 @@ BRIDGE_USERNAME = "policycast-bridge"
 class Broker:
     """A Mosquitto of its own in `directory`, with dynamic security and the bridge's account."""
 
-    def __init__(self, directory: Path, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self, directory: Path, *, prefix: str = DEFAULT_PREFIX, tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.prefix = prefix
+        self.tls = tls
+        """(certfile, keyfile) of the MQTT-over-TLS listener, if any (`tests.support.certificates`)."""
         self.layout = BrokerLayout(directory)
         self.bridge_username = BRIDGE_USERNAME
         self.bridge_password = secrets.token_urlsafe(18)
@@ -61,6 +66,7 @@ class Broker:
         )
         self.engine = MosquittoEngine(settings, None)  # the bridge's password is given: no signing key
         self.port = free_port()
+        self.tls_port = free_port() if tls is not None else None
         self.process = BrokerProcess(self._write_files())
         self._links: list[BrokerLink] = []
         self._clients: list[MqttClient] = []
@@ -68,7 +74,10 @@ class Broker:
 
     def _write_files(self) -> BrokerLaunch:
         """The project's own broker configuration, as `policycast broker-config` writes it."""
-        return self.engine.write_config(self.layout.directory, port=self.port, bind="127.0.0.1")
+        tls = None
+        if self.tls is not None and self.tls_port is not None:
+            tls = TlsListener(self.tls_port, *self.tls)
+        return self.engine.write_config(self.layout.directory, port=self.port, bind="127.0.0.1", tls=tls)
 
     @property
     def address(self) -> MqttAddress:
@@ -78,6 +87,12 @@ class Broker:
     def url(self) -> str:
         return self.address.url
 
+    @property
+    def tls_address(self) -> MqttAddress:
+        """The MQTT-over-TLS listener (only with `tls`)."""
+        assert self.tls_port is not None, "this broker has no TLS listener: Broker(..., tls=...)"
+        return MqttAddress("127.0.0.1", self.tls_port, tls=True)
+
     def start(self) -> Broker:
         try:
             self.process.start()
@@ -86,6 +101,7 @@ class Broker:
                 raise
             # Another process took the free port between the probe and the bind: pick another one.
             self.port = free_port()
+            self.tls_port = free_port() if self.tls is not None else None
             self.process = BrokerProcess(self._write_files())
             self.process.start()
         return self
