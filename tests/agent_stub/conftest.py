@@ -4,11 +4,9 @@ tests/support/broker.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,12 @@ from tests.support.broker import Broker
 AGENT_ID = "agent-1"
 GROUP_ID = 3
 LOCATION_ID = 7
+WAIT_S = 5.0
+"""How long the agent tests wait for something (`tests.support.waiting.wait_for_async`) before failing.
+
+It only bounds a failure, so it is generous (CI machines are shared and busy): the tests set the
+behaviour apart from its alternative by intervals far longer (a minute's heartbeat, an hour's).
+"""
 
 
 def make_doc(
@@ -121,19 +125,6 @@ def file_store(state_dir: Path, identity: Identity) -> FileStateStore:
 @pytest.fixture
 def settings(state_dir: Path) -> AgentSettings:
     return AgentSettings(state_dir=state_dir, retry_min_s=0.01, retry_max_s=0.04, request_timeout_s=1.0)
-
-
-async def wait_until(predicate: Callable[[], bool], *, within: float = 5.0) -> None:
-    """Poll `predicate` until true; fail the test after `within` seconds.
-
-    `within` only bounds a failure, so it is generous (CI machines are shared and busy): the tests set
-    the behaviour apart from its alternative by intervals far longer (a minute's heartbeat, an hour's).
-    """
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.002)
 
 
 @pytest.fixture

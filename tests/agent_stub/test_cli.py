@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from fabric_core.wire import EnrollResponse, SigningKeyInfo
 from tests.agent_stub.agent_process import HeartbeatServer, running_agent, stop_agent
 from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, broker_identity, make_doc
 from tests.support.broker import Broker
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -148,11 +150,8 @@ def test_update_now_without_a_running_agent_fails(file_store: FileStateStore, st
 # --- a real agent process --------------------------------------------------------------------------
 
 
-def _wait(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+PROCESS_WAIT_S = 10.0
+"""How long to wait for a real agent process (a Python interpreter starting) before failing."""
 
 
 def test_run_applies_updates_now_on_sigusr1_and_stops_on_sigterm(
@@ -161,14 +160,24 @@ def test_run_applies_updates_now_on_sigusr1_and_stops_on_sigterm(
     FileStateStore(state_dir).save_identity(identity.model_copy(update={"server": http_manager}))
     with running_agent(state_dir) as proc:
         # The first heartbeat applies serial 42, the second reports it at once; then a 3600 s sleep.
-        _wait(lambda: len(HeartbeatServer.heartbeats) == 2)
+        wait_for(
+            lambda: len(HeartbeatServer.heartbeats) == 2,
+            timeout=PROCESS_WAIT_S,
+            what="len(HeartbeatServer.heartbeats) == 2",
+        )
         assert HeartbeatServer.heartbeats[1]["serial"] == 42
-        _wait((state_dir / PID_FILE).exists)
+        wait_for(
+            (state_dir / PID_FILE).exists, timeout=PROCESS_WAIT_S, what="(state_dir / PID_FILE).exists()"
+        )
         assert int((state_dir / PID_FILE).read_text()) == proc.pid
 
         result = _invoke("update-now", "--state-dir", str(state_dir))
         assert result.exit_code == 0, result.output
-        _wait(lambda: len(HeartbeatServer.heartbeats) == 3)  # the 3600 s sleep was cut short
+        wait_for(  # the 3600 s sleep was cut short
+            lambda: len(HeartbeatServer.heartbeats) == 3,
+            timeout=PROCESS_WAIT_S,
+            what="len(HeartbeatServer.heartbeats) == 3",
+        )
         assert HeartbeatServer.heartbeats[2]["serial"] == 42
 
         stderr = stop_agent(proc, timeout=5)
@@ -185,13 +194,21 @@ def test_update_now_as_the_agent_starts_does_not_kill_it(
     SIGUSR1's default action would end the process. Starting is a heartbeat anyway."""
     FileStateStore(state_dir).save_identity(identity.model_copy(update={"server": http_manager}))
     with running_agent(state_dir) as proc:
-        deadline = time.monotonic() + 20
-        while not (state_dir / PID_FILE).exists():  # no sleep: signal the moment the file appears
-            assert proc.poll() is None and time.monotonic() < deadline
+        # No pause between looks: signal the moment the file appears.
+        wait_for(
+            lambda: _alive(proc) and (state_dir / PID_FILE).exists(),
+            timeout=20,
+            what="the pid file",
+            interval=0,
+        )
         for _ in range(20):
             proc.send_signal(signal.SIGUSR1)
             time.sleep(0.005)
-        _wait(lambda: proc.poll() is not None or len(HeartbeatServer.heartbeats) >= 2)
+        wait_for(
+            lambda: proc.poll() is not None or len(HeartbeatServer.heartbeats) >= 2,
+            timeout=PROCESS_WAIT_S,
+            what="proc.poll() is not None or len(HeartbeatServer.heartbeats) >= 2",
+        )
         assert proc.poll() is None, "a SIGUSR1 as it started killed the agent"
         stop_agent(proc, timeout=5)
 
@@ -203,15 +220,28 @@ def test_run_keeps_a_push_session_and_status_shows_the_transport(
     identity = broker_identity(signing_key, mosquitto).model_copy(update={"server": http_manager})
     FileStateStore(state_dir).save_identity(identity)
     with running_agent(state_dir) as proc:
-        _wait(lambda: _status_row("transport", state_dir) == "push")
+        wait_for(
+            lambda: _status_row("transport", state_dir) == "push",
+            timeout=PROCESS_WAIT_S,
+            what='_status_row("transport", state_dir) == "push"',
+        )
         # Heartbeats go on in push mode, and say so.
         assert _invoke("update-now", "--state-dir", str(state_dir)).exit_code == 0
-        _wait(lambda: HeartbeatServer.heartbeats[-1]["mode"] == "push")
+        wait_for(
+            lambda: HeartbeatServer.heartbeats[-1]["mode"] == "push",
+            timeout=PROCESS_WAIT_S,
+            what='HeartbeatServer.heartbeats[-1]["mode"] == "push"',
+        )
         stderr = stop_agent(proc, timeout=5)
 
     assert "push: subscribed to policycast/v1/config/3/7" in stderr
     assert _status_row("transport", state_dir) == "-"
     assert FileStateStore(state_dir).load_status().transport is None  # type: ignore[union-attr]
+
+
+def _alive(proc: subprocess.Popen[str]) -> bool:
+    assert proc.poll() is None, f"the agent exited with {proc.returncode}"
+    return True
 
 
 def _status_row(name: str, state_dir: Path) -> str | None:

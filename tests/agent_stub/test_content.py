@@ -30,10 +30,11 @@ from agent_stub.state import Identity, MemoryStateStore
 from fabric_core.settings import AgentSettings, Settings
 from fabric_core.wire import EffectiveDocument, EnrollResponse
 from local_stack.composition import manager_app
-from tests.agent_stub.conftest import wait_until
+from tests.agent_stub.conftest import WAIT_S
 from tests.api.conftest import Admin
 from tests.api.test_content import publish, sha
 from tests.conftest import ADMIN_KEY
+from tests.support.waiting import wait_for_async
 
 SERVER = "http://manager.test"
 KIND = "definitions"
@@ -380,7 +381,7 @@ def test_a_newer_document_supersedes_a_sync_in_progress(admin: Admin, agent: Age
         async with agent.client() as client:
             content = agent.content(client, sleep=sleep, rng=random.Random(3))
             content.schedule(first)
-            await wait_until(lambda: len(agent.slept) == 1)
+            await wait_for_async(lambda: len(agent.slept) == 1, timeout=WAIT_S, what="len(agent.slept) == 1")
             content.schedule(second)
             content.schedule(policy_only)  # same content as `second`: that pass goes on
             await asyncio.wait_for(content.wait(), timeout=10)
@@ -412,9 +413,13 @@ def test_the_runtime_downloads_content_and_reports_it_in_heartbeats(
             stop = asyncio.Event()
             task = asyncio.create_task(runtime.run(stop))
             try:
-                await wait_until(lambda: content.held() == {KIND: 1}, within=10)
+                await wait_for_async(
+                    lambda: content.held() == {KIND: 1}, timeout=10, what="content.held() == {KIND: 1}"
+                )
                 runtime.update_now()
-                await wait_until(lambda: reported()[-1] == {KIND: 1}, within=10)
+                await wait_for_async(
+                    lambda: reported()[-1] == {KIND: 1}, timeout=10, what="reported()[-1] == {KIND: 1}"
+                )
             finally:
                 stop.set()
                 await asyncio.wait_for(task, timeout=5)

@@ -26,8 +26,9 @@ from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.wire import LogBatch
 from tests.agent_stub.agent_process import HeartbeatServer, running_agent, stop_agent
-from tests.agent_stub.conftest import make_doc, make_identity, wait_until
+from tests.agent_stub.conftest import WAIT_S, make_doc, make_identity
 from tests.agent_stub.fakes import Broker, StoringManager
+from tests.support.waiting import wait_for, wait_for_async
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,7 +61,11 @@ class Rig:
             task = asyncio.create_task(self.runtime.run(stop))
             try:
                 # The first heartbeat applies serial 1, the second reports it; then an hour's sleep.
-                await wait_until(lambda: self.runtime.pull.heartbeats == 2)
+                await wait_for_async(
+                    lambda: self.runtime.pull.heartbeats == 2,
+                    timeout=WAIT_S,
+                    what="self.runtime.pull.heartbeats == 2",
+                )
                 await scenario(self)
             finally:
                 stop.set()
@@ -82,7 +87,7 @@ def test_a_security_entry_brings_the_heartbeat_forward(key: SigningKey, settings
 
         for n in range(3):  # one incident: its entries travel together
             r.runtime.spool.append("security", f"threat {n}", category="antivirus")
-        await wait_until(lambda: r.beats == 3)
+        await wait_for_async(lambda: r.beats == 3, timeout=WAIT_S, what="r.beats == 3")
         sent = r.manager.requests[2].logs
         assert sent is not None
         assert [e.message for e in sent.entries if e.level == "security"] == [
@@ -90,7 +95,9 @@ def test_a_security_entry_brings_the_heartbeat_forward(key: SigningKey, settings
             "threat 1",
             "threat 2",
         ]
-        await wait_until(lambda: not r.runtime.spool.count())
+        await wait_for_async(
+            lambda: not r.runtime.spool.count(), timeout=WAIT_S, what="not r.runtime.spool.count()"
+        )
         await asyncio.sleep(0.2)
         assert r.beats == 3  # nothing urgent left: back to the hour's sleep
         assert r.runtime.logs.priority_uploads == 1
@@ -106,7 +113,7 @@ def test_security_entries_behind_a_batch_in_flight_follow_at_once(
         spool.append("info", "old")
         in_flight = spool.next_batch()  # formed by a heartbeat whose answer is still awaited
         spool.append("security", "threat")
-        await wait_until(lambda: r.beats == 4)
+        await wait_for_async(lambda: r.beats == 4, timeout=WAIT_S, what="r.beats == 4")
         assert r.manager.requests[2].logs == in_flight
         last = r.manager.requests[3].logs
         assert last is not None and [e.message for e in last.entries] == ["threat"]
@@ -118,7 +125,9 @@ def test_the_agent_logs_applied_and_forged_documents(key: SigningKey, settings: 
     async def scenario(r: Rig) -> None:
         forged = SigningKey.generate().sign_envelope(make_doc(serial=9))
         assert not r.core.offer(forged, source="mqtt").applied
-        await wait_until(lambda: r.beats == 3)  # a security event: uploaded at once
+        await wait_for_async(
+            lambda: r.beats == 3, timeout=WAIT_S, what="r.beats == 3"
+        )  # a security event: uploaded at once
 
     rig = Rig(key, settings)
     rig.run(scenario)
@@ -139,9 +148,13 @@ def test_the_agent_logs_when_the_manager_goes_away_and_comes_back(
     async def scenario(r: Rig) -> None:
         r.manager.unreachable = 3
         r.runtime.update_now()
-        await wait_until(lambda: r.runtime.pull.heartbeats == 3)  # after three failures
+        await wait_for_async(
+            lambda: r.runtime.pull.heartbeats == 3, timeout=WAIT_S, what="r.runtime.pull.heartbeats == 3"
+        )  # after three failures
         r.runtime.update_now()
-        await wait_until(lambda: r.runtime.pull.heartbeats == 4)
+        await wait_for_async(
+            lambda: r.runtime.pull.heartbeats == 4, timeout=WAIT_S, what="r.runtime.pull.heartbeats == 4"
+        )
 
     rig = Rig(key, settings)
     rig.run(scenario)
@@ -162,7 +175,9 @@ def test_a_broken_spool_never_fails_a_heartbeat(key: SigningKey, settings: Agent
 
     async def scenario(r: Rig) -> None:
         r.runtime.update_now()
-        await wait_until(lambda: r.runtime.pull.heartbeats == 3)
+        await wait_for_async(
+            lambda: r.runtime.pull.heartbeats == 3, timeout=WAIT_S, what="r.runtime.pull.heartbeats == 3"
+        )
 
     Rig(key, settings, spool=BrokenSpool()).run(scenario)
 
@@ -179,7 +194,7 @@ def test_notice_from_another_thread_brings_the_heartbeat_forward(
         await asyncio.sleep(0.2)
         assert r.beats == 2
         await asyncio.to_thread(r.runtime.logs.notice)
-        await wait_until(lambda: r.beats == 3)
+        await wait_for_async(lambda: r.beats == 3, timeout=WAIT_S, what="r.beats == 3")
         sent = r.manager.requests[2].logs
         assert sent is not None and [e.message for e in sent.entries] == ["from outside"]
 
@@ -194,7 +209,7 @@ def test_security_entries_waiting_at_start_are_uploaded_at_once() -> None:
     async def main() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(uploads.run(stop))
-        await wait_until(lambda: calls == ["update"])
+        await wait_for_async(lambda: calls == ["update"], timeout=WAIT_S, what='calls == ["update"]')
         stop.set()
         await task
 
@@ -264,7 +279,7 @@ def test_log_command_signals_the_running_agent_for_security_entries(
         assert _agent_cli("log", "ordinary", state_dir=state_dir).returncode == 0
         assert not received.exists()
         assert _agent_cli("log", "--level", "security", "threat", state_dir=state_dir).returncode == 0
-        asyncio.run(wait_until(received.exists, within=10))
+        wait_for(received.exists, timeout=10, what="received.exists()")
     finally:
         agent.kill()
         agent.wait()
@@ -277,8 +292,12 @@ def test_a_real_agent_uploads_a_security_entry_logged_by_the_cli(
     FileStateStore(state_dir).save_identity(identity.model_copy(update={"server": http_manager}))
     with running_agent(state_dir, "--state-dir", str(state_dir)) as agent:
         # Serial 42 applied by the first heartbeat, reported (with the "applied" entry) by the second.
-        asyncio.run(wait_until(lambda: len(HeartbeatServer.heartbeats) == 2, within=15))
-        asyncio.run(wait_until((state_dir / PID_FILE).exists, within=5))
+        wait_for(
+            lambda: len(HeartbeatServer.heartbeats) == 2,
+            timeout=15,
+            what="len(HeartbeatServer.heartbeats) == 2",
+        )
+        wait_for((state_dir / PID_FILE).exists, timeout=WAIT_S, what="(state_dir / PID_FILE).exists()")
         applied = HeartbeatServer.heartbeats[1]["logs"]["entries"]
         assert [(e["category"], e["message"]) for e in applied] == [
             ("policy", "applied serial 42 from heartbeat")
@@ -289,7 +308,11 @@ def test_a_real_agent_uploads_a_security_entry_logged_by_the_cli(
         )
         assert result.returncode == 0, result.stderr
         # The manager said "in an hour": a third heartbeat is the fast path at work.
-        asyncio.run(wait_until(lambda: len(HeartbeatServer.heartbeats) == 3, within=30))
+        wait_for(
+            lambda: len(HeartbeatServer.heartbeats) == 3,
+            timeout=30,
+            what="len(HeartbeatServer.heartbeats) == 3",
+        )
         [entry] = HeartbeatServer.heartbeats[2]["logs"]["entries"]
         assert (entry["level"], entry["category"], entry["message"]) == ("security", "av", "threat found")
 

@@ -21,10 +21,11 @@ from agent_stub.errors import LinkDisconnected, LinkRefused, LinkUnavailable
 from agent_stub.mqtt_link import LinkOptions, Message, MqttLink
 from fabric_core.settings import MqttAddress
 from fabric_core.topics import DEFAULT_PREFIX, cmd_topic, config_topic, group_config_filter, state_topic
-from tests.agent_stub.conftest import wait_until
+from tests.agent_stub.conftest import WAIT_S
 from tests.support.broker import Broker
 from tests.support.certificates import self_signed_certificate
 from tests.support.processes import free_port
+from tests.support.waiting import wait_for_async
 
 T = TypeVar("T")
 AGENT = "a-1"
@@ -75,7 +76,9 @@ async def _marker(publisher: MqttLink, inbox: Inbox, topic: str) -> bytes:
     negative check ("nothing else came") without waiting out a window."""
     marker = f"marker-{secrets.token_hex(6)}".encode()
     await publisher.publish(Message(topic, marker, qos=1))
-    await wait_until(lambda: marker in inbox.payloads(topic))
+    await wait_for_async(
+        lambda: marker in inbox.payloads(topic), timeout=WAIT_S, what="marker in inbox.payloads(topic)"
+    )
     return marker
 
 
@@ -100,10 +103,16 @@ def test_publish_subscribe_and_a_retained_message_for_a_late_joiner(mosquitto: B
         await subscriber.connect()
         await subscriber.subscribe(CMD, qos=1)  # for the marker below
         assert await subscriber.subscribe(group_config_filter(DEFAULT_PREFIX, GROUP), qos=1) == 1
-        await wait_until(lambda: inbox.payloads(topic) == [b"retained"])
+        await wait_for_async(
+            lambda: inbox.payloads(topic) == [b"retained"],
+            timeout=WAIT_S,
+            what='inbox.payloads(topic) == [b"retained"]',
+        )
         await publisher.publish(Message(topic, b"live", qos=1))
         await publisher.publish(Message(topic, b"qos0", qos=0))
-        await wait_until(lambda: len(inbox.messages) == 3)
+        await wait_for_async(
+            lambda: len(inbox.messages) == 3, timeout=WAIT_S, what="len(inbox.messages) == 3"
+        )
         await subscriber.unsubscribe(group_config_filter(DEFAULT_PREFIX, GROUP))
         await publisher.publish(Message(topic, b"after", qos=1))
         marker = await _marker(publisher, inbox, CMD)
@@ -125,10 +134,14 @@ def test_a_received_message_is_the_message_type_with_its_qos_and_retain_flag(mos
         await publisher.publish(Message(topic, b"retained", qos=1, retain=True))
         await subscriber.connect()
         await subscriber.subscribe(topic, qos=1)
-        await wait_until(lambda: len(inbox.received) == 1)
+        await wait_for_async(
+            lambda: len(inbox.received) == 1, timeout=WAIT_S, what="len(inbox.received) == 1"
+        )
         await publisher.publish(Message(topic, b"live", qos=1))
         await publisher.publish(Message(topic, b"qos0", qos=0))
-        await wait_until(lambda: len(inbox.received) == 3)
+        await wait_for_async(
+            lambda: len(inbox.received) == 3, timeout=WAIT_S, what="len(inbox.received) == 3"
+        )
         await publisher.close()
         await subscriber.close()
 
@@ -226,17 +239,29 @@ def test_the_will_is_published_on_abort_and_not_on_close(mosquitto: Broker) -> N
         agent = _agent(mosquitto, will=Message(STATE, b"offline", qos=1, retain=True), session_expiry_s=60)
         await agent.connect()
         await agent.publish(Message(STATE, b"online", retain=True))
-        await wait_until(lambda: inbox.payloads(STATE) == [b"online"])
+        await wait_for_async(
+            lambda: inbox.payloads(STATE) == [b"online"],
+            timeout=WAIT_S,
+            what='inbox.payloads(STATE) == [b"online"]',
+        )
 
         agent.abort()  # as a crash: no DISCONNECT
         assert not agent.connected and agent.disconnected.is_set()
-        await wait_until(lambda: inbox.payloads(STATE) == [b"online", b"offline"])
+        await wait_for_async(
+            lambda: inbox.payloads(STATE) == [b"online", b"offline"],
+            timeout=WAIT_S,
+            what='inbox.payloads(STATE) == [b"online", b"offline"]',
+        )
 
         assert await agent.connect() is True  # the broker kept the session
         closed = _disconnections(mosquitto, AGENT)
         await agent.close()
         # Once the broker has handled the DISCONNECT (and with it the will), a marker comes after any will.
-        await wait_until(lambda: _disconnections(mosquitto, AGENT) > closed)
+        await wait_for_async(
+            lambda: _disconnections(mosquitto, AGENT) > closed,
+            timeout=WAIT_S,
+            what="_disconnections(mosquitto, AGENT) > closed",
+        )
         marker = await _marker(observer, inbox, STATE)
         assert inbox.payloads(STATE) == [b"online", b"offline", marker]  # a clean close sends no will
         await observer.close()
@@ -256,7 +281,11 @@ def test_a_persistent_session_queues_messages_until_it_is_ended(mosquitto: Broke
         await agent.close()  # the session stays
         await publisher.publish(Message(CMD, b"while away", qos=1))
         assert await agent.connect() is True
-        await wait_until(lambda: inbox.payloads(CMD) == [b"while away"])
+        await wait_for_async(
+            lambda: inbox.payloads(CMD) == [b"while away"],
+            timeout=WAIT_S,
+            what='inbox.payloads(CMD) == [b"while away"]',
+        )
 
         await agent.close(end_session=True)
         await publisher.publish(Message(CMD, b"lost", qos=1))
@@ -303,7 +332,9 @@ def test_tls_handshake_through_the_loop(tmp_path: Path) -> None:
             await link.connect()
             await link.subscribe(STATE)
             await link.publish(Message(STATE, b"x" * 100_000, qos=1))  # spans many TLS records
-            await wait_until(lambda: len(inbox.messages) == 1)
+            await wait_for_async(
+                lambda: len(inbox.messages) == 1, timeout=WAIT_S, what="len(inbox.messages) == 1"
+            )
             assert inbox.messages[0][1] == b"x" * 100_000
             await link.close()
 

@@ -21,7 +21,8 @@ from agent_stub.state import FileStateStore
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.wire import HeartbeatRequest, HeartbeatResponse
-from tests.agent_stub.conftest import LOCATION_ID, make_doc, wait_until
+from tests.agent_stub.conftest import LOCATION_ID, WAIT_S, make_doc
+from tests.support.waiting import wait_for_async
 
 
 class FakeManager:
@@ -117,7 +118,9 @@ def test_first_heartbeat_is_immediate_and_applies_the_document(
 
     async def scenario(loop: PullLoop) -> None:
         # Bounds far below the 60 s interval: a loop that waited for it would miss them by far.
-        await wait_until(lambda: len(manager.requests) == 2, within=5)
+        await wait_for_async(
+            lambda: len(manager.requests) == 2, timeout=WAIT_S, what="len(manager.requests) == 2"
+        )
         await asyncio.sleep(0.05)  # the loop now sleeps next_heartbeat_s (60 s): no third heartbeat
 
     stop_took = _run(core, manager, settings, scenario)
@@ -139,10 +142,14 @@ def test_update_now_cuts_the_sleep_short(
 ) -> None:
     async def scenario(loop: PullLoop) -> None:
         # The first heartbeat applies serial 5, the second reports it; then the loop sleeps 60 s.
-        await wait_until(lambda: len(manager.requests) == 2, within=5)
+        await wait_for_async(
+            lambda: len(manager.requests) == 2, timeout=WAIT_S, what="len(manager.requests) == 2"
+        )
         await asyncio.sleep(0.02)
         loop.update_now()
-        await wait_until(lambda: len(manager.requests) == 3, within=5)
+        await wait_for_async(
+            lambda: len(manager.requests) == 3, timeout=WAIT_S, what="len(manager.requests) == 3"
+        )
 
     _run(core, manager, settings, scenario)
 
@@ -166,12 +173,16 @@ def test_connect_errors_back_off_and_keep_the_last_document(
     seen_errors: list[str | None] = []
 
     async def scenario(loop: PullLoop) -> None:
-        await wait_until(lambda: len(manager.requests) >= 1)
+        await wait_for_async(
+            lambda: len(manager.requests) >= 1, timeout=WAIT_S, what="len(manager.requests) >= 1"
+        )
         seen_errors.append(core.status.last_error)
         # Throughout the outage the agent keeps the last good document, in memory and on disk.
         assert core.serial == 5 and file_store.load_current() == held
         # The fourth heartbeat applies serial 6 and the fifth, sent at once, reports it.
-        await wait_until(lambda: len(manager.requests) == 5)
+        await wait_for_async(
+            lambda: len(manager.requests) == 5, timeout=WAIT_S, what="len(manager.requests) == 5"
+        )
 
     with caplog.at_level(logging.WARNING, logger="agent_stub.pull"):
         _run(core, manager, settings, scenario)
@@ -250,10 +261,14 @@ def test_update_now_during_back_off_retries_at_once(
     manager.failures = [httpx.ConnectError("refused")]
 
     async def scenario(loop: PullLoop) -> None:
-        await wait_until(lambda: len(manager.requests) == 1)
+        await wait_for_async(
+            lambda: len(manager.requests) == 1, timeout=WAIT_S, what="len(manager.requests) == 1"
+        )
         loop.update_now()  # ...cut short by the user
         # The retry applies serial 5 and the next heartbeat, sent at once, reports it.
-        await wait_until(lambda: len(manager.requests) == 3, within=5)
+        await wait_for_async(
+            lambda: len(manager.requests) == 3, timeout=WAIT_S, what="len(manager.requests) == 3"
+        )
 
     _run(core, manager, settings, scenario)
     assert [request["serial"] for request in manager.requests] == [0, 0, 5]
@@ -266,9 +281,13 @@ def test_a_rejected_document_is_not_applied_and_the_loop_goes_on(
     manager = FakeManager(SigningKey.generate())  # signed by a key the agent did not pin
 
     async def scenario(loop: PullLoop) -> None:
-        await wait_until(lambda: len(manager.requests) == 1)
+        await wait_for_async(
+            lambda: len(manager.requests) == 1, timeout=WAIT_S, what="len(manager.requests) == 1"
+        )
         loop.update_now()
-        await wait_until(lambda: len(manager.requests) == 2)
+        await wait_for_async(
+            lambda: len(manager.requests) == 2, timeout=WAIT_S, what="len(manager.requests) == 2"
+        )
 
     _run(core, manager, settings, scenario)
     assert core.serial == 0
@@ -371,7 +390,7 @@ def test_status_is_sent_again_after_a_heartbeat_abandoned_in_flight(
         loop = PullLoop(core, Slow(), settings)
         await loop.heartbeat_once()
         beat = asyncio.create_task(loop.heartbeat_once())
-        await wait_until(lambda: len(requests) == 2)
+        await wait_for_async(lambda: len(requests) == 2, timeout=WAIT_S, what="len(requests) == 2")
         beat.cancel()
         with pytest.raises(asyncio.CancelledError):
             await beat

@@ -21,8 +21,9 @@ from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.topics import cmd_topic, config_topic
 from fabric_core.wire import AgentCommand, MqttDelivery
-from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, make_doc, make_identity, wait_until
+from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, WAIT_S, make_doc, make_identity
 from tests.agent_stub.fakes import CMD, HELD, PREFIX, STATE, Broker, FakeLink
+from tests.support.waiting import wait_for_async
 
 
 class Harness:
@@ -105,7 +106,7 @@ def test_connects_subscribes_to_its_topics_and_reports_online(
     harness: Harness, push_settings: AgentSettings
 ) -> None:
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
 
     harness.run(scenario)
     broker = harness.broker
@@ -134,10 +135,14 @@ def test_connects_subscribes_to_its_topics_and_reports_online(
 
 def test_a_document_from_the_broker_is_applied_and_reported(harness: Harness) -> None:
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
         h.broker.link.deliver(HELD, h.envelope(serial=2))
         assert h.core.serial == 2  # applied synchronously, before the PUBACK goes out
-        await wait_until(lambda: h.broker.states()[-1]["serial"] == 2)
+        await wait_for_async(
+            lambda: h.broker.states()[-1]["serial"] == 2,
+            timeout=WAIT_S,
+            what='h.broker.states()[-1]["serial"] == 2',
+        )
 
     harness.run(scenario)
     assert [s["serial"] for s in harness.broker.states() if s["online"]] == [1, 2]
@@ -147,7 +152,7 @@ def test_bad_documents_are_dropped_with_a_log_line(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
         link = h.broker.link
         link.deliver(HELD, h.envelope(serial=3))
         link.deliver(HELD, SigningKey.generate().sign_envelope(make_doc(serial=9, mode="push")))  # forged
@@ -169,15 +174,23 @@ def test_subscription_follows_a_location_change_from_a_heartbeat(harness: Harnes
     other = config_topic(PREFIX, GROUP_ID, LOCATION_ID + 1)
 
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
         assert h.core.offer(h.envelope(serial=5, location_id=LOCATION_ID + 1), "heartbeat").applied
         # Still subscribed there: a document of the location left behind must not move the agent back.
         h.broker.link.deliver(HELD, h.envelope(serial=6))
         assert h.core.location_id == LOCATION_ID + 1
-        await wait_until(lambda: ("unsubscribe", HELD) in h.broker.calls)
+        await wait_for_async(
+            lambda: ("unsubscribe", HELD) in h.broker.calls,
+            timeout=WAIT_S,
+            what='("unsubscribe", HELD) in h.broker.calls',
+        )
         h.broker.link.deliver(other, h.envelope(serial=7, location_id=LOCATION_ID + 1))
         assert h.core.serial == 7
-        await wait_until(lambda: h.broker.states()[-1]["serial"] == 7)
+        await wait_for_async(
+            lambda: h.broker.states()[-1]["serial"] == 7,
+            timeout=WAIT_S,
+            what='h.broker.states()[-1]["serial"] == 7',
+        )
 
     harness.run(scenario)
     moves = [c for c in harness.broker.calls if c[0] in ("subscribe", "unsubscribe")]
@@ -190,9 +203,13 @@ def test_subscription_follows_a_group_move(harness: Harness) -> None:
     new_group = config_topic(PREFIX, GROUP_ID + 1, LOCATION_ID)
 
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
         assert h.core.offer(h.envelope(serial=5, group_id=GROUP_ID + 1), "heartbeat").applied
-        await wait_until(lambda: ("unsubscribe", HELD) in h.broker.calls)
+        await wait_for_async(
+            lambda: ("unsubscribe", HELD) in h.broker.calls,
+            timeout=WAIT_S,
+            what='("unsubscribe", HELD) in h.broker.calls',
+        )
 
     harness.run(scenario)
     assert ("subscribe", new_group) in harness.broker.calls
@@ -203,9 +220,13 @@ def test_a_leftover_subscription_of_an_earlier_session_is_left(harness: Harness)
     leftover = config_topic(PREFIX, GROUP_ID, 99)
 
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
         h.broker.link.deliver(leftover, h.envelope(serial=8, location_id=99))
-        await wait_until(lambda: ("unsubscribe", leftover) in h.broker.calls)
+        await wait_for_async(
+            lambda: ("unsubscribe", leftover) in h.broker.calls,
+            timeout=WAIT_S,
+            what='("unsubscribe", leftover) in h.broker.calls',
+        )
 
     harness.run(scenario)
     assert harness.core.serial == 1
@@ -215,15 +236,19 @@ def test_after_a_reconnect_it_subscribes_again_and_leaves_what_it_no_longer_hold
     other = config_topic(PREFIX, GROUP_ID, LOCATION_ID + 1)
 
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
         h.broker.session_present = True
         h.broker.link.drop()
-        await wait_until(lambda: not h.push.connected)
+        await wait_for_async(lambda: not h.push.connected, timeout=WAIT_S, what="not h.push.connected")
         h.broker.connect_failures = [LinkUnavailable("broker down")]
         # Moved by a heartbeat while the broker is away.
         assert h.core.offer(h.envelope(serial=5, location_id=LOCATION_ID + 1), "heartbeat").applied
-        await wait_until(lambda: h.push.connected)
-        await wait_until(lambda: ("unsubscribe", HELD) in h.broker.calls)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
+        await wait_for_async(
+            lambda: ("unsubscribe", HELD) in h.broker.calls,
+            timeout=WAIT_S,
+            what='("unsubscribe", HELD) in h.broker.calls',
+        )
 
     harness.run(scenario)
     after = harness.broker.calls[harness.broker.calls.index(("connect",), 1) :]
@@ -235,7 +260,7 @@ def test_after_a_reconnect_it_subscribes_again_and_leaves_what_it_no_longer_hold
 
 def test_switching_to_pull_ends_the_session_and_the_loop(harness: Harness) -> None:
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
         h.broker.link.deliver(HELD, h.envelope(serial=2, mode="pull"))
 
     harness.run(scenario, stop_after=False)  # returns by itself
@@ -254,7 +279,7 @@ def test_update_now_command_is_forwarded_once_and_bad_ones_are_dropped(
     command = b'{"command": "update_now", "id": "c-1", "issued_at": "2024-05-01T12:00:00Z"}'
 
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
         link = h.broker.link
         link.deliver(CMD, command)
         link.deliver(CMD, command)  # QoS 1 may deliver twice
@@ -307,7 +332,7 @@ def test_connect_failures_back_off_and_log_once(
             return link
 
         h.push._link_factory = timed
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
 
     with caplog.at_level(logging.DEBUG, logger="agent_stub.push"):
         harness.run(scenario)
@@ -325,10 +350,14 @@ def test_a_refused_subscription_drops_the_connection_and_retries(
     harness.broker.refused_topics = {HELD}
 
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: len(h.broker.named("abort")) >= 2)
+        await wait_for_async(
+            lambda: len(h.broker.named("abort")) >= 2,
+            timeout=WAIT_S,
+            what='len(h.broker.named("abort")) >= 2',
+        )
         assert not h.push.connected
         h.broker.refused_topics = set()  # the manager provisioned the ACL
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
 
     with caplog.at_level(logging.ERROR, logger="agent_stub.push"):
         harness.run(scenario)
@@ -356,7 +385,7 @@ def test_the_topic_prefix_comes_from_the_stored_credentials(
     harness = Harness(core, key, push_settings)
 
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
 
     harness.run(scenario)
     assert harness.broker.named("subscribe") == [
@@ -372,7 +401,7 @@ def test_the_default_delivery_is_qos_1_on_a_persistent_session(
     harness: Harness, push_settings: AgentSettings
 ) -> None:
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
 
     harness.run(scenario)
     options = harness.broker.link.options
@@ -391,10 +420,14 @@ def test_qos_0_without_a_persistent_session_subscribes_at_qos_0_on_a_clean_sessi
     harness = Harness(core, key, push_settings)
 
     async def scenario(h: Harness) -> None:
-        await wait_until(lambda: h.push.connected)
+        await wait_for_async(lambda: h.push.connected, timeout=WAIT_S, what="h.push.connected")
         other = h.envelope(serial=2, location_id=LOCATION_ID + 1)
         assert h.core.offer(other, source="heartbeat").applied  # the subscription follows, at QoS 0
-        await wait_until(lambda: ("unsubscribe", HELD) in h.broker.calls)
+        await wait_for_async(
+            lambda: ("unsubscribe", HELD) in h.broker.calls,
+            timeout=WAIT_S,
+            what='("unsubscribe", HELD) in h.broker.calls',
+        )
 
     harness.run(scenario)
     options = harness.broker.link.options

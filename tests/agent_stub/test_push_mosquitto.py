@@ -32,13 +32,14 @@ from tests.agent_stub.conftest import (
     AGENT_ID,
     GROUP_ID,
     LOCATION_ID,
+    WAIT_S,
     broker_identity,
     make_doc,
     make_identity,
-    wait_until,
 )
 from tests.agent_stub.fakes import FakeManager
 from tests.support.broker import Broker
+from tests.support.waiting import wait_for_async
 
 CONFIG = config_topic(DEFAULT_PREFIX, GROUP_ID, LOCATION_ID)
 CMD = cmd_topic(DEFAULT_PREFIX, AGENT_ID)
@@ -82,7 +83,7 @@ class Bridge:
         published now on the state topic (not retained) comes after them (the broker keeps the order)."""
         marker = f"marker-{secrets.token_hex(6)}".encode()
         await self.publish(STATE, marker, retain=False)
-        await wait_until(lambda: marker in self.markers)
+        await wait_for_async(lambda: marker in self.markers, timeout=WAIT_S, what="marker in self.markers")
 
     @property
     def last(self) -> dict[str, Any]:
@@ -143,8 +144,10 @@ def test_a_late_joiner_applies_the_retained_document_and_reports_online(
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=4, mode="push")))
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: core.serial == 4, within=5)
-        await wait_until(lambda: bridge.last.get("serial") == 4, within=5)
+        await wait_for_async(lambda: core.serial == 4, timeout=WAIT_S, what="core.serial == 4")
+        await wait_for_async(
+            lambda: bridge.last.get("serial") == 4, timeout=WAIT_S, what='bridge.last.get("serial") == 4'
+        )
         state = bridge.last
         assert state["online"] is True and state["mode"] == "push"
         assert (state["agent_id"], state["group_id"], state["location_id"]) == (
@@ -166,10 +169,16 @@ def test_a_document_published_while_connected_is_applied_at_once(
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: bridge.last.get("online") is True, within=5)
+        await wait_for_async(
+            lambda: bridge.last.get("online") is True,
+            timeout=WAIT_S,
+            what='bridge.last.get("online") is True',
+        )
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=2, mode="push")))
-        await wait_until(lambda: core.serial == 2, within=5)
-        await wait_until(lambda: bridge.last.get("serial") == 2, within=5)
+        await wait_for_async(lambda: core.serial == 2, timeout=WAIT_S, what="core.serial == 2")
+        await wait_for_async(
+            lambda: bridge.last.get("serial") == 2, timeout=WAIT_S, what='bridge.last.get("serial") == 2'
+        )
 
     _run(mosquitto, push.run, scenario)
 
@@ -181,9 +190,9 @@ def test_forged_unsigned_and_older_documents_are_not_applied(
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: push.connected, within=5)
+        await wait_for_async(lambda: push.connected, timeout=WAIT_S, what="push.connected")
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=5, mode="push")))
-        await wait_until(lambda: core.serial == 5)
+        await wait_for_async(lambda: core.serial == 5, timeout=WAIT_S, what="core.serial == 5")
         forged = SigningKey.generate().sign_envelope(make_doc(serial=9, mode="push"))
         unsigned = orjson.dumps(make_doc(serial=9, mode="push"))
         tampered = orjson.loads(key.sign_envelope(make_doc(serial=9, mode="push")))
@@ -193,7 +202,7 @@ def test_forged_unsigned_and_older_documents_are_not_applied(
             await bridge.publish(CONFIG, payload, retain=False)
         # A valid document after the bad ones: once it is applied, the bad ones have all been seen.
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=6, mode="push")))
-        await wait_until(lambda: core.serial == 6)
+        await wait_for_async(lambda: core.serial == 6, timeout=WAIT_S, what="core.serial == 6")
 
     with caplog.at_level(logging.DEBUG, logger="agent_stub.core"):
         _run(mosquitto, push.run, scenario)
@@ -212,11 +221,11 @@ def test_an_update_now_command_reaches_on_command(
     push = _push(core, push_settings, commands)
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: push.connected, within=5)
+        await wait_for_async(lambda: push.connected, timeout=WAIT_S, what="push.connected")
         await bridge.publish(CMD, b'{"command": "update_now"}', retain=False)  # malformed: dropped
         command = b'{"command": "update_now", "id": "c-1", "issued_at": "2024-05-01T12:00:00Z"}'
         await bridge.publish(CMD, command, retain=False)
-        await wait_until(lambda: len(commands) == 1)
+        await wait_for_async(lambda: len(commands) == 1, timeout=WAIT_S, what="len(commands) == 1")
 
     _run(mosquitto, push.run, scenario)
     assert (commands[0].command, commands[0].id) == ("update_now", "c-1")
@@ -236,11 +245,17 @@ def test_on_a_clean_session_at_qos_0_documents_flow_and_a_switch_to_pull_ends_cl
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=4, mode="push")))
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: core.serial == 4, within=5)  # retained, sent to the new subscription
+        await wait_for_async(
+            lambda: core.serial == 4, timeout=WAIT_S, what="core.serial == 4"
+        )  # retained, sent to the new subscription
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=5, mode="push")), retain=False)
-        await wait_until(lambda: core.serial == 5, within=5)
+        await wait_for_async(lambda: core.serial == 5, timeout=WAIT_S, what="core.serial == 5")
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=6, mode="pull")))
-        await wait_until(lambda: bridge.last.get("online") is False, within=5)
+        await wait_for_async(
+            lambda: bridge.last.get("online") is False,
+            timeout=WAIT_S,
+            what='bridge.last.get("online") is False',
+        )
 
     bridge = _run(mosquitto, push.run, scenario, before=before)
     assert bridge.last["mode"] == "pull" and bridge.last["serial"] == 6
@@ -254,12 +269,24 @@ def test_the_will_says_offline_when_the_connection_dies_and_the_agent_comes_back
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: bridge.last.get("online") is True, within=5)
+        await wait_for_async(
+            lambda: bridge.last.get("online") is True,
+            timeout=WAIT_S,
+            what='bridge.last.get("online") is True',
+        )
         assert push.link is not None
         push.link.abort()  # the connection dies without DISCONNECT
-        await wait_until(lambda: bridge.last == {"agent_id": "agent-1", "online": False})
+        await wait_for_async(
+            lambda: bridge.last == {"agent_id": "agent-1", "online": False},
+            timeout=WAIT_S,
+            what='bridge.last == {"agent_id": "agent-1", "online": False}',
+        )
         # ...and the agent reconnects by itself (back-off) and says it is online again.
-        await wait_until(lambda: bridge.last.get("online") is True, within=5)
+        await wait_for_async(
+            lambda: bridge.last.get("online") is True,
+            timeout=WAIT_S,
+            what='bridge.last.get("online") is True',
+        )
         assert push.sessions == 2
 
     _run(mosquitto, push.run, scenario)
@@ -273,17 +300,21 @@ def test_a_location_move_moves_the_subscription(
     other = config_topic(DEFAULT_PREFIX, GROUP_ID, LOCATION_ID + 1)
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: push.connected, within=5)
+        await wait_for_async(lambda: push.connected, timeout=WAIT_S, what="push.connected")
         # A heartbeat moves the agent to another location.
         moved = key.sign_envelope(make_doc(serial=10, mode="push", location_id=LOCATION_ID + 1))
         assert core.offer(moved, "heartbeat").applied
-        await wait_until(lambda: bridge.last.get("location_id") == LOCATION_ID + 1)
+        await wait_for_async(
+            lambda: bridge.last.get("location_id") == LOCATION_ID + 1,
+            timeout=WAIT_S,
+            what='bridge.last.get("location_id") == LOCATION_ID + 1',
+        )
         # The old location's document is no longer heard; the new one's is.
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=11, mode="push")))
         await bridge.publish(
             other, key.sign_envelope(make_doc(serial=12, mode="push", location_id=LOCATION_ID + 1))
         )
-        await wait_until(lambda: core.serial == 12)
+        await wait_for_async(lambda: core.serial == 12, timeout=WAIT_S, what="core.serial == 12")
         assert core.location_id == LOCATION_ID + 1
 
     _run(mosquitto, push.run, scenario)
@@ -305,7 +336,11 @@ def test_a_group_the_account_may_not_read_is_refused_until_the_bridge_moves_the_
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=4, mode="push")))
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: any("Not authorized" in r.getMessage() for r in caplog.records))
+        await wait_for_async(
+            lambda: any("Not authorized" in r.getMessage() for r in caplog.records),
+            timeout=WAIT_S,
+            what='any("Not authorized" in r.getMessage() for r in caplog.records)',
+        )
         assert core.serial == 1 and not push.connected
         accounts.move_agent(
             mosquitto.admin,
@@ -314,8 +349,14 @@ def test_a_group_the_account_may_not_read_is_refused_until_the_bridge_moves_the_
             old_group_id=GROUP_ID + 1,
             new_group_id=GROUP_ID,
         )
-        await wait_until(lambda: core.serial == 4)  # the retained document, on the topic it may now read
-        await wait_until(lambda: bridge.last.get("serial") == 4 and bridge.last.get("online") is True)
+        await wait_for_async(
+            lambda: core.serial == 4, timeout=WAIT_S, what="core.serial == 4"
+        )  # the retained document, on the topic it may now read
+        await wait_for_async(
+            lambda: bridge.last.get("serial") == 4 and bridge.last.get("online") is True,
+            timeout=WAIT_S,
+            what='bridge.last.get("serial") == 4 and bridge.last.get("online") is True',
+        )
 
     with caplog.at_level(logging.ERROR, logger="agent_stub.push"):
         _run(mosquitto, push.run, scenario, before=before)
@@ -339,15 +380,25 @@ def test_the_runtime_falls_back_to_pull_while_the_broker_is_away(
     runtime, manager = _runtime(key, mosquitto, push_settings)
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: runtime.transport == "push", within=5)
+        await wait_for_async(
+            lambda: runtime.transport == "push", timeout=WAIT_S, what='runtime.transport == "push"'
+        )
         await bridge.link.close()
         mosquitto.stop()
-        await wait_until(lambda: runtime.transport == "pull", within=5)
+        await wait_for_async(
+            lambda: runtime.transport == "pull", timeout=WAIT_S, what='runtime.transport == "pull"'
+        )
         assert not runtime.push.connected
         runtime.update_now()  # heartbeats go on, and say pull
-        await wait_until(lambda: manager.requests[-1].mode == "pull")
+        await wait_for_async(
+            lambda: manager.requests[-1].mode == "pull",
+            timeout=WAIT_S,
+            what='manager.requests[-1].mode == "pull"',
+        )
         mosquitto.start()
-        await wait_until(lambda: runtime.transport == "push", within=5)
+        await wait_for_async(
+            lambda: runtime.transport == "push", timeout=WAIT_S, what='runtime.transport == "push"'
+        )
         assert runtime.push.sessions == 2
         await bridge.start()  # a session of its own again, subscribed again
 
@@ -361,18 +412,30 @@ def test_the_runtime_follows_mode_changes(
     runtime, manager = _runtime(key, mosquitto, push_settings)
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_until(lambda: bridge.last.get("online") is True, within=5)
+        await wait_for_async(
+            lambda: bridge.last.get("online") is True,
+            timeout=WAIT_S,
+            what='bridge.last.get("online") is True',
+        )
         assert runtime.transport == "push"
         # The operator switches the group to pull: the bridge publishes it.
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=2, mode="pull")))
-        await wait_until(lambda: bridge.last.get("online") is False, within=5)
+        await wait_for_async(
+            lambda: bridge.last.get("online") is False,
+            timeout=WAIT_S,
+            what='bridge.last.get("online") is False',
+        )
         assert bridge.last["mode"] == "pull" and bridge.last["serial"] == 2
-        await wait_until(lambda: runtime.transport == "pull")
+        await wait_for_async(
+            lambda: runtime.transport == "pull", timeout=WAIT_S, what='runtime.transport == "pull"'
+        )
         # Back to push, learnt from a heartbeat this time.
         manager.envelope = key.sign_envelope(make_doc(serial=3, mode="push"))
         runtime.update_now()
-        await wait_until(
-            lambda: bridge.last.get("online") is True and bridge.last.get("serial") == 3, within=5
+        await wait_for_async(
+            lambda: bridge.last.get("online") is True and bridge.last.get("serial") == 3,
+            timeout=WAIT_S,
+            what='bridge.last.get("online") is True and bridge.last.get("serial") == 3',
         )
         assert runtime.transport == "push"
 

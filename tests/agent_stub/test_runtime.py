@@ -15,8 +15,9 @@ from agent_stub.runtime import AgentRuntime
 from agent_stub.state import MemoryStateStore
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
-from tests.agent_stub.conftest import make_doc, make_identity, wait_until
+from tests.agent_stub.conftest import WAIT_S, make_doc, make_identity
 from tests.agent_stub.fakes import CMD, HELD, Broker, FakeManager
+from tests.support.waiting import wait_for_async
 
 
 class Rig:
@@ -61,7 +62,9 @@ def test_without_broker_credentials_it_only_pulls(key: SigningKey, push_settings
     rig = _rig(key, push_settings, mqtt=False, mode="push")
 
     async def scenario(r: Rig) -> None:
-        await wait_until(lambda: len(r.manager.requests) == 2)  # first beat, then the applied serial
+        await wait_for_async(
+            lambda: len(r.manager.requests) == 2, timeout=WAIT_S, what="len(r.manager.requests) == 2"
+        )  # first beat, then the applied serial
         await asyncio.sleep(0.05)
 
     rig.run(scenario)
@@ -74,7 +77,9 @@ def test_a_pull_document_keeps_it_pulling(key: SigningKey, push_settings: AgentS
     rig = _rig(key, push_settings, mode="pull")
 
     async def scenario(r: Rig) -> None:
-        await wait_until(lambda: len(r.manager.requests) == 2)
+        await wait_for_async(
+            lambda: len(r.manager.requests) == 2, timeout=WAIT_S, what="len(r.manager.requests) == 2"
+        )
         await asyncio.sleep(0.05)
 
     rig.run(scenario)
@@ -87,25 +92,43 @@ def test_push_comes_and_goes_with_the_document_mode(key: SigningKey, push_settin
 
     async def scenario(r: Rig) -> None:
         # The first heartbeat brings a push document: the session starts, transport says push...
-        await wait_until(lambda: r.runtime.push.connected)
-        await wait_until(lambda: r.core.transport == "push")
+        await wait_for_async(
+            lambda: r.runtime.push.connected, timeout=WAIT_S, what="r.runtime.push.connected"
+        )
+        await wait_for_async(
+            lambda: r.core.transport == "push", timeout=WAIT_S, what='r.core.transport == "push"'
+        )
         seen.append(r.core.status.transport or "")
         # ...and a heartbeat tells the manager at once, not an interval later.
-        await wait_until(lambda: r.manager.requests[-1].mode == "push")
+        await wait_for_async(
+            lambda: r.manager.requests[-1].mode == "push",
+            timeout=WAIT_S,
+            what='r.manager.requests[-1].mode == "push"',
+        )
 
         # A pull document arrives over MQTT: the session ends cleanly, heartbeats go on.
         r.broker.link.deliver(HELD, r.envelope(serial=2, mode="pull"))
-        await wait_until(lambda: ("close", True) in r.broker.calls)
-        await wait_until(lambda: r.core.transport == "pull")
+        await wait_for_async(
+            lambda: ("close", True) in r.broker.calls,
+            timeout=WAIT_S,
+            what='("close", True) in r.broker.calls',
+        )
+        await wait_for_async(
+            lambda: r.core.transport == "pull", timeout=WAIT_S, what='r.core.transport == "pull"'
+        )
         count = len(r.manager.requests)
         r.runtime.update_now()
-        await wait_until(lambda: len(r.manager.requests) > count)
+        await wait_for_async(
+            lambda: len(r.manager.requests) > count, timeout=WAIT_S, what="len(r.manager.requests) > count"
+        )
         assert r.manager.requests[-1].mode == "pull"
 
         # The manager switches back to push: the next heartbeat brings it, the session starts again.
         r.manager.envelope = r.envelope(serial=3, mode="push")
         r.runtime.update_now()
-        await wait_until(lambda: r.core.transport == "push")
+        await wait_for_async(
+            lambda: r.core.transport == "push", timeout=WAIT_S, what='r.core.transport == "push"'
+        )
 
     rig.run(scenario)
     assert seen == ["push"]
@@ -118,14 +141,24 @@ def test_update_now_command_heartbeats_at_once(key: SigningKey, push_settings: A
     rig = _rig(key, push_settings, mode="push")
 
     async def scenario(r: Rig) -> None:
-        await wait_until(lambda: r.runtime.push.connected)
-        await wait_until(lambda: r.manager.requests[-1].mode == "push")
+        await wait_for_async(
+            lambda: r.runtime.push.connected, timeout=WAIT_S, what="r.runtime.push.connected"
+        )
+        await wait_for_async(
+            lambda: r.manager.requests[-1].mode == "push",
+            timeout=WAIT_S,
+            what='r.manager.requests[-1].mode == "push"',
+        )
         await asyncio.sleep(0.02)  # the loop now sleeps an hour
         count = len(r.manager.requests)
         r.broker.link.deliver(
             CMD, b'{"command": "update_now", "id": "c-9", "issued_at": "2024-05-01T12:00:00Z"}'
         )
-        await wait_until(lambda: len(r.manager.requests) == count + 1)
+        await wait_for_async(
+            lambda: len(r.manager.requests) == count + 1,
+            timeout=WAIT_S,
+            what="len(r.manager.requests) == count + 1",
+        )
 
     rig.run(scenario)
 
@@ -134,15 +167,29 @@ def test_transport_is_pull_while_the_broker_is_away(key: SigningKey, push_settin
     rig = _rig(key, push_settings, mode="push")
 
     async def scenario(r: Rig) -> None:
-        await wait_until(lambda: r.core.transport == "push")
+        await wait_for_async(
+            lambda: r.core.transport == "push", timeout=WAIT_S, what='r.core.transport == "push"'
+        )
         r.broker.connect_failures = [LinkUnavailable("broker down")] * 3
         r.broker.link.drop()  # the broker went away
-        await wait_until(lambda: r.core.transport == "pull")
+        await wait_for_async(
+            lambda: r.core.transport == "pull", timeout=WAIT_S, what='r.core.transport == "pull"'
+        )
         r.runtime.update_now()
-        await wait_until(lambda: r.manager.requests[-1].mode == "pull")
-        await wait_until(lambda: r.core.transport == "push")
+        await wait_for_async(
+            lambda: r.manager.requests[-1].mode == "pull",
+            timeout=WAIT_S,
+            what='r.manager.requests[-1].mode == "pull"',
+        )
+        await wait_for_async(
+            lambda: r.core.transport == "push", timeout=WAIT_S, what='r.core.transport == "push"'
+        )
         # The manager last heard "pull": the session coming back is reported at once.
-        await wait_until(lambda: r.manager.requests[-1].mode == "push")
+        await wait_for_async(
+            lambda: r.manager.requests[-1].mode == "push",
+            timeout=WAIT_S,
+            what='r.manager.requests[-1].mode == "push"',
+        )
 
     rig.run(scenario)
 
@@ -154,10 +201,18 @@ def test_a_session_back_after_a_blip_costs_no_heartbeat(
     rig = _rig(key, push_settings, mode="push")
 
     async def scenario(r: Rig) -> None:
-        await wait_until(lambda: bool(r.manager.requests) and r.manager.requests[-1].mode == "push")
+        await wait_for_async(
+            lambda: bool(r.manager.requests) and r.manager.requests[-1].mode == "push",
+            timeout=WAIT_S,
+            what='bool(r.manager.requests) and r.manager.requests[-1].mode == "push"',
+        )
         count = len(r.manager.requests)
         r.broker.link.drop()
-        await wait_until(lambda: r.runtime.push.sessions == 2 and r.core.transport == "push")
+        await wait_for_async(
+            lambda: r.runtime.push.sessions == 2 and r.core.transport == "push",
+            timeout=WAIT_S,
+            what='r.runtime.push.sessions == 2 and r.core.transport == "push"',
+        )
         await asyncio.sleep(0.05)
         assert len(r.manager.requests) == count
 

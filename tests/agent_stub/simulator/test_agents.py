@@ -14,8 +14,9 @@ from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.topics import cmd_topic, config_topic
 from fabric_core.wire import MqttDelivery
-from tests.agent_stub.conftest import make_identity, wait_until
+from tests.agent_stub.conftest import WAIT_S, make_identity
 from tests.agent_stub.fakes import PREFIX, Broker
+from tests.support.waiting import wait_for_async
 
 KEY = (3, 7)
 
@@ -48,7 +49,7 @@ def test_a_bare_client_subscribes_as_the_delivery_says(
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
-            await wait_until(lambda: agent.push_session)
+            await wait_for_async(lambda: agent.push_session, timeout=WAIT_S, what="agent.push_session")
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=10)
