@@ -10,6 +10,7 @@ from typing import NoReturn, TypeVar
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from rich.console import Console
+from rich.text import Text
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -18,7 +19,8 @@ SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print `error: message` on stderr and exit with `code`."""
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False)
+    # As plain text (not markup: "[::1]" is no style) on one line, however wide (soft_wrap).
+    stderr.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
     raise SystemExit(code)
 
 

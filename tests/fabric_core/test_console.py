@@ -27,11 +27,6 @@ def test_fail_exits_with_the_code_given(capsys: pytest.CaptureFixture[str]) -> N
     assert capsys.readouterr().err == "error: the manager refused: 403\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported: fail() prints through rich, which wraps at the console width (80 columns when "
-    "stderr is not a terminal), so a long message becomes two lines",
-)
 def test_a_long_failure_is_still_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     message = "the manager refused: 422 " + "x" * 400  # e.g. a long answer body
     with pytest.raises(SystemExit):
@@ -40,11 +35,6 @@ def test_a_long_failure_is_still_one_line(capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported: fail() prints the message as rich markup, so text in square brackets is taken "
-    "for a style and dropped",
-)
 def test_a_failure_message_is_printed_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         fail("cannot reach mqtt://[::1]:1883 [errno 111]")
