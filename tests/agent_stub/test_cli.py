@@ -203,7 +203,7 @@ def test_update_now_as_the_agent_starts_does_not_kill_it(
         )
         for _ in range(20):
             proc.send_signal(signal.SIGUSR1)
-            time.sleep(0.005)
+            time.sleep(0.005)  # not a wait: the signals are spread over the start on purpose
         wait_for(
             lambda: proc.poll() is not None or len(HeartbeatServer.heartbeats) >= 2,
             timeout=PROCESS_WAIT_S,

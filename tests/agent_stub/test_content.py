@@ -146,7 +146,7 @@ class Agent:
         )
 
     def content(self, client: ManagerClient, **options: Any) -> ContentSync:
-        async def sleep(delay: float) -> None:
+        async def sleep(delay: float) -> None:  # a fake sleep: the delay asked is recorded, not slept
             self.slept.append(delay)
 
         options.setdefault("sleep", sleep)
@@ -328,7 +328,7 @@ def test_the_download_waits_a_random_delay_drawn_within_the_window(admin: Admin,
             windows.append((a, b))
             return super().uniform(a, b)
 
-    async def sleep(delay: float) -> None:
+    async def sleep(delay: float) -> None:  # a fake sleep: it records when it was asked for
         requests_before_sleep.append(len(agent.transport.seen))
         agent.slept.append(delay)
 
@@ -373,7 +373,7 @@ def test_a_newer_document_supersedes_a_sync_in_progress(admin: Admin, agent: Age
     async def scenario() -> ContentSync:
         gate = asyncio.Event()
 
-        async def sleep(delay: float) -> None:
+        async def sleep(delay: float) -> None:  # a fake sleep: the first one lasts until superseded
             agent.slept.append(delay)
             if len(agent.slept) == 1:
                 await gate.wait()  # the first pass waits out its window until superseded

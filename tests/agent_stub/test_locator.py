@@ -15,7 +15,8 @@ from agent_stub.locator import LocationTracker, host_facts_reader
 from agent_stub.state import FileStateStore
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
-from tests.agent_stub.conftest import LOCATION_ID, make_doc
+from tests.agent_stub.conftest import LOCATION_ID, WAIT_S, make_doc
+from tests.support.waiting import wait_for_async
 
 OFFICE = LOCATION_ID + 1
 
@@ -96,13 +97,11 @@ def test_changed_facts_are_noticed_without_waiting_for_the_timer(
     async def scenario() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(locations.run(stop))
-        await asyncio.sleep(0.05)
-        assert locations.wanted == LOCATION_ID
+        # The first evaluation, at once: nothing matches, the current location stays.
+        await wait_for_async(lambda: locations.wanted == LOCATION_ID, timeout=WAIT_S, what="a first choice")
         facts.value = HostFacts(addresses=("10.1.9.9",))  # the laptop joins the office network
-        for _ in range(100):
-            if locations.wanted == OFFICE:
-                break
-            await asyncio.sleep(0.01)
+        # Within a second, where the timer would take an hour.
+        await wait_for_async(lambda: locations.wanted == OFFICE, timeout=1.0, what="the office chosen")
         stop.set()
         await task
 

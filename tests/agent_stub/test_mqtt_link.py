@@ -213,7 +213,7 @@ def test_a_silent_server_times_out_without_blocking_the_loop() -> None:
             async def ticker() -> None:
                 nonlocal ticks
                 while True:
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.01)  # not a wait: the ticker counts the loop's turns
                     ticks += 1
 
             task = asyncio.create_task(ticker())

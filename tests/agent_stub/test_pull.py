@@ -7,6 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -118,10 +119,12 @@ def test_first_heartbeat_is_immediate_and_applies_the_document(
 
     async def scenario(loop: PullLoop) -> None:
         # Bounds far below the 60 s interval: a loop that waited for it would miss them by far.
-        await wait_for_async(
-            lambda: len(manager.requests) == 2, timeout=WAIT_S, what="len(manager.requests) == 2"
-        )
-        await asyncio.sleep(0.05)  # the loop now sleeps next_heartbeat_s (60 s): no third heartbeat
+        await wait_for_async(lambda: loop.heartbeats == 2, timeout=WAIT_S, what="two heartbeats answered")
+        # The second answer planned the next heartbeat a whole interval (60 s) away: the loop sleeps, and
+        # the two requests below are all it sent.
+        planned = core.status
+        assert planned.next_heartbeat_at is not None and planned.last_heartbeat_at is not None
+        assert planned.next_heartbeat_at - planned.last_heartbeat_at == timedelta(seconds=60)
 
     stop_took = _run(core, manager, settings, scenario)
 
@@ -141,11 +144,8 @@ def test_update_now_cuts_the_sleep_short(
     core: AgentCore, manager: FakeManager, settings: AgentSettings
 ) -> None:
     async def scenario(loop: PullLoop) -> None:
-        # The first heartbeat applies serial 5, the second reports it; then the loop sleeps 60 s.
-        await wait_for_async(
-            lambda: len(manager.requests) == 2, timeout=WAIT_S, what="len(manager.requests) == 2"
-        )
-        await asyncio.sleep(0.02)
+        # The first heartbeat applies serial 5, the second reports it; answered, the loop sleeps 60 s.
+        await wait_for_async(lambda: loop.heartbeats == 2, timeout=WAIT_S, what="two heartbeats answered")
         loop.update_now()
         await wait_for_async(
             lambda: len(manager.requests) == 3, timeout=WAIT_S, what="len(manager.requests) == 3"

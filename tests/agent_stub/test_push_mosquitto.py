@@ -451,13 +451,18 @@ def test_stopping_does_not_wait_for_a_silent_broker(key: SigningKey, push_settin
         push = _push(core, settings, [])
 
         async def main() -> float:
+            loop = asyncio.get_running_loop()
+            silent.setblocking(False)
             stop = asyncio.Event()
             task = asyncio.create_task(push.run(stop))
-            await asyncio.sleep(0.1)  # connecting: TCP accepted, CONNACK never comes
-            stop.set()
-            started = time.monotonic()
-            await asyncio.wait_for(task, timeout=30)
-            return time.monotonic() - started
+            # Connecting: TCP accepted and CONNECT sent; the CONNACK never comes.
+            connection, _ = await asyncio.wait_for(loop.sock_accept(silent), timeout=WAIT_S)
+            with connection:
+                assert await asyncio.wait_for(loop.sock_recv(connection, 1), timeout=WAIT_S) == b"\x10"
+                stop.set()
+                started = time.monotonic()
+                await asyncio.wait_for(task, timeout=30)
+                return time.monotonic() - started
 
         assert asyncio.run(main()) < 5  # not the 30 s connect timeout
     assert not push.connected

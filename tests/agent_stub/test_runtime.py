@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -58,14 +59,20 @@ def _rig(key: SigningKey, settings: AgentSettings, *, mqtt: bool = True, **first
     return Rig(core, key, settings, manager)
 
 
+async def _a_cycle_after_the_document(r: Rig) -> None:
+    """Wait for the first heartbeat (it applies the document), the second (it reports the serial), and
+    a third asked for now: a whole turn of the pull loop after the document was applied, by when a push
+    loop started for that document would have made its link (its first step)."""
+    await wait_for_async(lambda: len(r.manager.requests) == 2, timeout=WAIT_S, what="two heartbeats")
+    r.runtime.update_now()
+    await wait_for_async(lambda: len(r.manager.requests) == 3, timeout=WAIT_S, what="a third heartbeat")
+
+
 def test_without_broker_credentials_it_only_pulls(key: SigningKey, push_settings: AgentSettings) -> None:
     rig = _rig(key, push_settings, mqtt=False, mode="push")
 
     async def scenario(r: Rig) -> None:
-        await wait_for_async(
-            lambda: len(r.manager.requests) == 2, timeout=WAIT_S, what="len(r.manager.requests) == 2"
-        )  # first beat, then the applied serial
-        await asyncio.sleep(0.05)
+        await _a_cycle_after_the_document(r)
 
     rig.run(scenario)
     assert rig.core.mode == "push" and rig.core.serial == 1
@@ -77,10 +84,7 @@ def test_a_pull_document_keeps_it_pulling(key: SigningKey, push_settings: AgentS
     rig = _rig(key, push_settings, mode="pull")
 
     async def scenario(r: Rig) -> None:
-        await wait_for_async(
-            lambda: len(r.manager.requests) == 2, timeout=WAIT_S, what="len(r.manager.requests) == 2"
-        )
-        await asyncio.sleep(0.05)
+        await _a_cycle_after_the_document(r)
 
     rig.run(scenario)
     assert rig.broker.links == [] and rig.core.transport == "pull"
@@ -149,7 +153,10 @@ def test_update_now_command_heartbeats_at_once(key: SigningKey, push_settings: A
             timeout=WAIT_S,
             what='r.manager.requests[-1].mode == "push"',
         )
-        await asyncio.sleep(0.02)  # the loop now sleeps an hour
+        # Answered, that heartbeat planned the next one an hour away: the loop sleeps.
+        planned = r.core.status
+        assert planned.next_heartbeat_at is not None and planned.last_heartbeat_at is not None
+        assert planned.next_heartbeat_at - planned.last_heartbeat_at == timedelta(hours=1)
         count = len(r.manager.requests)
         r.broker.link.deliver(
             CMD, b'{"command": "update_now", "id": "c-9", "issued_at": "2024-05-01T12:00:00Z"}'
@@ -207,13 +214,18 @@ def test_a_session_back_after_a_blip_costs_no_heartbeat(
             what='bool(r.manager.requests) and r.manager.requests[-1].mode == "push"',
         )
         count = len(r.manager.requests)
+        # A heartbeat comes only from the pull loop's update_now(), which the runtime calls, or not, as
+        # the session comes up (PullLoop.report_transport): record the calls.
+        asked: list[str] = []
+        ask = r.runtime.pull.update_now
+        r.runtime.pull.update_now = lambda: (asked.append("heartbeat"), ask())[-1]  # type: ignore[method-assign]
         r.broker.link.drop()
         await wait_for_async(
             lambda: r.runtime.push.sessions == 2 and r.core.transport == "push",
             timeout=WAIT_S,
-            what='r.runtime.push.sessions == 2 and r.core.transport == "push"',
+            what="the session back up",
         )
-        await asyncio.sleep(0.05)
-        assert len(r.manager.requests) == count
+        # The session is up, and the runtime has decided in the same step: no heartbeat asked for.
+        assert asked == [] and len(r.manager.requests) == count
 
     rig.run(scenario)

@@ -9,6 +9,8 @@ import pytest
 from agent_stub.errors import ManagerUnreachable
 from agent_stub.simulator.stats import CountingClient, FleetStats
 from fabric_core.wire import HeartbeatRequest, HeartbeatResponse
+from tests.agent_stub.conftest import WAIT_S
+from tests.support.waiting import wait_for_async
 
 REQUEST = HeartbeatRequest(serial=3, mode="pull")
 ANSWER = HeartbeatResponse(changed=False, serial=3, next_heartbeat_s=300)
@@ -37,9 +39,8 @@ def test_a_heartbeat_is_pending_from_its_request_until_it_ends(failure: Exceptio
         manager.failure = failure
         client = CountingClient(manager, stats, asyncio.Semaphore(1))  # type: ignore[arg-type]
         beats = [asyncio.create_task(client.heartbeat(REQUEST)) for _ in range(2)]
-        await asyncio.sleep(0.01)
         # One on the pool's only connection, one waiting for it: both count, only the first has left.
-        assert stats.heartbeats_pending == 2
+        await wait_for_async(lambda: stats.heartbeats_pending == 2, timeout=WAIT_S, what="two pending")
         assert stats.rates()["heartbeats"] == 1
         manager.release.set()
         await asyncio.gather(*beats, return_exceptions=True)
