@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import shutil
+import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ from agent_stub.facts import (
     read_host_facts,
     read_network_types,
 )
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 FIB_TRIE = """\
 Main:
@@ -106,11 +111,50 @@ def fake_root(tmp_path: Path) -> Path:
 # --- the reader ---------------------------------------------------------------------------------------
 
 
-def test_read_host_facts_on_this_machine_is_sane() -> None:
+def _kernel_addresses() -> tuple[set[IPAddress], set[IPAddress]]:
+    """The host's addresses as the kernel tells them over netlink (`ip -j addr`), not from the /proc files
+    the reader parses; without loopback and IPv6 link-local: (those of interfaces that are up, all)."""
+    ip = shutil.which("ip")
+    if ip is None:
+        pytest.fail("this test compares the reader with `ip -j addr`: install iproute2", pytrace=False)
+    done = subprocess.run([ip, "-j", "addr"], capture_output=True, text=True, check=True, timeout=10)
+    up: set[IPAddress] = set()
+    every: set[IPAddress] = set()
+    for interface in json.loads(done.stdout):
+        for info in interface.get("addr_info") or ():
+            address = ipaddress.ip_address(info["local"])
+            if address.is_loopback or (address.version == 6 and address.is_link_local):
+                continue
+            every.add(address)
+            if "UP" in interface.get("flags", ()):
+                up.add(address)
+    return up, every
+
+
+def _hostname_addresses() -> set[IPAddress]:
+    """What the host's name resolves to, which the reader adds (e.g. from /etc/hosts)."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None)
+    except (OSError, UnicodeError):
+        return set()
+    return {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+
+
+def test_read_host_facts_on_this_machine_finds_the_kernels_addresses() -> None:
+    up_before, every_before = _kernel_addresses()
     facts = read_host_facts()
-    assert isinstance(facts.addresses, tuple)
-    for address in facts.addresses:  # possibly none at all in a sandbox, never loopback
-        assert not ipaddress.ip_address(address).is_loopback
+    up_after, every_after = _kernel_addresses()
+    # Read twice around the reader, so that an address coming or going meanwhile cannot fail the test.
+    up, every = up_before & up_after, every_before | every_after
+    assert up, "the kernel lists no address beyond loopback and link-local here: nothing to compare with"
+
+    found = {ipaddress.ip_address(address.split("%")[0]) for address in facts.addresses}
+    assert up <= found, f"addresses of interfaces that are up, not found: {sorted(map(str, up - found))}"
+    assert found <= every | _hostname_addresses(), (
+        f"found but not the host's: {sorted(map(str, found - every))}"
+    )
+    for address in found:
+        assert not address.is_loopback and not (address.version == 6 and address.is_link_local)
     for address in (*facts.gateways, *facts.dns_servers):
         ipaddress.ip_address(address.split("%")[0])
     assert facts.network_types <= {"ethernet", "wireless", "vpn"}
