@@ -4,9 +4,11 @@ tests/support/broker.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,26 @@ def make_identity(
         mqtt=mqtt,
         hostname="host-1",
     )
+
+
+@contextlib.asynccontextmanager
+async def running(
+    loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    *,
+    stop_within: float,
+    stop_at_end: bool = True,
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run `loop(stop)` (a pull, push or runtime loop) as a task while the body of the `async with` drives
+    it; then set `stop` (unless `stop_at_end` is false: the body expects the loop to end by itself) and
+    wait for the task to end, failing after `stop_within` seconds (a loop that ignored stop would run on)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop(stop))
+    try:
+        yield task
+    finally:
+        if stop_at_end:
+            stop.set()
+        await asyncio.wait_for(task, timeout=stop_within)
 
 
 @pytest.fixture(autouse=True)

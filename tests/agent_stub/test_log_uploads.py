@@ -28,7 +28,7 @@ from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.wire import LogBatch
 from tests.agent_stub.agent_process import HeartbeatServer, running_agent, stop_agent
-from tests.agent_stub.conftest import WAIT_S, make_doc, make_identity
+from tests.agent_stub.conftest import WAIT_S, make_doc, make_identity, running
 from tests.agent_stub.fakes import Broker, StoringManager
 from tests.support.waiting import wait_for, wait_for_async
 
@@ -59,9 +59,7 @@ class Rig:
 
     def run(self, scenario: Callable[[Rig], Awaitable[None]]) -> None:
         async def main() -> None:
-            stop = asyncio.Event()
-            task = asyncio.create_task(self.runtime.run(stop))
-            try:
+            async with running(self.runtime.run, stop_within=10.0):
                 # The first heartbeat applies serial 1, the second reports it; then an hour's sleep.
                 await wait_for_async(
                     lambda: self.runtime.pull.heartbeats == 2,
@@ -69,9 +67,6 @@ class Rig:
                     what="self.runtime.pull.heartbeats == 2",
                 )
                 await scenario(self)
-            finally:
-                stop.set()
-                await asyncio.wait_for(task, timeout=10.0)
 
         asyncio.run(main())
 

@@ -21,7 +21,7 @@ from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
 from fabric_core.topics import cmd_topic, config_topic
 from fabric_core.wire import AgentCommand, MqttDelivery
-from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, WAIT_S, make_doc, make_identity
+from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID, WAIT_S, make_doc, make_identity, running
 from tests.agent_stub.fakes import CMD, HELD, PREFIX, STATE, Broker, FakeLink
 from tests.support.waiting import wait_for_async
 
@@ -47,14 +47,8 @@ class Harness:
 
     def run(self, scenario: Callable[[Harness], Awaitable[None]], *, stop_after: bool = True) -> None:
         async def main() -> None:
-            stop = asyncio.Event()
-            task = asyncio.create_task(self.push.run(stop))
-            try:
+            async with running(self.push.run, stop_within=10.0, stop_at_end=stop_after):
                 await scenario(self)
-            finally:
-                if stop_after:
-                    stop.set()
-                await asyncio.wait_for(task, timeout=10.0)
 
         asyncio.run(main())
 

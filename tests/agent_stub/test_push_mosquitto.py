@@ -36,6 +36,7 @@ from tests.agent_stub.conftest import (
     broker_identity,
     make_doc,
     make_identity,
+    running,
 )
 from tests.agent_stub.fakes import FakeManager
 from tests.support.broker import Broker
@@ -89,6 +90,16 @@ class Bridge:
     def last(self) -> dict[str, Any]:
         return self.states[-1] if self.states else {}
 
+    async def reported(self, **fields: Any) -> dict[str, Any]:
+        """Wait until the last state the agent reported holds `fields` (True is not 1); return it."""
+
+        def holds() -> bool:
+            last = self.last
+            return all(k in last and type(last[k]) is type(v) and last[k] == v for k, v in fields.items())
+
+        await wait_for_async(holds, timeout=WAIT_S, what=lambda: f"a state with {fields}; got {self.states}")
+        return self.last
+
 
 def _agent(key: SigningKey, broker: Broker, **doc: Any) -> AgentCore:
     """An agent holding serial 1 of a push document (what its first heartbeat would have brought)."""
@@ -115,13 +126,8 @@ def _run(
         bridge = await Bridge(broker).start()
         if before is not None:
             await before(bridge)
-        stop = asyncio.Event()
-        task = asyncio.create_task(loop_under_test(stop))
-        try:
+        async with running(loop_under_test, stop_within=5):
             await scenario(bridge)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, timeout=5)
         await bridge.settle()  # the agent's last state (acknowledged before it disconnected) is in
         await bridge.link.close()
         return bridge
@@ -145,10 +151,7 @@ def test_a_late_joiner_applies_the_retained_document_and_reports_online(
 
     async def scenario(bridge: Bridge) -> None:
         await wait_for_async(lambda: core.serial == 4, timeout=WAIT_S, what="core.serial == 4")
-        await wait_for_async(
-            lambda: bridge.last.get("serial") == 4, timeout=WAIT_S, what='bridge.last.get("serial") == 4'
-        )
-        state = bridge.last
+        state = await bridge.reported(serial=4)
         assert state["online"] is True and state["mode"] == "push"
         assert (state["agent_id"], state["group_id"], state["location_id"]) == (
             "agent-1",
@@ -169,16 +172,10 @@ def test_a_document_published_while_connected_is_applied_at_once(
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_for_async(
-            lambda: bridge.last.get("online") is True,
-            timeout=WAIT_S,
-            what='bridge.last.get("online") is True',
-        )
+        await bridge.reported(online=True)
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=2, mode="push")))
         await wait_for_async(lambda: core.serial == 2, timeout=WAIT_S, what="core.serial == 2")
-        await wait_for_async(
-            lambda: bridge.last.get("serial") == 2, timeout=WAIT_S, what='bridge.last.get("serial") == 2'
-        )
+        await bridge.reported(serial=2)
 
     _run(mosquitto, push.run, scenario)
 
@@ -251,11 +248,7 @@ def test_on_a_clean_session_at_qos_0_documents_flow_and_a_switch_to_pull_ends_cl
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=5, mode="push")), retain=False)
         await wait_for_async(lambda: core.serial == 5, timeout=WAIT_S, what="core.serial == 5")
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=6, mode="pull")))
-        await wait_for_async(
-            lambda: bridge.last.get("online") is False,
-            timeout=WAIT_S,
-            what='bridge.last.get("online") is False',
-        )
+        await bridge.reported(online=False)
 
     bridge = _run(mosquitto, push.run, scenario, before=before)
     assert bridge.last["mode"] == "pull" and bridge.last["serial"] == 6
@@ -269,11 +262,7 @@ def test_the_will_says_offline_when_the_connection_dies_and_the_agent_comes_back
     push = _push(core, push_settings, [])
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_for_async(
-            lambda: bridge.last.get("online") is True,
-            timeout=WAIT_S,
-            what='bridge.last.get("online") is True',
-        )
+        await bridge.reported(online=True)
         assert push.link is not None
         push.link.abort()  # the connection dies without DISCONNECT
         await wait_for_async(
@@ -282,11 +271,7 @@ def test_the_will_says_offline_when_the_connection_dies_and_the_agent_comes_back
             what='bridge.last == {"agent_id": "agent-1", "online": False}',
         )
         # ...and the agent reconnects by itself (back-off) and says it is online again.
-        await wait_for_async(
-            lambda: bridge.last.get("online") is True,
-            timeout=WAIT_S,
-            what='bridge.last.get("online") is True',
-        )
+        await bridge.reported(online=True)
         assert push.sessions == 2
 
     _run(mosquitto, push.run, scenario)
@@ -304,11 +289,7 @@ def test_a_location_move_moves_the_subscription(
         # A heartbeat moves the agent to another location.
         moved = key.sign_envelope(make_doc(serial=10, mode="push", location_id=LOCATION_ID + 1))
         assert core.offer(moved, "heartbeat").applied
-        await wait_for_async(
-            lambda: bridge.last.get("location_id") == LOCATION_ID + 1,
-            timeout=WAIT_S,
-            what='bridge.last.get("location_id") == LOCATION_ID + 1',
-        )
+        await bridge.reported(location_id=LOCATION_ID + 1)
         # The old location's document is no longer heard; the new one's is.
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=11, mode="push")))
         await bridge.publish(
@@ -352,11 +333,7 @@ def test_a_group_the_account_may_not_read_is_refused_until_the_bridge_moves_the_
         await wait_for_async(
             lambda: core.serial == 4, timeout=WAIT_S, what="core.serial == 4"
         )  # the retained document, on the topic it may now read
-        await wait_for_async(
-            lambda: bridge.last.get("serial") == 4 and bridge.last.get("online") is True,
-            timeout=WAIT_S,
-            what='bridge.last.get("serial") == 4 and bridge.last.get("online") is True',
-        )
+        await bridge.reported(serial=4, online=True)
 
     with caplog.at_level(logging.ERROR, logger="agent_stub.push"):
         _run(mosquitto, push.run, scenario, before=before)
@@ -412,19 +389,11 @@ def test_the_runtime_follows_mode_changes(
     runtime, manager = _runtime(key, mosquitto, push_settings)
 
     async def scenario(bridge: Bridge) -> None:
-        await wait_for_async(
-            lambda: bridge.last.get("online") is True,
-            timeout=WAIT_S,
-            what='bridge.last.get("online") is True',
-        )
+        await bridge.reported(online=True)
         assert runtime.transport == "push"
         # The operator switches the group to pull: the bridge publishes it.
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=2, mode="pull")))
-        await wait_for_async(
-            lambda: bridge.last.get("online") is False,
-            timeout=WAIT_S,
-            what='bridge.last.get("online") is False',
-        )
+        await bridge.reported(online=False)
         assert bridge.last["mode"] == "pull" and bridge.last["serial"] == 2
         await wait_for_async(
             lambda: runtime.transport == "pull", timeout=WAIT_S, what='runtime.transport == "pull"'
@@ -432,11 +401,7 @@ def test_the_runtime_follows_mode_changes(
         # Back to push, learnt from a heartbeat this time.
         manager.envelope = key.sign_envelope(make_doc(serial=3, mode="push"))
         runtime.update_now()
-        await wait_for_async(
-            lambda: bridge.last.get("online") is True and bridge.last.get("serial") == 3,
-            timeout=WAIT_S,
-            what='bridge.last.get("online") is True and bridge.last.get("serial") == 3',
-        )
+        await bridge.reported(online=True, serial=3)
         assert runtime.transport == "push"
 
     _run(mosquitto, runtime.run, scenario)

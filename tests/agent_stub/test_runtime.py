@@ -16,7 +16,7 @@ from agent_stub.runtime import AgentRuntime
 from agent_stub.state import MemoryStateStore
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
-from tests.agent_stub.conftest import WAIT_S, make_doc, make_identity
+from tests.agent_stub.conftest import WAIT_S, make_doc, make_identity, running
 from tests.agent_stub.fakes import CMD, HELD, Broker, FakeManager
 from tests.support.waiting import wait_for_async
 
@@ -36,13 +36,8 @@ class Rig:
 
     def run(self, scenario: Callable[[Rig], Awaitable[None]]) -> None:
         async def main() -> None:
-            stop = asyncio.Event()
-            task = asyncio.create_task(self.runtime.run(stop))
-            try:
+            async with running(self.runtime.run, stop_within=10.0):
                 await scenario(self)
-            finally:
-                stop.set()
-                await asyncio.wait_for(task, timeout=10.0)
 
         asyncio.run(main())
 
