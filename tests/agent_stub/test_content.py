@@ -31,9 +31,8 @@ from fabric_core.settings import AgentSettings, Settings
 from fabric_core.wire import EffectiveDocument, EnrollResponse
 from local_stack.composition import manager_app
 from tests.agent_stub.conftest import WAIT_S
-from tests.api.conftest import Admin
 from tests.api.test_content import publish, sha
-from tests.conftest import ADMIN_KEY
+from tests.support.clients import ADMIN_KEY, Admin
 from tests.support.waiting import wait_for_async
 
 SERVER = "http://manager.test"
