@@ -153,8 +153,8 @@ def test_read_host_facts_on_this_machine_finds_the_kernels_addresses() -> None:
     assert found <= every | _hostname_addresses(), (
         f"found but not the host's: {sorted(map(str, found - every))}"
     )
-    for address in found:
-        assert not address.is_loopback and not (address.version == 6 and address.is_link_local)
+    for ip in found:
+        assert not ip.is_loopback and not (ip.version == 6 and ip.is_link_local)
     for address in (*facts.gateways, *facts.dns_servers):
         ipaddress.ip_address(address.split("%")[0])
     assert facts.network_types <= {"ethernet", "wireless", "vpn"}

@@ -395,9 +395,8 @@ def test_the_runtime_follows_mode_changes(
         await bridge.publish(CONFIG, key.sign_envelope(make_doc(serial=2, mode="pull")))
         await bridge.reported(online=False)
         assert bridge.last["mode"] == "pull" and bridge.last["serial"] == 2
-        await wait_for_async(
-            lambda: runtime.transport == "pull", timeout=WAIT_S, what='runtime.transport == "pull"'
-        )
+        # (runtime.core.transport: mypy holds runtime.transport to the "push" asserted above)
+        await wait_for_async(lambda: runtime.core.transport == "pull", timeout=WAIT_S, what="transport pull")
         # Back to push, learnt from a heartbeat this time.
         manager.envelope = key.sign_envelope(make_doc(serial=3, mode="push"))
         runtime.update_now()
