@@ -203,7 +203,14 @@ def test_a_broker_outage_holds_changes_in_the_outbox_until_it_returns(
     assert bridge.published == published
 
     stack.broker.start()
-    wait_for(lambda: pending_outbox(stack) == 0, timeout=15, what="the outbox to drain after the outage")
+    # The round marks the rows, then counts them in `published`: wait for the count, then the rows.
+    wait_for(
+        lambda: bridge.published,
+        until=lambda count: count >= published + 2,
+        timeout=15,
+        what="the bridge to settle the outbox after the outage",
+    )
+    assert pending_outbox(stack) == 0
     assert bridge.published == published + 2  # both rows settled (the newer document superseding the older)
     assert any(target in serials and error is None for serials, error in attempts)
     _, again = stack.push_agent(root["id"], hostname="after")
@@ -228,17 +235,24 @@ def test_many_changes_leave_in_serial_order_even_with_two_bridges(stack: Stack) 
         for n in range(1, 21):
             admin.put(f"/policies/{policy['id']}", {"body": {"n": n}})
         target = admin.effective(root["id"])["serial"]
-        wait_for(lambda: pending_outbox(stack) == 0, timeout=10, what="the outbox to drain")
+        rows = outbox_rows(stack)
+        assert rows == rows_before + 21  # one outbox row per change: the assignment and twenty edits
+
+        def settled() -> int:
+            return stack.bridge.bridge.published + second.bridge.published
+
+        # A round marks its rows, then counts them: wait for the count, then look at the rows.
+        wait_for(settled, until=lambda n: n >= rows, timeout=10, what="the bridges to settle the outbox")
+        assert pending_outbox(stack) == 0
+        # Each row settled once, by the lease holder, whichever bridge that is (superseded rows are
+        # settled without being sent).
+        assert settled() == rows
 
         # Everything the bridges sent arrives before a marker published after the outbox drained.
         sent = stack.broker.received_before_marker(client, topic)
         received = [orjson.loads(m.payload)["doc"]["serial"] for m in sent]
         assert received == sorted(received)  # never an older document after a newer one
         assert received[-1] == target
-        # One outbox row per change (the assignment and twenty edits), each settled once by the lease
-        # holder, whichever bridge that is: superseded rows are settled without being sent.
-        assert outbox_rows(stack) == rows_before + 21
-        assert stack.bridge.bridge.published + second.bridge.published == outbox_rows(stack)
     finally:
         second.stop()
 
@@ -291,6 +305,7 @@ def test_malformed_state_is_logged_and_dropped(stack: Stack) -> None:
     ):
         assert not client.publish(topic, payload).is_failure
     wait_for(lambda: stack.bridge.bridge.ingest.dropped >= 3, timeout=5, what="three dropped state messages")
+    assert stack.bridge.bridge.ingest.dropped == 3
     with Session(stack.fabric.engine) as session:
         stored = session.get(Agent, agent.id)
     assert stored is not None and stored.online is None
