@@ -105,6 +105,8 @@ class Agent(SQLModel, table=True):
     secret_hash: str = Field(max_length=64, unique=True)
     facts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     status: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    """When the stored status was reported: an older report never replaces it."""
     enrolled_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     last_seen: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     revoked_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))

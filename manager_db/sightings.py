@@ -2,8 +2,16 @@
 
 Two observers write the same columns of `agents`: the api's heartbeat ledger (every heartbeat) and the
 bridge's state ingest (every state message on the broker). Each passes what it observed; a field it
-did not observe is None and keeps the stored value. The newer observation wins: a sighting older than
-the stored `last_seen` changes nothing, whichever process wrote that. Revoked agents are not updated.
+did not observe is None and keeps the stored value. Revoked agents are not updated.
+
+The newer observation wins, column by column:
+
+- `last_seen`, `serial`, `location_id` and `mode` take a sighting only if it is not older than the
+  stored `last_seen`, whichever process wrote that;
+- `status` (reported by heartbeats only, and only when it changed) takes a sighting's status only if
+  it is not older than the stored status (`status_at`): a heartbeat flushed after a newer state
+  message still records its status, which the agent will not send again;
+- a served "update now" clears `update_requested` whatever the order.
 """
 
 from __future__ import annotations
@@ -13,12 +21,19 @@ from typing import Any
 
 from sqlalchemy import JSON, Connection, DateTime, bindparam, text
 
+_NEWER = "(last_seen IS NULL OR last_seen <= :seen)"
+_NEWER_STATUS = "(:status IS NOT NULL AND (status_at IS NULL OR status_at <= :seen))"
+# Every expression reads the row as it was before the UPDATE (SQLite and PostgreSQL alike).
 AGENT_SEEN = text(
-    "UPDATE agents SET last_seen = :seen, serial = COALESCE(:serial, serial), "
-    "location_id = COALESCE(:location_id, location_id), mode = COALESCE(:mode, mode), "
-    "status = COALESCE(:status, status), "
+    "UPDATE agents SET "
+    f"last_seen = CASE WHEN {_NEWER} THEN :seen ELSE last_seen END, "
+    f"serial = CASE WHEN {_NEWER} THEN COALESCE(:serial, serial) ELSE serial END, "
+    f"location_id = CASE WHEN {_NEWER} THEN COALESCE(:location_id, location_id) ELSE location_id END, "
+    f"mode = CASE WHEN {_NEWER} THEN COALESCE(:mode, mode) ELSE mode END, "
+    f"status = CASE WHEN {_NEWER_STATUS} THEN :status ELSE status END, "
+    f"status_at = CASE WHEN {_NEWER_STATUS} THEN :seen ELSE status_at END, "
     "update_requested = CASE WHEN :served_update THEN false ELSE update_requested END "
-    "WHERE id = :id AND revoked_at IS NULL AND (last_seen IS NULL OR last_seen <= :seen)"
+    "WHERE id = :id AND revoked_at IS NULL"
 ).bindparams(
     # none_as_null: a status not sent is SQL NULL (COALESCE keeps the stored one), not JSON 'null'
     bindparam("status", type_=JSON(none_as_null=True)),

@@ -1,5 +1,6 @@
 """`manager_db.sightings`: the one "agent seen" statement of the heartbeat ledger and the bridge's ingest,
-on SQLite and PostgreSQL: the newer sighting wins, a revoked agent is not updated, None keeps a column."""
+on SQLite and PostgreSQL: the newer sighting wins (the observation by `last_seen`, the status by when it
+was reported), a revoked agent is not updated, None keeps a column."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def test_the_newer_sighting_wins_whichever_comes_first(engine: Engine) -> None:
     see(engine, sighting("a1", seen=T0 + timedelta(seconds=10), serial=5, location_id=2, mode="push"))
 
     # An older observation written later (e.g. the ledger flushing after the bridge's ingest).
-    see(engine, sighting("a1", seen=T0, serial=3, location_id=1, mode="pull", status={"old": True}))
+    see(engine, sighting("a1", seen=T0, serial=3, location_id=1, mode="pull"))
 
     assert stored(engine, "a1") == {
         "last_seen": T0 + timedelta(seconds=10),
@@ -84,6 +85,42 @@ def test_the_newer_sighting_wins_whichever_comes_first(engine: Engine) -> None:
     see(engine, sighting("a1", seen=T0 + timedelta(seconds=20), serial=6, mode="pull"))
     assert (stored(engine, "a1")["serial"], stored(engine, "a1")["mode"]) == (6, "pull")
     assert stored(engine, "a1")["last_seen"] == T0 + timedelta(seconds=20)
+
+
+def test_a_heartbeat_flushed_after_a_newer_state_message_still_records_its_status(engine: Engine) -> None:
+    with Session(engine) as session:
+        agent = session.get(Agent, "a1")
+        assert agent is not None
+        agent.update_requested = True
+        session.add(agent)
+        session.commit()
+    # The bridge ingests a state message (no status: MQTT state carries none) ...
+    see(engine, sighting("a1", seen=T0 + timedelta(seconds=10), serial=5, mode="push"))
+    # ... before the ledger flushes the heartbeat that came just before it, with the agent's new status
+    # (sent once: the agent sends it only when it changed) and the update-now it was served.
+    heartbeat = sighting("a1", seen=T0, serial=4, mode="pull", status={"disk": "ok"}, served_update=True)
+    see(engine, heartbeat)
+
+    assert stored(engine, "a1") == {
+        "last_seen": T0 + timedelta(seconds=10),
+        "serial": 5,
+        "location_id": None,
+        "mode": "push",
+        "status": {"disk": "ok"},
+        "update_requested": False,
+    }
+
+
+def test_an_older_status_never_replaces_a_newer_one(engine: Engine) -> None:
+    # Two replicas: the newer heartbeat's bookkeeping is flushed first.
+    see(engine, sighting("a1", seen=T0 + timedelta(seconds=10), serial=5, status={"disk": "full"}))
+    see(engine, sighting("a1", seen=T0, serial=4, status={"disk": "ok"}))
+
+    assert stored(engine, "a1")["status"] == {"disk": "full"}
+    assert stored(engine, "a1")["serial"] == 5
+
+    see(engine, sighting("a1", seen=T0 + timedelta(seconds=20), status={"disk": "ok"}))
+    assert stored(engine, "a1")["status"] == {"disk": "ok"}
 
 
 def test_a_sighting_at_the_same_moment_is_taken(engine: Engine) -> None:
