@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fabric_core.topics import DEFAULT_PREFIX
@@ -68,6 +68,21 @@ class Settings(BaseSettings):
     mosquitto_plugin: str | None = Field(
         default=None, description="path of mosquitto_dynamic_security.so; default: the usual install paths"
     )
+    tls_enabled: bool = Field(
+        default=True,
+        description="serve HTTPS; false only behind a TLS-terminating proxy (a warning is printed at start)",
+    )
+    tls_names: str = Field(
+        default="localhost,127.0.0.1,::1",
+        description="comma-separated DNS names and IP addresses in the api's and the broker's certificates",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="the operator's server certificate chain (PEM); default: issued by the CA"
+    )
+    tls_key_file: Path | None = Field(default=None, description="the key of tls_cert_file (PEM)")
+    tls_ca_file: Path | None = Field(
+        default=None, description="the CA that issued tls_cert_file (PEM), which agents pin"
+    )
     mqtt_url: str = Field(default="mqtt://127.0.0.1:1883", description="the broker, as the bridge reaches it")
     mqtt_public_url: str | None = Field(
         default=None, description="the broker as agents reach it (sent at enrolment); default: mqtt_url"
@@ -100,6 +115,21 @@ class Settings(BaseSettings):
     @property
     def signing_key_path(self) -> Path:
         return self.data_dir / "signing_key"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    @property
+    def tls_name_list(self) -> list[str]:
+        return [name.strip() for name in self.tls_names.split(",") if name.strip()]
+
+    @model_validator(mode="after")
+    def _operator_certificates_come_in_threes(self) -> Settings:
+        given = [f for f in (self.tls_cert_file, self.tls_key_file, self.tls_ca_file) if f is not None]
+        if given and len(given) != 3:
+            raise ValueError("set all three of tls_cert_file, tls_key_file and tls_ca_file, or none")
+        return self
 
     @property
     def blob_dir(self) -> Path:
