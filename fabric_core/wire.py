@@ -170,6 +170,13 @@ class ContentEntry(_Lenient):
     manifest_sha256: str
 
 
+class DocumentTrust(_Lenient):
+    """The CA certificates (PEM) the manager's api and broker chain to: agents trust exactly these
+    from the document on, which is how a new CA reaches them before the old one is retired."""
+
+    ca_certificates: list[str] = Field(min_length=1)
+
+
 class EffectiveDocument(_Lenient):
     """What one (group, location) must enforce. Lenient so that older agents accept newer documents."""
 
@@ -181,6 +188,9 @@ class EffectiveDocument(_Lenient):
     locations: list[LocationEntry]
     policies: dict[str, PolicyEntry]
     content: dict[str, ContentEntry] = Field(default_factory=dict)
+    trust: DocumentTrust | None = Field(
+        default=None, description="absent: the manager names no CAs (plain HTTP behind a proxy)"
+    )
 
     @classmethod
     def parse(cls, doc: dict[str, Any]) -> EffectiveDocument:
