@@ -31,8 +31,10 @@ from bench.console import say
 from bench.fleet import SimulatorProcess, fleet_size, size_note
 from bench.results import machine, ratio
 from bench.stack import Stack
+from broker_bridge.engine import TlsListener
 from broker_bridge.mosquitto.engine import MosquittoEngine
 from fabric_core.settings import Settings
+from fabric_core.tls import manager_tls
 from local_stack.broker_process import BrokerProcess
 from local_stack.manager import pick_port
 
@@ -80,7 +82,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def empty_broker_rss(directory: Path) -> int:
     """RSS of a Mosquitto with Policycast's configuration and no account but the bridge's."""
     settings = Settings(data_dir=directory, mqtt_password="unused-in-this-measurement")
-    launch = MosquittoEngine(settings, None).write_config(directory, port=pick_port(0), bind="127.0.0.1")
+    certificates = manager_tls(settings).issue_files(directory, "broker", settings.tls_name_list)
+    tls = TlsListener.of(pick_port(0), certificates)
+    launch = MosquittoEngine(settings, None).write_config(directory, bind="127.0.0.1", tls=tls)
     process = BrokerProcess(launch)
     process.start()
     try:

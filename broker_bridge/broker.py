@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -138,8 +139,12 @@ class BrokerLink:
         keepalive: int = 60,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = RECONNECT_MAX_S,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context`: what an `mqtts://` address is verified with (the bridge passes one that
+        trusts only the manager's CA); None: the system's default trust."""
         self.address = address
+        self._ssl_context = ssl_context
         self.client_id = client_id
         self.connected = threading.Event()
         self.sessions = 0
@@ -307,7 +312,7 @@ class BrokerLink:
         )
         client.username_pw_set(self._username, self._password)
         if self.address.tls:
-            client.tls_set()
+            client.tls_set_context(self._ssl_context or ssl.create_default_context())
         client.max_inflight_messages_set(self._inflight)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

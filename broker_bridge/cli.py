@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -11,11 +10,12 @@ from typing import Annotated
 
 import typer
 
-from broker_bridge.engine import BrokerLaunch, engine_for
+from broker_bridge.engine import BrokerLaunch, TlsListener, engine_for
 from broker_bridge.service import Bridge, connect_link
-from fabric_core.console import load_settings, stdout
+from fabric_core.console import load_settings, stderr, stdout
 from fabric_core.settings import Settings
 from fabric_core.signing import load_signing_key
+from fabric_core.tls import manager_tls
 from manager_db.database import describe, guarded, make_engine, require_schema
 
 
@@ -28,7 +28,7 @@ def bridge() -> None:
     signing_key = guarded(lambda: load_signing_key(settings, create=False), "loading the signing key")
     guarded(lambda: require_schema(engine), "checking the database")
     broker = engine_for(settings, signing_key)
-    link = connect_link(settings, broker, client_id=f"policycast-bridge-{os.getpid()}")
+    link = guarded(lambda: connect_link(settings, broker), "trusting the broker")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -46,8 +46,11 @@ def bridge() -> None:
 
 def broker_config(
     out: Annotated[Path, typer.Option(help="directory for the broker's configuration, data and log")],
-    port: Annotated[int, typer.Option(help="the broker's listening port")] = 1883,
+    port: Annotated[int, typer.Option(help="the broker's MQTT-over-TLS port")] = 8883,
     bind: Annotated[str, typer.Option(help="the broker's listening address")] = "0.0.0.0",
+    plain_port: Annotated[
+        int | None, typer.Option(help="also listen for plain MQTT here (passwords in clear: avoid)")
+    ] = None,
     plugin: Annotated[
         str | None, typer.Option(help="mosquitto: path of mosquitto_dynamic_security.so")
     ] = None,
@@ -55,16 +58,22 @@ def broker_config(
 ) -> None:
     """Write the broker's configuration for Policycast (the engine of POLICYCAST_BROKER_ENGINE).
 
-    Mosquitto: dynamic security, persistence, fleet-sized queues. The bridge's broker password is
-    POLICYCAST_MQTT_PASSWORD, or derived from the signing key."""
+    MQTT over TLS with a certificate from the manager's CA for POLICYCAST_TLS_NAMES (the CA is made in
+    the data directory if the api has not made it yet). Mosquitto: dynamic security, persistence,
+    fleet-sized queues. The bridge's broker password is POLICYCAST_MQTT_PASSWORD, or derived from the
+    signing key."""
     settings = load_settings(Settings)
     if plugin is not None:
         settings = settings.model_copy(update={"mosquitto_plugin": plugin})
+    if plain_port is not None:
+        stderr.print(f"[yellow]warning:[/] plain MQTT on port {plain_port}: passwords travel in clear there")
 
     def write() -> BrokerLaunch:
         signing_key = None if settings.mqtt_password else load_signing_key(settings, create=False)
         broker = engine_for(settings, signing_key)
-        return broker.write_config(out, port=port, bind=bind, run_as=run_as)
+        certificates = manager_tls(settings).issue_files(out, "broker", settings.tls_name_list)
+        tls = TlsListener.of(port, certificates)
+        return broker.write_config(out, bind=bind, tls=tls, plain_port=plain_port, run_as=run_as)
 
     launch = guarded(write, "writing the broker configuration")
     stdout.print(f"wrote the broker's configuration in {out}; run: {' '.join(launch.argv)}")

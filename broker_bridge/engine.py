@@ -26,6 +26,7 @@ from typing import ClassVar
 from broker_bridge.broker import BrokerLink
 from fabric_core.settings import Settings
 from fabric_core.signing import SigningKey
+from fabric_core.tls import CertificateFiles
 from fabric_core.wire import MqttCredentials, MqttDelivery
 
 
@@ -36,6 +37,10 @@ class TlsListener:
     port: int
     certfile: Path
     keyfile: Path
+
+    @classmethod
+    def of(cls, port: int, files: CertificateFiles) -> TlsListener:
+        return cls(port, files.certfile, files.keyfile)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +79,17 @@ class BrokerEngine(ABC):
         self,
         directory: Path,
         *,
-        port: int,
         bind: str,
+        tls: TlsListener | None,
+        plain_port: int | None = None,
         run_as: str | None = None,
-        tls: TlsListener | None = None,
     ) -> BrokerLaunch:
         """Write the broker's configuration into `directory` (keeping the broker's own state there);
-        return how to run it. `run_as`: the user a broker started by root drops to; `tls`: a listener
-        for MQTT over TLS beside the one on `port`."""
+        return how to run it (its readiness is checked on the TLS port, else the plain one).
+
+        `tls`: the MQTT-over-TLS listener, the one the fabric uses; `plain_port`: a plaintext listener,
+        only when an operator asks for one (neither: `ValueError`). `run_as`: the user a broker started
+        by root drops to."""
 
     @abstractmethod
     def bridge_credentials(self) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from broker_bridge.ingest import StateIngest
 from broker_bridge.reconcile import reconcile_accounts
 from broker_bridge.relay import relay_commands, relay_outbox, republish_current
 from fabric_core.settings import Settings
+from fabric_core.tls import client_context, manager_trust
 from fabric_core.topics import all_states_filter
 from manager_db.counters import read_counters_outside
 
@@ -42,10 +44,25 @@ def bridge_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def connect_link(settings: Settings, broker: BrokerEngine, *, client_id: str) -> BrokerLink:
-    """The bridge's link to the broker, with its account (not connected yet: `start` it)."""
+def bridge_client_id() -> str:
+    """An MQTT client id nobody can guess (agents' ids are bound to their accounts; this one is not,
+    so it must not be takeable by knowing it)."""
+    return f"policycast-bridge-{secrets.token_hex(16)}"
+
+
+def connect_link(settings: Settings, broker: BrokerEngine, *, client_id: str | None = None) -> BrokerLink:
+    """The bridge's link to the broker, with its account (not connected yet: `start` it). Over TLS it
+    trusts only the manager's CA (`fabric_core.tls.manager_trust`)."""
     username, password = broker.bridge_credentials()
-    return BrokerLink(settings.mqtt_address, username=username, password=password, client_id=client_id)
+    address = settings.mqtt_address
+    context = client_context(manager_trust(settings)) if address.tls else None
+    return BrokerLink(
+        address,
+        username=username,
+        password=password,
+        client_id=client_id or bridge_client_id(),
+        ssl_context=context,
+    )
 
 
 class Bridge:

@@ -294,6 +294,21 @@ def manager_tls(settings: Settings) -> ManagerTls:
     return ManagerTls(ca, files, ca.certificate_pem)
 
 
+def manager_trust(settings: Settings) -> bytes:
+    """The CA certificates the manager's servers chain to, for its own clients (the bridge, tools):
+    the operator's CA file, else the data directory's CA, which only the api and `broker-config` make."""
+    path = settings.tls_ca_file or settings.tls_dir / CA_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TlsError(
+            f"no CA at {path}: point POLICYCAST_DATA_DIR at the manager's data directory, set "
+            "POLICYCAST_TLS_CA_FILE, or start the api once (it makes the CA)"
+        ) from None
+    except OSError as exc:
+        raise TlsError(f"cannot read the CA at {path}: {exc}") from exc
+
+
 def server_context(files: CertificateFiles) -> ssl.SSLContext:
     """A TLS server context (TLS 1.2 and newer) for `files`."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -31,7 +31,7 @@ def start_broker(settings: Settings, console: Console) -> LocalBroker | None:
     remembered = int(port_file.read_text()) if port_file.exists() else 0
     port = remembered if remembered and port_is_free(remembered) else pick_port(0)
     try:
-        launch = engine.write_config(directory, port=port, bind="127.0.0.1")
+        launch = engine.write_config(directory, bind="127.0.0.1", tls=None, plain_port=port)
     except BrokerNotInstalled as exc:
         console.print(
             f"[yellow]No {engine.name} broker here ({exc}): push mode is off and every agent pulls.[/]\n"

@@ -83,6 +83,6 @@ class ManagerThread:
 def start_bridge(settings: Settings, manager: ManagerThread) -> BridgeThread:
     fabric = manager.fabric
     broker = engine_for(settings, fabric.signing_key)
-    link = connect_link(settings, broker, client_id="policycast-up-bridge")
+    link = connect_link(settings, broker)
     bridge = Bridge(settings=settings, engine=fabric.engine, broker=broker, link=link)
     return BridgeThread(bridge).start()

@@ -40,7 +40,8 @@ def ensure_group_role(link: BrokerLink, prefix: str, group_id: str | int) -> str
 def provision_agent(
     link: BrokerLink, *, prefix: str, agent_id: str, group_id: str | int, password: str, reset: bool = True
 ) -> None:
-    """Give the agent its broker account: username `agent_id`, its own role and its group's role.
+    """Give the agent its broker account: username `agent_id`, bound to client id `agent_id` (no other
+    id connects with it), its own role and its group's role.
 
     Creates whatever is missing. If the account exists, `reset=True` sets its password and roles (one
     command; a connected agent is disconnected and reconnects), `reset=False` only corrects its roles
@@ -53,7 +54,7 @@ def provision_agent(
         [
             dynsec.group_role(prefix, group_id),
             dynsec.agent_role(prefix, agent_id),
-            dynsec.create_client(agent_id, password, roles),
+            dynsec.create_client(agent_id, password, roles, client_id=agent_id),
         ],
     )
     _tolerate(responses[:2], exists=True)
@@ -64,7 +65,8 @@ def provision_agent(
     if not error.already_exists:
         raise error
     if reset:
-        dynsec.check(control(link, [dynsec.modify_client(agent_id, password=password, roles=roles)]))
+        fresh = dynsec.modify_client(agent_id, password=password, roles=roles, client_id=agent_id)
+        dynsec.check(control(link, [fresh]))
         log.info("reset broker account %s (group %s)", agent_id, group_id)
     else:
         _set_roles_if_different(link, agent_id, roles)

@@ -61,41 +61,53 @@ class BrokerLayout:
         return self.directory / "mosquitto.pid"
 
 
-def _tls_listener(tls: TlsListener, bind: str) -> str:
-    return (
-        "\n# MQTT over TLS; certfile and keyfile belong to the listener above them.\n"
-        f"listener {tls.port} {bind}\ncertfile {tls.certfile}\nkeyfile {tls.keyfile}\n"
-    )
+def _listeners(tls: TlsListener | None, plain_port: int | None, bind: str) -> str:
+    if tls is None and plain_port is None:
+        raise ValueError("a broker needs a listener: MQTT over TLS, or a plain port asked for explicitly")
+    text = ""
+    if tls is not None:
+        text += (
+            "# MQTT over TLS, with a certificate from the manager's CA (agents trust only that CA).\n"
+            "# certfile and keyfile belong to the listener above them; TLS 1.2 and newer.\n"
+            f"listener {tls.port} {bind}\ncertfile {tls.certfile}\nkeyfile {tls.keyfile}\n"
+            "tls_version tlsv1.2\n"
+        )
+    if plain_port is not None:
+        text += (
+            "# Plain MQTT, asked for by the operator: passwords and documents travel in clear here.\n"
+            f"listener {plain_port} {bind}\n"
+        )
+    return text
 
 
 def render_config(
     *,
-    port: int,
     bind: str,
     layout: BrokerLayout,
     plugin_path: str,
+    tls: TlsListener | None,
+    plain_port: int | None = None,
     user: str | None = None,
-    tls: TlsListener | None = None,
 ) -> str:
     """A `mosquitto.conf` for a fleet of push agents, commented with why each setting is there.
 
-    `user`: who the broker runs as when started by root; default: whoever runs this, so that a broker
-    started by root (containers, CI) does not drop to `mosquitto` and lose access to `layout`.
-    `tls`: a second listener, MQTT over TLS, with the same authentication.
+    `tls`: the MQTT-over-TLS listener; `plain_port`: a plaintext listener, only when an operator asks
+    for one. `user`: who the broker runs as when started by root; default: whoever runs this, so that a
+    broker started by root (containers, CI) does not drop to `mosquitto` and lose access to `layout`.
     """
     run_as = user or getpass.getuser()
     persistence = f"{layout.persistence_dir}/"  # 1.x appends the file name as is; 2.0 adds a "/" itself
-    tls_listener = "" if tls is None else _tls_listener(tls, bind)
+    listeners = _listeners(tls, plain_port, bind)
     return f"""\
 # Written by Policycast (broker_bridge.mosquitto.render_config). Mosquitto 2.0.
 
 # One set of authentication and ACL settings for every listener: the dynamic-security plugin decides.
 per_listener_settings false
 
-listener {port} {bind}
+{listeners}
 # Mosquitto 2.0's listen() backlog (about 100) cannot be configured: agents pace and jitter their
 # connects so that a fleet coming back after an outage does not overflow it.
-{tls_listener}
+
 # Every client authenticates; what it may read and write comes from its dynamic-security roles.
 allow_anonymous false
 plugin {plugin_path}
@@ -207,14 +219,14 @@ def render_dynsec(*, bridge_username: str, bridge_password: str, prefix: str) ->
 def write_broker_files(
     *,
     layout: BrokerLayout,
-    port: int,
     bind: str,
+    tls: TlsListener | None,
     bridge_username: str,
     bridge_password: str,
     prefix: str,
     plugin_path: str,
+    plain_port: int | None = None,
     user: str | None = None,
-    tls: TlsListener | None = None,
 ) -> None:
     """Write `mosquitto.conf` (always) and the dynamic-security JSON (only when absent).
 
@@ -224,7 +236,9 @@ def write_broker_files(
     layout.directory.mkdir(parents=True, exist_ok=True)
     layout.persistence_dir.mkdir(parents=True, exist_ok=True)
     layout.config_path.write_text(
-        render_config(port=port, bind=bind, layout=layout, plugin_path=plugin_path, user=user, tls=tls)
+        render_config(
+            bind=bind, layout=layout, plugin_path=plugin_path, tls=tls, plain_port=plain_port, user=user
+        )
     )
     if layout.dynsec_path.exists():
         log.info("keeping the existing %s", layout.dynsec_path)

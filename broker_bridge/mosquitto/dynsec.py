@@ -103,8 +103,14 @@ def add_role_acl(name: str, entry: dict[str, Any]) -> Command:
     return {"command": "addRoleACL", "rolename": name, **entry}
 
 
-def create_client(username: str, password: str, roles: list[str]) -> Command:
-    return {"command": "createClient", "username": username, "password": password, "roles": _roles(roles)}
+def create_client(username: str, password: str, roles: list[str], *, client_id: str | None = None) -> Command:
+    """`createClient`; `client_id` binds the account to that MQTT client id (no other id may connect
+    with it: a stolen password cannot take another client's session over)."""
+    command: Command = {"command": "createClient", "username": username, "password": password}
+    command["roles"] = _roles(roles)
+    if client_id is not None:
+        command["clientid"] = client_id
+    return command
 
 
 def delete_client(username: str) -> Command:
@@ -115,11 +121,20 @@ def get_client(username: str) -> Command:
     return {"command": "getClient", "username": username}
 
 
-def modify_client(username: str, *, password: str | None = None, roles: list[str] | None = None) -> Command:
-    """`modifyClient`: set the password and/or replace the whole role list in one command."""
+def modify_client(
+    username: str,
+    *,
+    password: str | None = None,
+    roles: list[str] | None = None,
+    client_id: str | None = None,
+) -> Command:
+    """`modifyClient`: set the password, the bound client id and/or the whole role list in one
+    command."""
     command: Command = {"command": "modifyClient", "username": username}
     if password is not None:
         command["password"] = password
+    if client_id is not None:
+        command["clientid"] = client_id
     if roles is not None:
         command["roles"] = _roles(roles)
     return command

@@ -33,17 +33,17 @@ class MosquittoEngine(BrokerEngine):
         self,
         directory: Path,
         *,
-        port: int,
         bind: str,
+        tls: TlsListener | None,
+        plain_port: int | None = None,
         run_as: str | None = None,
-        tls: TlsListener | None = None,
     ) -> BrokerLaunch:
         layout = BrokerLayout(directory)
         username, password = self.bridge_credentials()
         write_broker_files(
             layout=layout,
-            port=port,
             bind=bind,
+            plain_port=plain_port,
             bridge_username=username,
             bridge_password=password,
             prefix=self.settings.mqtt_prefix,
@@ -51,6 +51,8 @@ class MosquittoEngine(BrokerEngine):
             user=run_as,
             tls=tls,
         )
+        port = tls.port if tls is not None else plain_port
+        assert port is not None  # write_broker_files refuses a broker without a listener
         host = "127.0.0.1" if bind in ("0.0.0.0", "") else "::1" if bind == "::" else bind
         return BrokerLaunch(
             argv=(mosquitto_binary(), "-c", str(layout.config_path)),

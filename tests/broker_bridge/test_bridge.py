@@ -150,7 +150,7 @@ def test_a_bridge_killed_between_publish_and_mark_loses_nothing(
     assert pending_outbox(stack) == 0
     # The retained document is the latest: check as an agent connecting now would.
     mqtt = agent.enrolment["mqtt"]
-    late = stack.broker.client(mqtt["username"], mqtt["password"], client_id=f"{agent.id}-late")
+    late = stack.broker.client(mqtt["username"], mqtt["password"], client_id=agent.id)
     assert not late.connect().is_failure
     assert not late.subscribe(topic).is_failure
     assert verified(stack, late.expect(topic, timeout=5).payload)["serial"] == target
@@ -266,7 +266,7 @@ def test_agent_state_reaches_the_operator_view_and_the_last_will_marks_it_offlin
     topic = state_topic(PREFIX, agent.id)
     password = agent.enrolment["mqtt"]["password"]
     online = {"agent_id": agent.id, "online": True, "serial": serial, "location_id": location, "mode": "push"}
-    presence = stack.broker.client(agent.id, password, client_id=f"{agent.id}-2").will(
+    presence = stack.broker.client(agent.id, password, client_id=agent.id).will(
         topic, orjson.dumps({"agent_id": agent.id, "online": False})
     )
     assert not presence.connect().is_failure
@@ -387,7 +387,7 @@ def test_deleting_a_location_clears_its_retained_document(stack: Stack) -> None:
     # Withdrawn: an empty payload (after, perhaps, the bridge's start-up republication of the old one).
     client.received_until(lambda got: bool(got) and got[-1].topic == topic and got[-1].payload == b"")
     mqtt = agent.enrolment["mqtt"]
-    late = stack.broker.client(mqtt["username"], mqtt["password"], client_id=f"{agent.id}-late")
+    late = stack.broker.client(mqtt["username"], mqtt["password"], client_id=agent.id)
     assert not late.connect().is_failure
     assert not late.subscribe(topic).is_failure
     assert stack.broker.received_before_marker(late, topic) == []  # nothing retained any more

@@ -14,7 +14,9 @@ from tests.support.broker import Broker
 
 def test_a_broker_that_cannot_start_says_why(mosquitto: Broker, tmp_path: Path) -> None:
     # A second broker on the same port: it exits, and the error shows its log.
-    launch = mosquitto.engine.write_config(tmp_path / "second", port=mosquitto.port, bind="127.0.0.1")
+    launch = mosquitto.engine.write_config(
+        tmp_path / "second", bind="127.0.0.1", tls=None, plain_port=mosquitto.port
+    )
     with pytest.raises(BrokerUnavailable, match="Address already in use"):
         BrokerProcess(launch).start()
 

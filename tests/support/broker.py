@@ -77,7 +77,9 @@ class Broker:
         tls = None
         if self.tls is not None and self.tls_port is not None:
             tls = TlsListener(self.tls_port, *self.tls)
-        return self.engine.write_config(self.layout.directory, port=self.port, bind="127.0.0.1", tls=tls)
+        return self.engine.write_config(
+            self.layout.directory, bind="127.0.0.1", tls=tls, plain_port=self.port
+        )
 
     @property
     def address(self) -> MqttAddress:
@@ -188,7 +190,8 @@ class MqttClient:
     def __init__(
         self, address: MqttAddress, username: str | None, password: str | None, client_id: str | None = None
     ) -> None:
-        self.client_id = client_id or f"test-{secrets.token_hex(4)}"
+        # An agent account is bound to its own client id: connect under it unless told otherwise.
+        self.client_id = client_id or username or f"test-{secrets.token_hex(4)}"
         self.paho = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,

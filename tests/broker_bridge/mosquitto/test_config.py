@@ -22,11 +22,15 @@ def config_lines(text: str) -> set[str]:
 
 def test_config_has_the_fleet_settings(tmp_path: Path) -> None:
     layout = BrokerLayout(tmp_path)
-    text = render_config(port=18830, bind="0.0.0.0", layout=layout, plugin_path="/x/dynsec.so")
+    tls = TlsListener(18830, tmp_path / "broker.pem", tmp_path / "broker.key")
+    text = render_config(bind="0.0.0.0", layout=layout, plugin_path="/x/dynsec.so", tls=tls)
     lines = config_lines(text)
     for expected in (
         "per_listener_settings false",
         "listener 18830 0.0.0.0",
+        f"certfile {tls.certfile}",
+        f"keyfile {tls.keyfile}",
+        "tls_version tlsv1.2",
         "allow_anonymous false",
         "plugin /x/dynsec.so",
         f"plugin_opt_config_file {layout.dynsec_path}",
@@ -84,11 +88,12 @@ def test_write_broker_files_never_clobbers_the_dynsec_json(tmp_path: Path) -> No
         "bridge_username": "b",
         "prefix": "pc",
         "plugin_path": "/p",
+        "tls": None,
     }
-    write_broker_files(port=1, bridge_password="first", **common)  # type: ignore[arg-type]
+    write_broker_files(plain_port=1, bridge_password="first", **common)  # type: ignore[arg-type]
     assert stat.S_IMODE(layout.dynsec_path.stat().st_mode) == 0o600
     first = layout.dynsec_path.read_text()
-    write_broker_files(port=2, bridge_password="second", **common)  # type: ignore[arg-type]
+    write_broker_files(plain_port=2, bridge_password="second", **common)  # type: ignore[arg-type]
     assert layout.dynsec_path.read_text() == first
     assert "listener 2 127.0.0.1" in layout.config_path.read_text()
     assert json.loads(first)["clients"][0]["username"] == "b"
@@ -99,12 +104,14 @@ def test_missing_plugin_is_a_clear_error(tmp_path: Path) -> None:
         find_dynsec_plugin(str(tmp_path / "nope.so"))
 
 
-def test_a_tls_listener_sits_beside_the_plain_one_with_its_own_certificate(tmp_path: Path) -> None:
+def test_a_plain_listener_only_when_asked_for_and_never_none(tmp_path: Path) -> None:
     layout = BrokerLayout(tmp_path)
     tls = TlsListener(8883, tmp_path / "broker.crt", tmp_path / "broker.key")
-    text = render_config(port=1883, bind="0.0.0.0", layout=layout, plugin_path="/x/dynsec.so", tls=tls)
+    text = render_config(bind="0.0.0.0", layout=layout, plugin_path="/x/dynsec.so", tls=tls, plain_port=1883)
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     at = lines.index("listener 8883 0.0.0.0")
     assert lines[at + 1 : at + 3] == [f"certfile {tls.certfile}", f"keyfile {tls.keyfile}"]
-    assert lines.index("listener 1883 0.0.0.0") < at
+    assert "listener 1883 0.0.0.0" in lines
     assert "allow_anonymous false" in lines and sum(line.startswith("listener") for line in lines) == 2
+    with pytest.raises(ValueError, match="needs a listener"):
+        render_config(bind="0.0.0.0", layout=layout, plugin_path="/x/dynsec.so", tls=None)
