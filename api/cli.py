@@ -15,8 +15,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fabric_core.console import fail, load_settings, stdout
+from fabric_core.console import fail, load_settings, stderr, stdout
 from fabric_core.settings import Settings
+from fabric_core.tls import CertificateFiles, manager_tls
 from manager_db.database import describe, guarded, make_engine, migrate
 
 
@@ -39,7 +40,9 @@ def serve_command(asgi_factory: str) -> Callable[..., None]:
         settings = load_settings(Settings)
         guarded(lambda: migrate(make_engine(settings.resolved_database_url)), "migrating the database")
         where = describe(settings.resolved_database_url)
-        stdout.print(f"Policycast manager on http://{host}:{port} (API docs at /docs), database {where}")
+        certificates = _certificates(settings)
+        scheme = "https" if certificates is not None else "http"
+        stdout.print(f"Policycast manager on {scheme}://{host}:{port} (API docs at /docs), database {where}")
         uvicorn.run(
             asgi_factory,
             factory=True,
@@ -49,9 +52,26 @@ def serve_command(asgi_factory: str) -> Callable[..., None]:
             log_level=log_level,
             access_log=False,
             server_header=False,  # 17 bytes on every heartbeat answer, for nobody (docs/performance.md)
+            ssl_certfile=None if certificates is None else str(certificates.certfile),
+            ssl_keyfile=None if certificates is None else str(certificates.keyfile),
         )
 
     return serve
+
+
+def _certificates(settings: Settings) -> CertificateFiles | None:
+    """uvicorn's TLS options: the api's certificate (from the manager's CA, made at first start, or the
+    operator's own); none, with a warning, when POLICYCAST_TLS_ENABLED=false."""
+    if not settings.tls_enabled:
+        stderr.print(
+            "[yellow]warning:[/] POLICYCAST_TLS_ENABLED=false: serving plain HTTP. Agent secrets, API keys "
+            "and broker passwords travel in clear unless a TLS-terminating proxy is in front.",
+            soft_wrap=True,
+        )
+        return None
+    tls = guarded(lambda: manager_tls(settings), "preparing TLS")
+    stdout.print(f"TLS: {tls.files.certfile} for {settings.tls_names}; agents pin the CA {tls.ca_hash}")
+    return tls.files
 
 
 class ModeChoice(StrEnum):

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import httpx
 
 from fabric_core.signing import VerifyKey, open_envelope
+from fabric_core.tls import ManagerCA, client_context
 from tests.support.clients import Admin
 from tests.support.waiting import wait_for
 
@@ -80,16 +82,26 @@ def python_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+TLS_BY_DEFAULT = False
+"""Whether `Manager` serves HTTPS unless told; true once every client of the tests pins the CA."""
+
+
 class Manager:
     """`policycast serve` in its own process, with its own data directory and an admin key."""
 
-    def __init__(self, data_dir: Path, log_dir: Path, *, admin_key: str, **settings: str) -> None:
+    def __init__(
+        self, data_dir: Path, log_dir: Path, *, admin_key: str, tls: bool = TLS_BY_DEFAULT, **settings: str
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.data_dir = data_dir
+        self.ca = ManagerCA.load_or_create(data_dir / "tls") if tls else None
+        """The manager's CA, made here before it starts (as a first start would), so tests can trust it."""
         env = python_env(
             POLICYCAST_DATA_DIR=str(data_dir),
             POLICYCAST_BOOTSTRAP_ADMIN_KEY=admin_key,
+            POLICYCAST_TLS_ENABLED="true" if tls else "false",
             **{f"POLICYCAST_{k.upper()}": v for k, v in settings.items()},
         )
         argv = [
@@ -103,7 +115,11 @@ class Manager:
             "warning",
         ]
         self.process = Process("manager", argv, env=env, log_dir=log_dir)
-        self.admin = Admin(httpx.Client(base_url=self.url), admin_key)
+        self.admin = Admin(httpx.Client(base_url=self.url, verify=self.ssl_context()), admin_key)
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """What a client of this manager verifies it with: its CA only (True for plain HTTP)."""
+        return True if self.ca is None else client_context(self.ca.certificate_pem)
 
     def start(self) -> Manager:
         self.process.start()
@@ -119,7 +135,7 @@ class Manager:
         if not self.process.running:
             raise AssertionError(f"the manager exited:\n{self.process.output()}")
         with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/healthz", timeout=1, verify=self.ssl_context()).status_code == 200
         return False
 
     def stop(self) -> None:
