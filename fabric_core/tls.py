@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -251,9 +252,12 @@ class ManagerCA:
         held = set(alternative.get_values_for_type(x509.DNSName)) | {
             str(ip) for ip in alternative.get_values_for_type(x509.IPAddress)
         }
+        try:
+            certificate.verify_directly_issued_by(self.certificate)  # by this CA, not one named alike
+        except (ValueError, TypeError, InvalidSignature):
+            return False
         return (
-            certificate.issuer == self.certificate.subject
-            and held == set(dns) | {str(ip) for ip in ips}
+            held == set(dns) | {str(ip) for ip in ips}
             and certificate.not_valid_after_utc - _now() > RENEW_BEFORE
         )
 
@@ -292,6 +296,39 @@ def manager_tls(settings: Settings) -> ManagerTls:
     ca = ManagerCA.load_or_create(settings.tls_dir)
     files = ca.server_files(settings.tls_dir, "api", settings.tls_name_list)
     return ManagerTls(ca, files, ca.certificate_pem)
+
+
+NEXT_DIR = "next"
+RETIRED_DIR = "retired"
+
+
+def prepare_next_ca(settings: Settings) -> ManagerCA:
+    """The CA that will succeed the data directory's (`tls/next/`), made unless it exists: the first
+    step of a rotation. It issues nothing until it is promoted."""
+    return ManagerCA.load_or_create(settings.tls_dir / NEXT_DIR)
+
+
+def promote_next_ca(settings: Settings) -> tuple[ManagerCA, ManagerCA]:
+    """Make the prepared CA the one that issues certificates; return (old, new). The old one is kept
+    under `tls/retired/`. Servers take certificates from the new CA at their next start (a
+    certificate from another CA is issued again)."""
+    directory = settings.tls_dir
+    next_dir = directory / NEXT_DIR
+    if not (next_dir / CA_FILE).exists():
+        raise TlsError(f"no CA prepared in {next_dir}: prepare one first")
+    with _locked(directory):
+        old = ManagerCA.load(directory / CA_FILE, directory / CA_KEY_FILE)
+        new = ManagerCA.load(next_dir / CA_FILE, next_dir / CA_KEY_FILE)
+        kept = directory / RETIRED_DIR / old.hash.removeprefix("sha256:")
+        kept.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name in (CA_KEY_FILE, CA_FILE):
+            os.replace(directory / name, kept / name)
+        for name in (CA_KEY_FILE, CA_FILE):  # the certificate last: it says the CA is complete
+            os.replace(next_dir / name, directory / name)
+        (next_dir / ".lock").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            next_dir.rmdir()
+    return old, new
 
 
 def manager_trust(settings: Settings) -> bytes:

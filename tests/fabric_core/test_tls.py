@@ -22,6 +22,8 @@ from fabric_core.tls import (
     join_token,
     manager_tls,
     parse_ca_hash,
+    prepare_next_ca,
+    promote_next_ca,
     server_context,
     split_certificates,
     split_join_token,
@@ -131,3 +133,26 @@ def test_ca_hashes_and_join_tokens() -> None:
     assert split_join_token("pcet_AbC-_9") == ("pcet_AbC-_9", None)
     with pytest.raises(TlsError):
         split_join_token("pcet_x.sha256:nothex")
+
+
+def test_a_prepared_ca_issues_once_promoted_and_the_old_one_is_kept(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    first = manager_tls(settings)
+    prepared = prepare_next_ca(settings)
+    assert prepare_next_ca(settings).hash == prepared.hash  # made once
+    assert manager_tls(settings).ca_hash == first.ca_hash  # it issues nothing yet
+
+    old, new = promote_next_ca(settings)
+
+    assert (old.hash, new.hash) == (first.ca_hash, prepared.hash)
+    after = manager_tls(settings)
+    assert after.ca_hash == prepared.hash
+    certificate = x509.load_pem_x509_certificate(after.files.certfile.read_bytes())
+    assert certificate.issuer == prepared.certificate.subject  # issued again, from the new CA
+    kept = settings.tls_dir / "retired" / old.hash.removeprefix("sha256:")
+    assert ca_hash((kept / "ca.pem").read_bytes()) == old.hash and (kept / "ca.key").exists()
+    assert (
+        handshake(server_context(after.files), client_context(new.certificate_pem), "localhost") == b"hello"
+    )
+    with pytest.raises(TlsError, match="no CA prepared"):
+        promote_next_ca(settings)
