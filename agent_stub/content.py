@@ -45,6 +45,7 @@ from agent_stub.core import AgentCore
 from agent_stub.errors import ContentRejected, ManagerRejected, ManagerUnreachable
 from agent_stub.files import fsync_file, move_into_place, symlink_atomically, write_atomically
 from agent_stub.manager_client import ContentManifest
+from fabric_core.content_paths import ContentPathError, check_manifest_paths
 from fabric_core.wire import ContentEntry, EffectiveDocument
 
 log = logging.getLogger(__name__)
@@ -443,19 +444,12 @@ def _check_kind(kind: str) -> None:
 
 
 def _check_paths(paths: Iterable[str]) -> None:
-    """Relative paths, no `.`/`..`/empty parts, no path both a file and a directory: nothing escapes."""
-    files: set[str] = set()
-    dirs: set[str] = set()
-    for path in paths:
-        parts = path.split("/")
-        if "\\" in path or "\0" in path or any(p in ("", ".", "..") for p in parts):
-            raise ContentRejected(f"content path {path!r} is not a plain relative path")
-        if path in files:
-            raise ContentRejected(f"content path {path!r} is listed twice")
-        files.add(path)
-        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    if clash := files & dirs:
-        raise ContentRejected(f"content path {sorted(clash)[0]!r} is both a file and a directory")
+    """The contract's path rule (`fabric_core.content_paths`), the manager's own: nothing escapes the
+    tree, nothing clashes."""
+    try:
+        check_manifest_paths(paths)
+    except ContentPathError as exc:
+        raise ContentRejected(str(exc)) from exc
 
 
 def _file_sha256(path: Path) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from agent_stub.facts import HostFacts
+from fabric_core.patterns import fullmatch
 from fabric_core.wire import (
     Condition,
     DnsServerCondition,
@@ -91,12 +91,8 @@ def _fact_matches(condition: FactCondition, facts: HostFacts) -> bool:
         return False  # a fact the host does not report matches nothing, not even an empty pattern
     if condition.equals is not None:
         return value == condition.equals
-    return condition.matches is not None and _regex(condition.matches).fullmatch(value) is not None
-
-
-@functools.lru_cache(maxsize=_CACHE_SIZE)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+    # RE2, as the manager validated it: linear in the value's length, whatever the pattern.
+    return condition.matches is not None and fullmatch(condition.matches, value)
 
 
 def _parse_address(text: str) -> IpAddress | None:

@@ -55,7 +55,7 @@ from agent_stub.log_contents import (
     Lane,
     MemoryContents,
 )
-from fabric_core.canonical import canonical_json
+from fabric_core.canonical import MAX_JSON_DEPTH, canonical_json, json_depth
 from fabric_core.wire import MAX_LOG_ENTRIES, LogBatch, LogEntry, LogLevel
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,14 @@ def make_entry(
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 1] + "\u2026"
     try:
-        return LogEntry(
-            ts=datetime.now(UTC),
-            level=level,  # validated here
-            category=category.replace("\x00", "\ufffd"),
-            message=message,
-            data=_bounded_data(data),
+        return LogEntry.model_validate(  # a dict: `level` is validated here, not assumed
+            {
+                "ts": datetime.now(UTC),
+                "level": level,
+                "category": category.replace("\x00", "\ufffd"),
+                "message": message,
+                "data": _bounded_data(data),
+            }
         )
     except ValidationError as exc:
         error = exc.errors()[0]
@@ -115,6 +117,8 @@ def _bounded_data(data: dict[str, Any] | None) -> dict[str, Any] | None:
         raise ValueError(f"log entry data must be plain JSON: {exc}") from exc
     if not plain:
         raise ValueError("log entry data must be plain JSON (no NaN or Infinity)")
+    if json_depth(data) > MAX_JSON_DEPTH:  # the manager would refuse the batch, and hold the rest back
+        raise ValueError(f"log entry data may nest at most {MAX_JSON_DEPTH} levels")
     if len(encoded) > MAX_DATA_BYTES:
         return {"truncated": True, "bytes": len(encoded)}
     return data

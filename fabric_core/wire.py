@@ -7,14 +7,23 @@ an outside client sends forbid unknown fields, so that a typo is a clear 422 rat
 from __future__ import annotations
 
 import ipaddress
-import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from fabric_core.errors import InvalidDocument
+from fabric_core.patterns import MAX_PATTERN_LENGTH, compile_pattern
 from fabric_core.serials import NO_SERIAL, SERIAL_MAX
+from fabric_core.text import Text, name_rule
 
 Mode = Literal["push", "pull"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical", "security"]
@@ -27,9 +36,32 @@ MAX_LOG_ENTRIES = 1000
 
 BatchId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+"""The bounds of an INTEGER column (ids on PostgreSQL, counters such as `max_uses`)."""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""The bounds of a BIGINT: no integer the manager takes in a request lies outside them."""
+AnyId = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+"""An id that may name nothing (a location an agent reports: unknown means Default)."""
+
+
+def _representable_in_utc(moment: datetime) -> datetime:
+    """Refuse a moment that has no UTC equivalent (year 1 with a positive offset, year 9999 with a
+    negative one): it would overflow where the manager stores or compares it in UTC."""
+    try:
+        moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError as exc:
+        raise ValueError("the moment lies outside the years 1 to 9999 in UTC") from exc
+    return moment
+
+
+Moment = Annotated[datetime, Field(strict=False), AfterValidator(_representable_in_utc)]
+"""A datetime in a request: an ISO 8601 string in JSON (not strict: JSON has no datetime type)."""
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request model: unknown fields refused, and strict types (`"300"` is not an int, `true` not 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Lenient(BaseModel):
@@ -101,19 +133,20 @@ class FactCondition(_Condition):
     """A host fact equals `equals`, or matches the regular expression `matches`."""
 
     type: Literal["fact"]
-    name: str = Field(min_length=1, max_length=64)
-    equals: str | None = None
-    matches: str | None = None
+    name: Text = Field(min_length=1, max_length=64)
+    equals: Text | None = Field(default=None, max_length=4096)
+    matches: Text | None = Field(
+        default=None,
+        max_length=MAX_PATTERN_LENGTH,
+        description="an RE2 regular expression (linear time: no back-references, no look-around)",
+    )
 
     @model_validator(mode="after")
     def _one_test(self) -> FactCondition:
         if (self.equals is None) == (self.matches is None):
             raise ValueError("a fact condition needs exactly one of equals or matches")
         if self.matches is not None:
-            try:
-                re.compile(self.matches)
-            except re.error as exc:  # not a ValueError: pydantic would let it through as a crash
-                raise ValueError(f"matches is not a valid regular expression: {exc}") from exc
+            compile_pattern(self.matches)  # PatternError is a ValueError: a 422 saying why
         return self
 
 
@@ -213,10 +246,10 @@ class Envelope(_Strict):
 
 
 class LogEntry(_Strict):
-    ts: datetime
+    ts: Moment
     level: LogLevel = "info"
-    category: str = Field(default="agent", min_length=1, max_length=64)
-    message: str = Field(max_length=4096)
+    category: Text = Field(default="agent", min_length=1, max_length=64)
+    message: Text = Field(max_length=4096)
     data: dict[str, Any] | None = None
 
 
@@ -231,7 +264,9 @@ class HeartbeatRequest(_Strict):
     serial: int = Field(
         ge=NO_SERIAL, le=SERIAL_MAX, description="the serial of the document the agent enforces; 0 for none"
     )
-    location_id: int | None = Field(default=None, description="the location the agent chose; null: Default")
+    location_id: AnyId | None = Field(
+        default=None, description="the location the agent chose; null (or one not of its group): Default"
+    )
     mode: Mode
     status: dict[str, Any] | None = Field(
         default=None,
@@ -259,9 +294,11 @@ class AgentStateReport(_Lenient):
 
     agent_id: str = Field(min_length=1, max_length=64)
     online: bool
-    serial: int | None = Field(default=None, ge=0)
-    group_id: int | None = None
-    location_id: int | None = None
+    serial: int | None = Field(default=None, ge=0, le=SERIAL_MAX)
+    group_id: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    location_id: int | None = Field(
+        default=None, ge=INT32_MIN, le=INT32_MAX, description="stored as reported (an INTEGER column)"
+    )
     mode: Mode | None = None
     at: datetime | None = None
 
@@ -281,8 +318,10 @@ class AgentCommand(_Lenient):
 
 
 class EnrollRequest(_Strict):
-    token: str = Field(min_length=1, max_length=256)
-    hostname: str = Field(min_length=1, max_length=255)
+    token: Text = Field(min_length=1, max_length=256)
+    hostname: Annotated[str, Field(min_length=1, max_length=255), name_rule(255)] = Field(
+        description="normalised to Unicode NFC; no control characters"
+    )
     facts: dict[str, Any] = Field(default_factory=dict)
 
 

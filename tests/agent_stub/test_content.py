@@ -459,7 +459,21 @@ def test_a_stored_blob_damaged_on_disk_is_fetched_again(admin: Admin, agent: Age
 
 @pytest.mark.parametrize(
     "paths",
-    [["../escape"], ["a/../../b"], ["/abs"], ["a//b"], ["./a"], ["a\\b"], ["a", "a"], ["a", "a/b"]],
+    [
+        ["../escape"],
+        ["a/../../b"],
+        ["/abs"],
+        ["a//b"],
+        ["./a"],
+        ["a/./b"],
+        ["a/"],
+        ["a\\b"],
+        ["a\x00b"],
+        ["a\nb"],
+        ["a", "a"],
+        ["a", "a/b"],
+        ["a/b", "a"],
+    ],
 )
 def test_manifest_paths_that_could_escape_or_clash_are_refused(paths: list[str]) -> None:
     with pytest.raises(ContentRejected):

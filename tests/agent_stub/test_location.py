@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -258,3 +259,23 @@ def test_a_choice_round_trips_through_json_for_persistence() -> None:
         choose_location(LOCATIONS, OFFICE_FACTS, manager_reachable=True, current=restored.location_id)
         == choice
     )
+
+
+# --- fact patterns run on RE2 ---------------------------------------------------------------------
+
+
+def test_a_pattern_that_backtracks_in_python_matches_in_linear_time() -> None:
+    facts = HostFacts(extra={"hostname": "a" * 100_000 + "b"})
+    started = time.perf_counter()
+    assert not matches({"type": "fact", "name": "hostname", "matches": "(a+)+$"}, facts)
+    assert matches({"type": "fact", "name": "hostname", "matches": "(a+)+b"}, facts)
+    assert time.perf_counter() - started < 0.5  # Python's re: about half a second at 24 characters
+
+
+def test_a_pattern_re2_refuses_counts_as_not_matched(caplog: pytest.LogCaptureFixture) -> None:
+    """A document from a manager that did not check (or an older one): the agent never runs it."""
+    raw = {"type": "fact", "name": "hostname", "matches": r"(lab)-pc-\1"}
+    with caplog.at_level(logging.WARNING):
+        assert parse_condition(raw) is None
+    assert "RE2" in caplog.text
+    assert score(loc(1, "Lab", raw), OFFICE_FACTS, manager_reachable=True) == 0

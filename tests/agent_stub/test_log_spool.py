@@ -20,6 +20,7 @@ from agent_stub.core import AgentCore
 from agent_stub.log_spool import LogSpool, MemoryLogSpool, make_entry
 from agent_stub.pull import PullLoop
 from agent_stub.state import Identity, MemoryStateStore
+from fabric_core.canonical import MAX_JSON_DEPTH
 from fabric_core.settings import AgentSettings
 from fabric_core.wire import LogBatch
 from tests.agent_stub.fakes import StoringManager
@@ -194,6 +195,13 @@ def test_entries_are_made_acceptable_to_the_manager() -> None:
         make_entry("info", "m", data={"x": float("nan")})
     with pytest.raises(ValueError, match="plain JSON"):
         make_entry("info", "m", data={"x": 2**70})
+
+    deep: dict = {}
+    for _ in range(MAX_JSON_DEPTH):
+        deep = {"a": deep}  # one level more than the manager takes
+    with pytest.raises(ValueError, match="nest at most"):
+        make_entry("info", "m", data=deep)
+    assert make_entry("info", "m", data=deep["a"]).data == deep["a"]
 
 
 # --- on disk: crashes, other processes, damage -------------------------------------------------------

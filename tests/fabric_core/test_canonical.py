@@ -8,7 +8,14 @@ import json
 import orjson
 import pytest
 
-from fabric_core.canonical import canonical_json, sha256_hex
+from fabric_core.canonical import (
+    MAX_JSON_DEPTH,
+    PLAIN_JSON,
+    canonical_json,
+    is_plain_json,
+    json_depth,
+    sha256_hex,
+)
 
 
 @pytest.mark.parametrize(
@@ -99,3 +106,43 @@ def test_sha256_hex_of_canonical_bytes(value: dict) -> None:
 )
 def test_sha256_hex_known_vectors(data: bytes, expected: str) -> None:
     assert sha256_hex(data) == expected
+
+
+# --- how deep free JSON may nest ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "depth"), [(1, 0), ("s", 0), ({}, 1), ([], 1), ({"a": [1]}, 2), ([[[]]], 3)]
+)
+def test_json_depth_counts_objects_and_arrays(value, depth) -> None:
+    assert json_depth(value) == depth
+
+
+def test_json_depth_stops_counting_past_the_limit_without_recursing() -> None:
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert json_depth(deep, limit=40) == 41
+
+
+def test_plain_json_nests_at_most_the_limit() -> None:
+    assert is_plain_json({"ok": [{"x": 1}]})
+    value: dict = {}
+    for _ in range(MAX_JSON_DEPTH - 1):
+        value = {"a": value}
+    assert json_depth(value) == MAX_JSON_DEPTH and is_plain_json(value)
+    assert not is_plain_json({"a": value})
+    assert f"{MAX_JSON_DEPTH} deep" in PLAIN_JSON
+
+
+def test_a_document_with_a_body_at_the_limit_is_far_from_canonical_jsons_own_limit() -> None:
+    body: dict = {}
+    for _ in range(MAX_JSON_DEPTH - 1):
+        body = {"a": body}
+    envelope = {"doc": {"policies": {"firewall": {"body": body}}}, "sig": "", "kid": ""}
+    assert orjson.loads(canonical_json(envelope)) == envelope
+
+
+@pytest.mark.parametrize("value", [{"x": float("nan")}, {"x": 2**64}, {"x": "\ud800"}, {"\ud800": 1}])
+def test_plain_json_refuses_what_canonical_json_cannot_carry(value) -> None:
+    assert not is_plain_json(value)

@@ -14,8 +14,10 @@ from fabric_core.errors import InvalidDocument
 from fabric_core.signing import SigningKey, open_envelope
 from fabric_core.wire import (
     MAX_LOG_ENTRIES,
+    AgentStateReport,
     Condition,
     EffectiveDocument,
+    EnrollRequest,
     FactCondition,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -408,3 +410,82 @@ def test_heartbeat_response_bytes_with_envelope(doc: dict[str, Any], changed: bo
     assert open_envelope(parsed["config"], key.verify_key) == doc
     assert open_envelope(orjson.dumps(parsed["config"]), key.verify_key) == doc
     assert envelope in data
+
+
+# --- request models are strict, bounded, and take only storable text ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"serial": "1", "mode": "pull"},
+        {"serial": True, "mode": "pull"},
+        {"serial": 1.0, "mode": "pull"},
+        {"serial": 0, "mode": "pull", "location_id": "3"},
+        {"serial": 0, "mode": "pull", "location_id": False},
+        {"serial": 0, "mode": "pull", "location_id": 2**63},
+        {"serial": 0, "mode": "pull", "location_id": -(2**63) - 1},
+    ],
+)
+def test_heartbeat_request_types_are_strict_and_bounded(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        HeartbeatRequest.model_validate(body)
+
+
+def test_heartbeat_location_may_be_any_64_bit_integer() -> None:
+    """An unknown location is not an error (the agent gets its Default): only what BIGINT cannot hold is."""
+    for location_id in (-(2**63), -1, 0, 2**63 - 1):
+        assert HeartbeatRequest.model_validate({"serial": 0, "mode": "pull", "location_id": location_id})
+
+
+def test_log_entries_take_iso_timestamps_from_json_and_python() -> None:
+    batch = LogBatch.model_validate_json(
+        b'{"batch_id": "b", "entries": [{"ts": "2024-05-01T08:00:00Z", "message": "m"}]}'
+    )
+    assert batch.entries[0].ts == datetime(2024, 5, 1, 8, tzinfo=UTC)
+    parsed = LogBatch.model_validate(
+        {"batch_id": "b", "entries": [{"ts": "2024-05-01T10:00:00+02:00", "message": "m"}]}
+    )
+    assert parsed.entries[0].ts == datetime(2024, 5, 1, 8, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("ts", ["0001-01-01T00:00:00+00:01", "9999-12-31T23:59:59-00:01"])
+def test_a_log_moment_without_a_utc_equivalent_is_refused(ts: str) -> None:
+    with pytest.raises(ValidationError, match="outside the years"):
+        LogBatch.model_validate({"batch_id": "b", "entries": [{"ts": ts, "message": "m"}]})
+
+
+@pytest.mark.parametrize("field", ["message", "category"])
+def test_log_text_refuses_nul(field: str) -> None:
+    entry = {"ts": "2024-05-01T08:00:00Z", "message": "m", field: "a\x00b"}
+    with pytest.raises(ValidationError, match="NUL"):
+        LogBatch.model_validate({"batch_id": "b", "entries": [entry]})
+
+
+def test_enrolment_hostnames_are_nfc_without_control_characters() -> None:
+    assert EnrollRequest.model_validate({"token": "t", "hostname": "Cafe\u0301"}).hostname == "Caf\u00e9"
+    for hostname in ("a\nb", "a\x00b", "\x1b[1m"):
+        with pytest.raises(ValidationError, match="control characters"):
+            EnrollRequest.model_validate({"token": "t", "hostname": hostname})
+    with pytest.raises(ValidationError):
+        EnrollRequest.model_validate({"token": "t", "hostname": 5})
+
+
+@pytest.mark.parametrize("pattern", [r"(a)\1", "(?=x)", "(?<=x)y"])
+def test_fact_patterns_are_re2(pattern: str) -> None:
+    with pytest.raises(ValidationError, match="RE2"):
+        CONDITIONS.validate_python([{"type": "fact", "name": "host", "matches": pattern}])
+    assert CONDITIONS.validate_python([{"type": "fact", "name": "host", "matches": "(a+)+$"}])
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"agent_id": "a", "online": True, "serial": 2**63},
+        {"agent_id": "a", "online": True, "location_id": 2**31},
+        {"agent_id": "a", "online": True, "group_id": 2**63},
+    ],
+)
+def test_state_reports_are_bounded_to_the_columns_they_are_stored_in(report: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        AgentStateReport.model_validate(report)
