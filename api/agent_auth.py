@@ -5,26 +5,21 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
-from api.errors import Forbidden, ServiceUnavailable, Unauthorized
+from api.credentials import AGENT, agent_caller
+from api.errors import ServiceUnavailable
 from api.fabric import Fabric
 from api.heartbeat.view import CachedDocument, KnownAgent
-from api.security import bearer_token, hash_secret
 
 
 async def authenticate_agent(request: Request, fabric: Fabric) -> tuple[str, KnownAgent]:
-    """(secret hash, agent) of the caller; 401 for no or an unknown secret, 403 for a revoked agent."""
-    secret = bearer_token(request.headers.get("authorization"))
-    if secret is None:
-        raise Unauthorized("missing agent secret: send Authorization: Bearer <secret>")
-    secret_hash = hash_secret(secret)
-    agent = fabric.view.cached_agent(secret_hash) or await run_in_threadpool(
-        fabric.view.load_agent, secret_hash
-    )
-    if agent is None:
-        raise Unauthorized("unknown agent secret")
-    if agent.revoked:
-        raise Forbidden(f"agent {agent.id} has been revoked")
-    return secret_hash, agent
+    """(secret hash, agent) of the caller; 401 for no or an unknown secret, 403 for a revoked agent.
+
+    Found by the `api.credentials.Credentials` layer before the body was read, or checked here."""
+    found = request.scope.get(AGENT)
+    if found is not None:
+        secret_hash, agent = found
+        return secret_hash, agent
+    return await agent_caller(fabric, request.headers.get("authorization"))
 
 
 async def document_for_agent(

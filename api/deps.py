@@ -8,10 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlmodel import Session
 
-from api.errors import Forbidden
+from api.credentials import PRINCIPAL, admin_principal, require_change_rights
 from api.fabric import Fabric
-from api.security import Principal, bearer_token
-from api.services.api_keys import authenticate
+from api.security import Principal
 from api.services.change import Change
 
 
@@ -31,23 +30,20 @@ def get_session(fabric: FabricDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_principal(request: Request, fabric: FabricDep) -> Principal:
-    bootstrap = fabric.settings.bootstrap_admin_key
-    with Session(fabric.engine) as session:
-        return authenticate(
-            session,
-            key=bearer_token(request.headers.get("authorization")),
-            bootstrap_key=bootstrap.get_secret_value() if bootstrap else None,
-        )
+async def get_principal(request: Request) -> Principal:
+    """Who is calling: found by the `api.credentials.Credentials` layer before the body was read, or
+    (an app without that layer) checked here."""
+    found = request.scope.get(PRINCIPAL)
+    if isinstance(found, Principal):
+        return found
+    return await admin_principal(request.app.state.fabric, request.headers.get("authorization"))
 
 
 ViewerDep = Annotated[Principal, Depends(get_principal)]
 
 
 def require_admin(principal: ViewerDep) -> Principal:
-    if not principal.can_change:
-        raise Forbidden(f"{principal.name} is a viewer: only admin keys may change state")
-    return principal
+    return require_change_rights(principal)
 
 
 AdminDep = Annotated[Principal, Depends(require_admin)]

@@ -11,14 +11,17 @@ from __future__ import annotations
 from typing import Any, get_args
 
 from api.errors import Invalid
-from fabric_core.canonical import PLAIN_JSON, is_plain_json
-from fabric_core.wire import HeartbeatRequest
+from fabric_core.canonical import MAX_JSON_DEPTH, PLAIN_JSON, is_plain_json
+from fabric_core.wire import AnyId, HeartbeatRequest
 
 _SERIAL = HeartbeatRequest.model_fields["serial"]
 FIELDS = frozenset(HeartbeatRequest.model_fields)
 MODES = frozenset(get_args(HeartbeatRequest.model_fields["mode"].annotation))
 SERIAL_MIN: int = next(bound.ge for bound in _SERIAL.metadata if hasattr(bound, "ge"))
 SERIAL_MAX: int = next(bound.le for bound in _SERIAL.metadata if hasattr(bound, "le"))
+_LOCATION = get_args(AnyId)[1]  # the Field of HeartbeatRequest.location_id's type
+LOCATION_MIN: int = next(bound.ge for bound in _LOCATION.metadata if hasattr(bound, "ge"))
+LOCATION_MAX: int = next(bound.le for bound in _LOCATION.metadata if hasattr(bound, "le"))
 _MIN_INT = -(2**63)
 _MAX_INT = 2**64 - 1  # what orjson, hence canonical JSON, can write
 
@@ -27,10 +30,8 @@ def require_storable(body: HeartbeatRequest) -> None:
     """Refuse what the database cannot hold: it would fail the batched bookkeeping of every agent."""
     if body.status is not None and not is_plain_json(body.status):
         raise Invalid(f"status must be {PLAIN_JSON}")
-    if body.logs is not None:
+    if body.logs is not None:  # NUL in a message or a category: refused by the model (`Text`)
         for index, entry in enumerate(body.logs.entries):
-            if "\x00" in entry.message or "\x00" in entry.category:
-                raise Invalid(f"log entry {index}: message and category may not contain NUL characters")
             if entry.data is not None and not is_plain_json(entry.data):
                 raise Invalid(f"log entry {index}: data must be {PLAIN_JSON}")
 
@@ -49,7 +50,9 @@ def everyday(request: Any) -> bool:
     return (
         type(serial) is int
         and SERIAL_MIN <= serial <= SERIAL_MAX
-        and (location_id is None or type(location_id) is int)
+        and (
+            location_id is None or (type(location_id) is int and LOCATION_MIN <= location_id <= LOCATION_MAX)
+        )
         and type(mode) is str
         and mode in MODES
         and (status is None or (type(status) is dict and plain_without_floats(status)))
@@ -64,7 +67,7 @@ def plain_without_floats(value: Any, depth: int = 0) -> bool:
         return True
     if kind is int:
         return bool(_MIN_INT <= value <= _MAX_INT)
-    if depth > 64:
+    if depth >= MAX_JSON_DEPTH:  # this container would be one level too many
         return False
     if kind is dict:
         return all(plain_without_floats(item, depth + 1) for item in value.values())

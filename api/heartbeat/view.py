@@ -6,7 +6,8 @@ database. It polls the `fabric_counters` row every `cache_refresh_s`: every comm
 (the change calls `refresh` after committing).
 
 Agents are read lazily, on their first heartbeat (`load_agent`), and from then on kept current by
-`refresh`, which re-reads the agents whose row a change stamped with a newer generation.
+`refresh`, which re-reads the agents whose row a change stamped with a newer generation. Caches of other
+things that changes alter (the API keys) follow the same poll: `followers` reload when it moved.
 
 Threads: `refresh` and `load_agent` run in worker threads (they read the database), the lookups and
 `served_update` on the event loop. `_refresh_lock` lets one refresh run at a time and is held across
@@ -19,6 +20,7 @@ it then, and the row may predate a revocation the refresh saw.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Connection, Engine, bindparam, text
@@ -54,8 +56,11 @@ class DocumentSet:
 class FabricView:
     """What the heartbeat needs, in memory, kept current by polling one counter row."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, followers: Sequence[Callable[[Connection], None]] = ()) -> None:
         self._engine = engine
+        self._followers = tuple(followers)
+        """Other caches that reload when the generation moved, in the same poll and connection (the
+        API keys: `api.key_cache.ApiKeyCache.reload`)."""
         self._refresh_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._generation = -1
@@ -85,6 +90,8 @@ class FabricView:
                 return False
             self._documents = self._reload_documents(connection, self._documents)
             self._reload_agents(connection, since=self._generation)
+            for follow in self._followers:
+                follow(connection)
             self._generation = int(generation)
             return True
 

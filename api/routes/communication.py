@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import ChangeDep, SessionDep, ViewerDep
+from api.openapi import errors
+from api.params import RowId
 from api.resolution import communication_of
 from api.schemas import CommunicationIn, CommunicationOut, LocationCommunicationIn, LocationCommunicationOut
 from api.services import communication, locations
@@ -28,13 +30,13 @@ def _location_out(location: Location, owner: Group) -> LocationCommunicationOut:
     )
 
 
-@router.get("/communication", response_model=CommunicationOut)
-def get_group_communication(group_id: int, session: SessionDep, _: ViewerDep) -> CommunicationOut:
+@router.get("/communication", response_model=CommunicationOut, responses=errors(404))
+def get_group_communication(group_id: RowId, session: SessionDep, _: ViewerDep) -> CommunicationOut:
     return _group_out(communication.group_communication(session, group_id=group_id))
 
 
-@router.put("/communication", response_model=CommunicationOut)
-def set_group_communication(group_id: int, body: CommunicationIn, change: ChangeDep) -> CommunicationOut:
+@router.put("/communication", response_model=CommunicationOut, responses=errors(404, 409))
+def set_group_communication(group_id: RowId, body: CommunicationIn, change: ChangeDep) -> CommunicationOut:
     """Change the fields given; the others keep their values."""
     group = communication.set_group_communication(
         change, group_id=group_id, settings=body.model_dump(exclude_none=True)
@@ -43,17 +45,23 @@ def set_group_communication(group_id: int, body: CommunicationIn, change: Change
     return _group_out(group)
 
 
-@router.get("/locations/{location_id}/communication", response_model=LocationCommunicationOut)
+@router.get(
+    "/locations/{location_id}/communication", response_model=LocationCommunicationOut, responses=errors(404)
+)
 def get_location_communication(
-    group_id: int, location_id: int, session: SessionDep, _: ViewerDep
+    group_id: RowId, location_id: RowId, session: SessionDep, _: ViewerDep
 ) -> LocationCommunicationOut:
     location = locations.get_location(session, group_id=group_id, location_id=location_id)
     return _location_out(location, locations.owner_of(session, group_id=group_id))
 
 
-@router.put("/locations/{location_id}/communication", response_model=LocationCommunicationOut)
+@router.put(
+    "/locations/{location_id}/communication",
+    response_model=LocationCommunicationOut,
+    responses=errors(404, 409),
+)
 def set_location_communication(
-    group_id: int, location_id: int, body: LocationCommunicationIn, change: ChangeDep
+    group_id: RowId, location_id: RowId, body: LocationCommunicationIn, change: ChangeDep
 ) -> LocationCommunicationOut:
     """Override the group's settings at one location (`use_group_settings: false`), or go back to them."""
     location = communication.set_location_communication(

@@ -7,6 +7,7 @@ from sqlmodel import Session
 
 from api.deps import FabricDep
 from api.errors import Invalid
+from api.openapi import errors
 from api.services import agents
 from api.services.change import Change
 from fabric_core.canonical import PLAIN_JSON, is_plain_json
@@ -15,11 +16,9 @@ from fabric_core.wire import EnrollRequest, EnrollResponse, SigningKeyInfo
 router = APIRouter(prefix="/agent/v1", tags=["agent"])
 
 
-@router.post("/enroll", response_model=EnrollResponse)
+@router.post("/enroll", response_model=EnrollResponse, responses=errors(401))
 def enroll(body: EnrollRequest, fabric: FabricDep) -> EnrollResponse:
     """Exchange an enrolment token for an agent id, a secret and the key that signs documents."""
-    if "\x00" in body.hostname:
-        raise Invalid("hostname may not contain NUL characters")
     if not is_plain_json(body.facts):
         raise Invalid(f"facts must be {PLAIN_JSON}")
     with Session(fabric.engine, expire_on_commit=False) as session:

@@ -16,12 +16,15 @@ from sqlmodel import Session
 
 from api.agent_auth import authenticate_agent, document_for_agent
 from api.errors import PayloadTooLarge
+from api.etags import none_match
 from api.fabric import Fabric
 from api.heartbeat.answer import answer_heartbeat
 from api.heartbeat.checks import require_storable
 from api.heartbeat.view import KnownAgent
+from api.openapi import errors, not_modified
+from api.params import ReportedLocation
 from api.services import logs
-from fabric_core.wire import HeartbeatRequest, HeartbeatResponse
+from fabric_core.wire import Envelope, HeartbeatRequest, HeartbeatResponse
 
 router = APIRouter(prefix="/agent/v1", tags=["agent"])
 JSON = "application/json"
@@ -30,7 +33,10 @@ JSON = "application/json"
 @router.post(
     "/heartbeat",
     response_class=Response,
-    responses={200: {"model": HeartbeatResponse, "description": "unchanged, or the new signed document"}},
+    responses={
+        200: {"model": HeartbeatResponse, "description": "unchanged, or the new signed document"},
+        **errors(413, 503),
+    },
 )
 async def heartbeat(body: HeartbeatRequest, request: Request) -> Response:
     """Report what the agent holds; learn whether its document changed and when to come back.
@@ -74,13 +80,14 @@ def _store_logs(fabric: Fabric, agent: KnownAgent, body: HeartbeatRequest) -> No
     "/config",
     response_class=Response,
     responses={
-        200: {"description": "the signed envelope, with an ETag"},
-        304: {"description": "not modified"},
+        200: {"model": Envelope, "description": "the signed envelope, with an ETag"},
+        **not_modified(),
+        **errors(503),
     },
 )
 async def config(
     request: Request,
-    location_id: int | None = None,
+    location_id: ReportedLocation = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The current signed document of the agent's group and location (its Default when not given)."""
@@ -88,6 +95,6 @@ async def config(
     _, agent = await authenticate_agent(request, fabric)
     _, document = await document_for_agent(fabric, agent, location_id)
     etag = f'"{document.serial}"'
-    if if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}:
+    if none_match(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     return Response(document.envelope, media_type=JSON, headers={"ETag": etag})

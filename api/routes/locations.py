@@ -6,8 +6,11 @@ from fastapi import APIRouter, Response, status
 
 from api.deps import ChangeDep, SessionDep, ViewerDep
 from api.errors import NotFound
+from api.openapi import errors
+from api.params import RowId
 from api.schemas import LocationCreate, LocationOut, LocationUpdate
 from api.services import locations
+from fabric_core.wire import Envelope
 from manager_db.models import EffectiveConfig, Location
 
 router = APIRouter(prefix="/groups/{group_id}/locations", tags=["locations"])
@@ -24,13 +27,13 @@ def _out(location: Location) -> LocationOut:
     )
 
 
-@router.get("", response_model=list[LocationOut])
-def list_locations(group_id: int, session: SessionDep, _: ViewerDep) -> list[LocationOut]:
+@router.get("", response_model=list[LocationOut], responses=errors(404))
+def list_locations(group_id: RowId, session: SessionDep, _: ViewerDep) -> list[LocationOut]:
     return [_out(loc) for loc in locations.list_locations(session, group_id=group_id)]
 
 
-@router.post("", response_model=LocationOut, status_code=status.HTTP_201_CREATED)
-def create_location(group_id: int, body: LocationCreate, change: ChangeDep) -> LocationOut:
+@router.post("", response_model=LocationOut, status_code=status.HTTP_201_CREATED, responses=errors(404, 409))
+def create_location(group_id: RowId, body: LocationCreate, change: ChangeDep) -> LocationOut:
     location = locations.create_location(
         change,
         group_id=group_id,
@@ -41,13 +44,15 @@ def create_location(group_id: int, body: LocationCreate, change: ChangeDep) -> L
     return _out(location)
 
 
-@router.get("/{location_id}", response_model=LocationOut)
-def get_location(group_id: int, location_id: int, session: SessionDep, _: ViewerDep) -> LocationOut:
+@router.get("/{location_id}", response_model=LocationOut, responses=errors(404))
+def get_location(group_id: RowId, location_id: RowId, session: SessionDep, _: ViewerDep) -> LocationOut:
     return _out(locations.get_location(session, group_id=group_id, location_id=location_id))
 
 
-@router.patch("/{location_id}", response_model=LocationOut)
-def update_location(group_id: int, location_id: int, body: LocationUpdate, change: ChangeDep) -> LocationOut:
+@router.patch("/{location_id}", response_model=LocationOut, responses=errors(404, 409))
+def update_location(
+    group_id: RowId, location_id: RowId, body: LocationUpdate, change: ChangeDep
+) -> LocationOut:
     conditions = (
         None if body.conditions is None else [c.model_dump(exclude_none=True) for c in body.conditions]
     )
@@ -58,8 +63,8 @@ def update_location(group_id: int, location_id: int, body: LocationUpdate, chang
     return _out(location)
 
 
-@router.delete("/{location_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_location(group_id: int, location_id: int, change: ChangeDep) -> None:
+@router.delete("/{location_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404, 409))
+def delete_location(group_id: RowId, location_id: RowId, change: ChangeDep) -> None:
     locations.delete_location(change, group_id=group_id, location_id=location_id)
     change.commit()
 
@@ -67,9 +72,12 @@ def delete_location(group_id: int, location_id: int, change: ChangeDep) -> None:
 @router.get(
     "/{location_id}/effective",
     response_class=Response,
-    responses={200: {"content": {"application/json": {}}, "description": "the signed envelope"}},
+    responses={
+        200: {"model": Envelope, "description": "the signed envelope, byte for byte as agents receive it"},
+        **errors(404),
+    },
 )
-def effective_document(group_id: int, location_id: int, session: SessionDep, _: ViewerDep) -> Response:
+def effective_document(group_id: RowId, location_id: RowId, session: SessionDep, _: ViewerDep) -> Response:
     """The signed effective configuration of (group, location), exactly as agents receive it."""
     locations.get_location(session, group_id=group_id, location_id=location_id)
     row = session.get(EffectiveConfig, (group_id, location_id))

@@ -1,29 +1,92 @@
-"""Admin API keys: created by `policycast admin create-key`, stored hashed, checked per request."""
+"""Admin API keys: create (shown once, stored hashed), list, revoke; retire the bootstrap key.
+
+Each of these is a `Change`: it bumps the fabric's generation, so every replica's key cache
+(`api.key_cache.ApiKeyCache`) reloads within `cache_refresh_s`, and writes an audit row. Who is
+calling is answered by the cache, not here.
+"""
 
 from __future__ import annotations
 
-from sqlmodel import Session, col, select
+from datetime import timedelta
 
-from api.errors import Unauthorized
-from api.security import Principal, Role, hash_secret, new_secret, same_secret
-from manager_db.models import ApiKey
+from sqlmodel import Session, col, or_, select
+
+from api.errors import Conflict, NotFound
+from api.security import Role, hash_secret, new_secret
+from api.services.change import Change
+from manager_db.models import ApiKey, BootstrapKeyRetirement, utcnow
+
+BOOTSTRAP_TARGET = "api_key:bootstrap"
 
 
-def create_api_key(session: Session, *, name: str, role: Role) -> str:
-    """Store a new key and return it in clear: the only time anyone sees it."""
+def create_key(
+    change: Change, *, role: Role, name: str, expires_in_s: int | None = None
+) -> tuple[str, ApiKey]:
+    """A new key, in clear (the only time anyone sees it), and its row."""
     key = new_secret("pck")
-    session.add(ApiKey(name=name, role=role, key_hash=hash_secret(key)))
-    session.commit()
+    expires_at = None if expires_in_s is None else utcnow() + timedelta(seconds=expires_in_s)
+    row = ApiKey(name=name, role=role, key_hash=hash_secret(key), expires_at=expires_at)
+    change.session.add(row)
+    change.session.flush()
+    change.audit(
+        "api_key.create",
+        f"api_key:{row.id}",
+        role=role,
+        name=name,
+        expires_at=None if expires_at is None else expires_at.isoformat(),
+    )
+    return key, row
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.exec(select(ApiKey).order_by(col(ApiKey.id))).all())
+
+
+def revoke_key(change: Change, *, key_id: int) -> ApiKey:
+    row = change.session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound(f"no API key {key_id}")
+    if row.revoked_at is not None:
+        raise Conflict(f"API key {key_id} is already revoked")
+    row.revoked_at = utcnow()
+    change.session.add(row)
+    change.audit("api_key.revoke", f"api_key:{key_id}", name=row.name, role=row.role)
+    return row
+
+
+def bootstrap_retirement(session: Session) -> BootstrapKeyRetirement | None:
+    return session.get(BootstrapKeyRetirement, 1)
+
+
+def retire_bootstrap(change: Change) -> BootstrapKeyRetirement:
+    """Refuse `POLICYCAST_BOOTSTRAP_ADMIN_KEY` on every replica from now on, whatever its environment
+    says. Refused while no admin key could take its place (an operator would be locked out of the API)."""
+    session = change.session
+    retired = bootstrap_retirement(session)
+    if retired is not None:
+        raise Conflict(f"the bootstrap admin key was already retired at {retired.retired_at.isoformat()}")
+    now = utcnow()
+    usable_admin_key = session.exec(
+        select(ApiKey.id).where(
+            col(ApiKey.role) == "admin",
+            col(ApiKey.revoked_at).is_(None),
+            or_(col(ApiKey.expires_at).is_(None), col(ApiKey.expires_at) > now),
+        )
+    ).first()
+    if usable_admin_key is None:
+        raise Conflict(
+            "no usable admin API key: create one first (POST /api/v1/api-keys with role admin, or "
+            "policycast admin keys create --role admin), then retire the bootstrap key"
+        )
+    row = BootstrapKeyRetirement(id=1, retired_at=now, retired_by=change.actor[:128])
+    session.add(row)
+    change.audit("bootstrap_key.retire", BOOTSTRAP_TARGET)
+    return row
+
+
+def create_api_key(session: Session, *, name: str, role: Role, expires_in_s: int | None = None) -> str:
+    """Create a key in a change of its own, committed; return it in clear."""
+    change = Change(session=session, actor="cli", signing_key=None)
+    key, _ = create_key(change, role=role, name=name, expires_in_s=expires_in_s)
+    change.commit()
     return key
-
-
-def authenticate(session: Session, *, key: str | None, bootstrap_key: str | None) -> Principal:
-    if key is None:
-        raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-    if bootstrap_key and same_secret(key, bootstrap_key):
-        return Principal(name="bootstrap", role="admin")
-    row = session.exec(select(ApiKey).where(col(ApiKey.key_hash) == hash_secret(key))).first()
-    if row is None or row.revoked_at is not None:
-        raise Unauthorized("unknown or revoked API key")
-    role: Role = "admin" if row.role == "admin" else "viewer"
-    return Principal(name=f"key:{row.id}:{row.name}", role=role)

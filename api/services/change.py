@@ -18,7 +18,8 @@ from manager_db.models import AuditEntry
 class Change:
     session: Session
     actor: str
-    signing_key: SigningKey
+    signing_key: SigningKey | None
+    """None for a change that recomputes no document (API keys from the command line)."""
     after_commit: Callable[[], object] | None = None
     generation: int = field(init=False)
 
@@ -26,6 +27,8 @@ class Change:
         self.generation = begin_change(self.session)
 
     def refresh(self, group_ids: Iterable[int] | None) -> RefreshResult:
+        if self.signing_key is None:
+            raise RuntimeError("this change has no signing key: it cannot recompute documents")
         return refresh_documents(self.session, signing_key=self.signing_key, group_ids=group_ids)
 
     def audit(self, action: str, target: str, **detail: Any) -> None:

@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from sqlmodel import Session, col, delete, func, select
@@ -22,6 +22,7 @@ from sqlmodel import Session, col, delete, func, select
 from api.errors import Invalid, NotFound
 from api.services.change import Change
 from fabric_core.canonical import canonical_json, sha256_hex
+from fabric_core.content_paths import ContentPathError, check_manifest_paths
 from manager_db.models import Agent, Blob, ContentRevision
 
 SHA256_HEX = 64
@@ -80,16 +81,6 @@ def record_blob(session: Session, *, sha256: str, size: int) -> Blob:
     return blob
 
 
-def check_path(path: str) -> str:
-    """A manifest path: relative, forward slashes, no `..`, no empty parts."""
-    parts = PurePosixPath(path).parts
-    if not path or path.startswith("/") or "\\\\" in path or any(p in ("", ".", "..") for p in parts):
-        raise Invalid(f"content path {path!r} must be relative, without '.', '..' or backslashes")
-    if len(path) > 512:
-        raise Invalid(f"content path {path[:40]!r}... is longer than 512 characters")
-    return path
-
-
 def manifest_digest(files: list[dict[str, Any]]) -> str:
     return sha256_hex(canonical_json(files))
 
@@ -105,11 +96,13 @@ def publish_revision(change: Change, *, kind: str, files: Iterable[tuple[str, st
     """A new revision of `kind` from (path, sha256) pairs whose blobs were uploaded; older ones pruned."""
     if kind in RESERVED_KINDS:
         raise Invalid(f"content kind {kind!r} is reserved; choose another name")
+    files = list(files)
+    try:
+        check_manifest_paths(path for path, _ in files)  # the contract's rule: agents check the same
+    except ContentPathError as exc:
+        raise Invalid(str(exc)) from exc
     manifest: dict[str, dict[str, Any]] = {}
     for path, sha256 in files:
-        check_path(path)
-        if path in manifest:
-            raise Invalid(f"content path {path!r} is listed twice")
         blob = change.session.get(Blob, check_sha256(sha256))
         if blob is None:
             raise Invalid(f"blob {sha256} has not been uploaded (PUT /api/v1/blobs/{sha256} first)")

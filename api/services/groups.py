@@ -7,6 +7,7 @@ from sqlmodel import Session, col, delete, func, select
 from api.errors import Conflict, Invalid, NotFound
 from api.resolution import load_tree
 from api.services.change import Change
+from fabric_core.text import name_key
 from manager_db.models import (
     DEFAULT_LOCATION_NAME,
     ROOT_GROUP_NAME,
@@ -122,7 +123,7 @@ def delete_group(change: Change, *, group_id: int) -> None:
 def _require_unique_name(session: Session, *, name: str, parent_id: int | None, exclude: int | None) -> None:
     siblings = session.exec(select(Group).where(col(Group.parent_id) == parent_id)).all()
     for sibling in siblings:
-        if sibling.id != exclude and sibling.name.casefold() == name.casefold():
+        if sibling.id != exclude and name_key(sibling.name) == name_key(name):
             raise Conflict(f"a group named {name!r} already exists under group {parent_id}")
 
 

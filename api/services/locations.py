@@ -10,6 +10,7 @@ from api.errors import Conflict, NotFound
 from api.resolution import load_tree
 from api.services.change import Change
 from api.services.groups import get_group
+from fabric_core.text import name_key
 from manager_db.models import Assignment, Group, Location
 
 
@@ -96,5 +97,5 @@ def delete_location(change: Change, *, group_id: int, location_id: int) -> None:
 
 def _require_unique_name(session: Session, *, group_id: int, name: str, exclude: int | None) -> None:
     for other in session.exec(select(Location).where(col(Location.group_id) == group_id)).all():
-        if other.id != exclude and other.name.casefold() == name.casefold():
+        if other.id != exclude and name_key(other.name) == name_key(name):
             raise Conflict(f"group {group_id} already has a location named {name!r}")

@@ -9,7 +9,7 @@ from sqlmodel import Session, col, select
 from api.errors import Conflict, Invalid, NotFound
 from api.services.change import Change
 from api.services.locations import get_location, require_own_state
-from fabric_core.canonical import canonical_json, is_plain_json
+from fabric_core.canonical import PLAIN_JSON, canonical_json, is_plain_json
 from manager_db.models import Assignment, Policy, utcnow
 
 
@@ -134,4 +134,4 @@ def _require_unique_name(session: Session, *, name: str, exclude: int | None) ->
 
 def _require_encodable(body: dict[str, Any]) -> None:
     if not is_plain_json(body):
-        raise Invalid("policy body must be plain JSON: no NaN or Infinity, no integers beyond 64 bits")
+        raise Invalid(f"policy body must be {PLAIN_JSON}")

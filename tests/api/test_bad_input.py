@@ -9,100 +9,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
 
 from api.main import create_app
 from fabric_core.settings import Settings
-from tests.conftest import TABLES as ALL_TABLES
-from tests.support.clients import Admin, AgentClient
 from tests.support.waiting import wait_for
-
-TABLES = [name.strip() for name in ALL_TABLES.split(",")]
-
-
-@dataclass
-class World:
-    """A small company: My Company (Office location, a firewall policy) with three groups below it.
-
-    My Company
-    ├── Sales          inherits; one enrolled agent
-    └── Engineering    own policies and settings
-        └── Build      inherits from Engineering
-    """
-
-    client: TestClient
-    admin: Admin
-    root: int
-    sales: int
-    engineering: int
-    build: int
-    default: int
-    office: int
-    engineering_office: int
-    firewall: dict[str, Any]
-    antivirus: dict[str, Any]
-    agent: AgentClient
-
-    def snapshot(self) -> dict[str, Any]:
-        """Every row of every table, the heartbeat cache's documents, and the pending sightings."""
-        fabric = self.client.app.state.fabric
-        state: dict[str, Any] = {}
-        with fabric.engine.connect() as connection:
-            for table in TABLES:
-                state[table] = connection.execute(text(f"SELECT * FROM {table} ORDER BY 1")).all()
-        state["cached documents"] = {key: doc.serial for key, doc in fabric.view.documents.items()}
-        state["pending sightings"] = len(fabric.ledger)
-        return state
-
-    def refused(self, method: str, path: str, expect: int, *, agent: bool = False, **kwargs: Any) -> Any:
-        """Send a request that must be refused with `expect`; check nothing changed; return the detail."""
-        before = self.snapshot()
-        headers = {**(self.agent.headers if agent else self.admin.headers), **kwargs.pop("headers", {})}
-        url = path if agent else f"/api/v1{path}"
-        response = self.client.request(method, url, headers=headers, **kwargs)
-        assert response.status_code == expect, f"{method} {path}: {response.status_code} {response.text}"
-        detail = response.json()["detail"]
-        assert detail, "an error says why"
-        assert self.snapshot() == before, f"{method} {path} was refused but changed the state"
-        return detail
-
-
-def build_world(client: TestClient) -> World:
-    admin = Admin(client)
-    root = admin.root()["id"]
-    office = admin.post(
-        f"/groups/{root}/locations",
-        {"name": "Office", "conditions": [{"type": "ip_range", "cidr": "10.0.0.0/8"}]},
-    )
-    firewall = admin.policy("Base firewall", "firewall", {"rules": ["allow tcp/443"]})
-    antivirus = admin.policy("Antivirus", "antivirus", {"scan": "daily"})
-    admin.put(f"/groups/{root}/policies/firewall", {"policy_id": firewall["id"]})
-    sales = admin.group("Sales", root)
-    engineering = admin.group("Engineering", root, inherit=False)
-    build = admin.group("Build", engineering["id"])
-    engineering_office = next(
-        loc for loc in admin.get(f"/groups/{engineering['id']}/locations") if loc["name"] == "Office"
-    )
-    agent = admin.enroll(sales["id"], hostname="pc")
-    return World(
-        client=client,
-        admin=admin,
-        root=root,
-        sales=sales["id"],
-        engineering=engineering["id"],
-        build=build["id"],
-        default=admin.default_location(root)["id"],
-        office=office["id"],
-        engineering_office=engineering_office["id"],
-        firewall=firewall,
-        antivirus=antivirus,
-        agent=agent,
-    )
+from tests.support.world import World, build_world
 
 
 @pytest.fixture
