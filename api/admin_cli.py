@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import getpass
+import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 from sqlmodel import Session
@@ -18,9 +21,12 @@ from sqlmodel import Session
 from fabric_core.console import fail, load_settings, stderr, stdout
 from fabric_core.settings import Settings
 from manager_db.database import describe, guarded, make_engine, migrate
+from manager_db.models import as_utc
 
 if TYPE_CHECKING:
     import httpx
+
+    from api.services.change import Change
 
 admin = typer.Typer(
     help="Administration: API keys, the database, the fleet at a glance.", no_args_is_help=True
@@ -32,31 +38,178 @@ class RoleChoice(StrEnum):
     viewer = "viewer"
 
 
-@admin.command("create-key")
+DEFAULT_SERVER = "https://127.0.0.1:8080"
+ServerOption = Annotated[str, typer.Option(help="the manager's URL")]
+CaFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="the CA to verify the manager with [default: the data directory's, or the system's]",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+keys = typer.Typer(
+    help="API keys: list, create, revoke; retire the bootstrap key. Works directly on the database.",
+    no_args_is_help=True,
+)
+admin.add_typer(keys, name="keys")
+T = TypeVar("T")
+MAX_EXPIRES_IN_S = 365 * 86400
+
+
+def _on_database(work: Callable[[Session], T], what: str) -> T:
+    """Run `work` on a session of the settings' database (migrated first); one-line failures for what an
+    operator can fix, among them a refused change (an unknown key, one already revoked)."""
+    from api.errors import ServiceError
+
+    settings = load_settings(Settings)
+
+    def run() -> T:
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            migrate(engine)
+            with Session(engine, expire_on_commit=False) as session:
+                return work(session)
+        finally:
+            engine.dispose()
+
+    try:
+        return guarded(run, what)
+    except ServiceError as exc:
+        fail(f"{what}: {exc.detail}")
+
+
+def _change(session: Session) -> Change:
+    """A change made from the command line: audited as `cli:<user>`, no document recomputed."""
+    from api.services.change import Change
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no user name in the environment or the password database
+        user = "unknown"
+    return Change(session=session, actor=f"cli:{user}"[:128], signing_key=None)
+
+
+@keys.command("create")
 def create_key(
     role: Annotated[
         RoleChoice, typer.Option(help="admin may change state, viewer may only read")
     ] = RoleChoice.admin,
     name: Annotated[str, typer.Option(help="who or what the key is for")] = "operator",
+    expires_in_s: Annotated[
+        int | None,
+        typer.Option(min=60, max=MAX_EXPIRES_IN_S, help="lifetime in seconds (default: never expires)"),
+    ] = None,
 ) -> None:
     """Create an API key and print it, alone, on stdout (it is stored hashed: save it now)."""
-    from api.services.api_keys import create_api_key
+    from api.services import api_keys
 
-    settings = load_settings(Settings)
+    name = name.strip()
+    if not 1 <= len(name) <= 128 or "\x00" in name:
+        fail("--name must be 1 to 128 characters")
 
-    def create() -> str:
-        engine = make_engine(settings.resolved_database_url)
-        migrate(engine)
-        with Session(engine) as session:
-            return create_api_key(session, name=name, role=role.value)
+    def create(session: Session) -> str:
+        change = _change(session)
+        key, _ = api_keys.create_key(change, role=role.value, name=name, expires_in_s=expires_in_s)
+        change.commit()
+        return key
 
-    key = guarded(create, "creating the key")
+    key = _on_database(create, "creating the key")
     sys.stdout.write(key + "\n")
+
+
+admin.command("create-key", help="Same as `policycast admin keys create`.")(create_key)
+
+
+@keys.command("list")
+def list_keys() -> None:
+    """Every API key (never a secret): role, name, created, last used, expires, revoked (times in UTC)."""
+    from api.services import api_keys
+
+    rows, retired = _on_database(
+        lambda session: (api_keys.list_keys(session), api_keys.bootstrap_retirement(session)), "listing keys"
+    )
+    table = Table(title=f"{len(rows)} API key(s), times in UTC")
+    for column in ("id", "name", "role", "created", "last used", "expires", "revoked"):
+        table.add_column(column, no_wrap=column in ("id", "role"))
+    now = datetime.now(UTC)
+    for row in rows:
+        expires_at, revoked_at = as_utc(row.expires_at), as_utc(row.revoked_at)
+        if expires_at is None:
+            expires = "never"
+        elif expires_at <= now:
+            expires = f"[yellow]{_when(expires_at)} (expired)[/]"
+        else:
+            expires = _when(expires_at)
+        table.add_row(
+            str(row.id),
+            escape(row.name),
+            row.role if revoked_at is None else f"[dim]{row.role}[/]",
+            _when(as_utc(row.created_at)),
+            _when(as_utc(row.last_used_at)) if row.last_used_at else "never",
+            expires,
+            "[green]no[/]" if revoked_at is None else f"[red]{_when(revoked_at)}[/]",
+        )
+    stdout.print(table)
+    if retired is None:
+        stdout.print(
+            "bootstrap key: accepted wherever POLICYCAST_BOOTSTRAP_ADMIN_KEY is set (not retired)",
+            soft_wrap=True,
+        )
+    else:
+        stdout.print(
+            f"bootstrap key: [red]retired[/] {_when(as_utc(retired.retired_at))} "
+            f"by {escape(retired.retired_by)}",
+            soft_wrap=True,
+        )
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@keys.command("revoke")
+def revoke_key(key_id: Annotated[int, typer.Argument(min=1, help="the key's id (see keys list)")]) -> None:
+    """Revoke an API key: every manager refuses it within POLICYCAST_CACHE_REFRESH_S."""
+    from api.services import api_keys
+
+    def revoke(session: Session) -> str:
+        change = _change(session)
+        row = api_keys.revoke_key(change, key_id=key_id)
+        change.commit()
+        return row.name
+
+    name = _on_database(revoke, f"revoking API key {key_id}")
+    stdout.print(
+        f"revoked API key {key_id} ({escape(name)}): every manager refuses it within a cache refresh",
+        soft_wrap=True,
+    )
+
+
+@keys.command("retire-bootstrap")
+def retire_bootstrap() -> None:
+    """Retire POLICYCAST_BOOTSTRAP_ADMIN_KEY: every manager refuses it from now on, even where the
+    environment still sets it. Needs an active admin key to take its place."""
+    from api.services import api_keys
+
+    def retire(session: Session) -> None:
+        change = _change(session)
+        api_keys.retire_bootstrap(change)
+        change.commit()
+
+    _on_database(retire, "retiring the bootstrap key")
+    stdout.print(
+        "retired the bootstrap admin key: every manager refuses it within a cache refresh; "
+        "remove POLICYCAST_BOOTSTRAP_ADMIN_KEY from their environment",
+        soft_wrap=True,
+    )
 
 
 @admin.command("enroll-token")
 def enroll_token(
-    server: Annotated[str, typer.Option(help="the manager's URL")] = "http://127.0.0.1:8080",
+    server: ServerOption = DEFAULT_SERVER,
+    ca_file: CaFileOption = None,
     group: Annotated[
         str, typer.Option(help="group name (created under the root if --create)")
     ] = "My Company",
@@ -64,12 +217,15 @@ def enroll_token(
     mode: Annotated[str | None, typer.Option(help="with --create: push or pull for the new group")] = None,
     max_uses: Annotated[int | None, typer.Option(min=1, help="how many agents may use it")] = None,
 ) -> None:
-    """Ask a running manager for an enrolment token (with POLICYCAST_BOOTSTRAP_ADMIN_KEY); print it alone."""
-    with _admin_api(server, timeout=10) as admin:
+    """Ask a running manager for an enrolment token (with POLICYCAST_BOOTSTRAP_ADMIN_KEY); print it alone.
+
+    It is a join token: the token and the hash of the manager's CA, which `policycast-agent enroll`
+    checks the manager against before it sends the token."""
+    with _admin_api(server, ca_file, timeout=10) as admin:
         group_id = _group_id(admin, group, create=create, mode=mode)
         response = admin.post(f"/groups/{group_id}/enrollment-tokens", json={"max_uses": max_uses})
         response.raise_for_status()
-    sys.stdout.write(response.json()["token"] + "\n")
+    sys.stdout.write(response.json()["join_token"] + "\n")
 
 
 @admin.command("publish-content")
@@ -78,7 +234,8 @@ def publish_content(
         Path, typer.Argument(help="the files of the new revision", exists=True, file_okay=False)
     ],
     kind: Annotated[str, typer.Option(help="content kind, e.g. definitions")] = "definitions",
-    server: Annotated[str, typer.Option(help="the manager's URL")] = "http://127.0.0.1:8080",
+    server: ServerOption = DEFAULT_SERVER,
+    ca_file: CaFileOption = None,
 ) -> None:
     """Publish DIRECTORY as the next revision of a content kind, uploading only the files the manager
     does not have yet (with POLICYCAST_BOOTSTRAP_ADMIN_KEY)."""
@@ -87,7 +244,7 @@ def publish_content(
     from rich.progress import Progress
 
     listed = []
-    with _admin_api(server, timeout=60) as admin:
+    with _admin_api(server, ca_file, timeout=60) as admin:
         files = sorted(p for p in directory.rglob("*") if p.is_file())
         if not files:
             fail(f"{directory} holds no files")
@@ -107,7 +264,7 @@ def publish_content(
 
 
 @contextmanager
-def _admin_api(server: str, *, timeout: float) -> Iterator[httpx.Client]:
+def _admin_api(server: str, ca_file: Path | None, *, timeout: float) -> Iterator[httpx.Client]:
     """A running manager's admin API with POLICYCAST_BOOTSTRAP_ADMIN_KEY; its failures as one line."""
     import httpx
 
@@ -115,13 +272,31 @@ def _admin_api(server: str, *, timeout: float) -> Iterator[httpx.Client]:
     if settings.bootstrap_admin_key is None:
         fail("set POLICYCAST_BOOTSTRAP_ADMIN_KEY to an admin API key")
     headers = {"Authorization": f"Bearer {settings.bootstrap_admin_key.get_secret_value()}"}
+    base_url = f"{server.rstrip('/')}/api/v1"
     try:
-        with httpx.Client(base_url=f"{server.rstrip('/')}/api/v1", headers=headers, timeout=timeout) as admin:
+        with httpx.Client(
+            base_url=base_url, headers=headers, timeout=timeout, verify=_verify(settings, ca_file)
+        ) as admin:
             yield admin
     except httpx.HTTPStatusError as exc:
         fail(f"the manager refused: {exc.response.status_code} {exc.response.text}")
     except httpx.HTTPError as exc:
         fail(f"cannot reach the manager at {server}: {exc}")
+
+
+def _verify(settings: Settings, ca_file: Path | None) -> ssl.SSLContext | bool:
+    """Trust exactly the manager's CA: the file given, else the data directory's (or the operator's
+    POLICYCAST_TLS_CA_FILE); the system's store only when neither is there (a manager behind a proxy
+    with a public certificate)."""
+    from fabric_core.tls import TlsError, client_context, manager_trust
+
+    try:
+        trusted = ca_file.read_bytes() if ca_file is not None else manager_trust(settings)
+    except TlsError:
+        return True
+    except OSError as exc:
+        fail(f"cannot read the CA file {ca_file}: {exc}")
+    return client_context(trusted)
 
 
 def _group_id(admin: Any, name: str, *, create: bool, mode: str | None) -> int:

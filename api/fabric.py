@@ -13,13 +13,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 
 from api.heartbeat.ledger import HeartbeatLedger
 from api.heartbeat.view import FabricView
+from api.key_cache import ApiKeyCache
 from api.services.change import Change
 from api.services.groups import ensure_root
+from api.services.trust import trust_ca
 from fabric_core.settings import Settings
 from fabric_core.signing import SigningKey, load_signing_key
+from fabric_core.tls import ManagerTls, manager_tls, split_certificates
 from fabric_core.wire import MqttCredentials
 from manager_db.database import make_engine, migrate, session_scope
 
@@ -44,14 +48,19 @@ class Fabric:
     signing_key: SigningKey
     view: FabricView
     ledger: HeartbeatLedger
+    keys: ApiKeyCache
+    """The API keys, in memory, reloaded with the view (`FabricView.refresh`)."""
     broker: BrokerAccess | None = None
     """None: push is off (`mqtt_enabled` false, or no broker engine composed in)."""
+    tls: ManagerTls | None = None
+    """The CA and certificate this manager serves with; None when it serves plain HTTP
+    (`tls_enabled` false, behind a TLS-terminating proxy)."""
 
 
 def open_fabric(
     settings: Settings, *, run_migrations: bool = True, broker: BrokerAccessFactory | None = None
 ) -> Fabric:
-    """Connect, migrate, make sure the root group exists, and load the heartbeat view."""
+    """Connect, migrate, make sure the root group exists, and load the heartbeat view and the keys."""
     engine = make_engine(settings.resolved_database_url)
     if run_migrations:
         migrate(engine)
@@ -59,7 +68,12 @@ def open_fabric(
     with session_scope(engine) as session:
         change = Change(session=session, actor="system", signing_key=signing_key)
         ensure_root(change)
-    view = FabricView(engine)
+    tls = manager_tls(settings) if settings.tls_enabled else None
+    if tls is not None:
+        _trust_own_ca(engine, signing_key, tls)
+    bootstrap = settings.bootstrap_admin_key
+    keys = ApiKeyCache(engine, bootstrap.get_secret_value() if bootstrap else None)
+    view = FabricView(engine, followers=[keys.reload])
     view.refresh()
     return Fabric(
         settings=settings,
@@ -67,5 +81,20 @@ def open_fabric(
         signing_key=signing_key,
         view=view,
         ledger=HeartbeatLedger(),
+        keys=keys,
+        tls=tls,
         broker=broker(settings, signing_key) if broker is not None and settings.mqtt_enabled else None,
     )
+
+
+def _trust_own_ca(engine: Engine, signing_key: SigningKey, tls: ManagerTls) -> None:
+    """Make sure every document names the CA this manager's certificates chain to (agents must trust
+    the servers they talk to). Replicas starting at once may race to add it: one wins, the others
+    find it there."""
+    for certificate in split_certificates(tls.trust_pem):
+        try:
+            with session_scope(engine) as session:
+                change = Change(session=session, actor="system", signing_key=signing_key)
+                trust_ca(change, pem=certificate)
+        except IntegrityError:
+            continue  # another replica added it first

@@ -14,10 +14,25 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.body_limit import BodyLimit
+from api.credentials import Credentials
+from api.error_responses import install_error_handlers
 from api.errors import ServiceError
 from api.fabric import BrokerAccessFactory, open_fabric
 from api.heartbeat.fast_path import HeartbeatFastPath
-from api.routes import agents, communication, content, enrollment, groups, heartbeat, locations, policies
+from api.json_body import JsonBodies
+from api.openapi import install_openapi
+from api.routes import (
+    agents,
+    api_keys,
+    communication,
+    content,
+    enrollment,
+    groups,
+    heartbeat,
+    locations,
+    policies,
+    trust,
+)
 from fabric_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +59,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.create_task(
             _every(settings.heartbeat_flush_s, lambda: fabric.ledger.flush(fabric.engine), "heartbeat flush")
         ),
+        asyncio.create_task(
+            _every(
+                settings.heartbeat_flush_s,
+                lambda: fabric.keys.flush(fabric.engine),
+                "API key last-used flush",
+            )
+        ),
     ]
     try:
         yield
@@ -55,6 +77,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await task
         with contextlib.suppress(Exception):
             await run_in_threadpool(fabric.ledger.flush, fabric.engine)
+        with contextlib.suppress(Exception):
+            await run_in_threadpool(fabric.keys.flush, fabric.engine)
         fabric.engine.dispose()
 
 
@@ -78,20 +102,36 @@ def create_app(
     app.state.run_migrations = run_migrations
     app.state.broker = broker
     app.add_exception_handler(ServiceError, _service_error)
-    admin_routers = (groups.router, locations.router, policies.router, communication.router, agents.router)
+    install_error_handlers(app)
+    admin_routers = (
+        groups.router,
+        locations.router,
+        policies.router,
+        communication.router,
+        agents.router,
+        api_keys.router,
+        trust.admin_router,
+    )
     for router in (*admin_routers, content.admin_router):
         app.include_router(router, prefix="/api/v1")
     app.include_router(enrollment.router)
     app.include_router(heartbeat.router)
     app.include_router(content.agent_router)
+    app.include_router(trust.agent_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    install_openapi(app)
+
+    # Inside the body limit: a JSON body must be one orjson accepts (no lone surrogates, NaN, Infinity).
+    app.add_middleware(JsonBodies, exempt=("/api/v1/blobs/",))
     app.add_middleware(
         BodyLimit, limit=settings.max_body_bytes, larger={"/api/v1/blobs/": settings.max_blob_bytes}
     )
+    # Before any body is read: the bearer credential of /api/v1 and /agent/v1 (401/403 whatever the body).
+    app.add_middleware(Credentials, state=app.state)
     # Outermost: the everyday heartbeat is answered before routing; anything else passes through.
     app.add_middleware(HeartbeatFastPath, state=app.state)
     return app

@@ -30,13 +30,14 @@ from manager_db.models import (
     Location,
     OutboxEntry,
     Policy,
+    TrustedCa,
     utcnow,
 )
 
 
 @dataclass
 class Tree:
-    """Everything resolution needs, loaded in four queries."""
+    """Everything resolution needs, loaded in a handful of queries."""
 
     groups: dict[int, Group]
     children: dict[int | None, list[int]]
@@ -45,6 +46,8 @@ class Tree:
     policies: dict[int, Policy] = field(default_factory=dict)
     content: dict[str, dict[str, Any]] = field(default_factory=dict)
     """The current revision of every content kind, as documents name it."""
+    trust: list[str] = field(default_factory=list)
+    """The CA certificates (PEM) agents trust, oldest first, as documents name them."""
 
     def owner_id(self, group_id: int) -> int:
         group = self.groups[group_id]
@@ -86,6 +89,8 @@ def load_tree(session: Session) -> Tree:
             "revision": revision.revision,
             "manifest_sha256": revision.manifest_sha256,
         }
+    trusted = select(TrustedCa).order_by(col(TrustedCa.added_at), col(TrustedCa.sha256))
+    tree.trust = [ca.pem for ca in session.exec(trusted).all()]
     return tree
 
 
@@ -146,6 +151,8 @@ def resolve_group(tree: Tree, group_id: int) -> list[DocumentBody]:
             "policies": policies,
             "content": tree.content,
         }
+        if tree.trust:
+            body["trust"] = {"ca_certificates": tree.trust}
         bodies.append(DocumentBody(location.id, location.is_default, communication["heartbeat_s"], body))
     return bodies
 

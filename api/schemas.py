@@ -7,27 +7,46 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from fabric_core.wire import HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, Communication, Condition, LogLevel, Mode
+from api.params import ROW_ID_MAX
+from fabric_core.text import name_rule
+from fabric_core.wire import (
+    HEARTBEAT_MAX_S,
+    HEARTBEAT_MIN_S,
+    INT32_MAX,
+    Communication,
+    Condition,
+    LogLevel,
+    Mode,
+)
 
 NO_NUL = r"^[^\x00]*$"
 """PostgreSQL text cannot hold NUL: refused on every backend, rather than a 500 on one."""
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=NO_NUL)]
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=NO_NUL),
+    name_rule(128),
+]
+"""A group, location or policy name: trimmed, 1 to 128 characters, Unicode NFC, no control characters."""
 PolicyType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+RowRef = Annotated[int, Field(ge=1, le=ROW_ID_MAX)]
+"""A row id in a body (a parent, a policy, a group): 1 to 2**63 - 1, as `api.params.RowId` in a path."""
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, strict types (`"300"` is not an int, `true` not 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class GroupCreate(_In):
     name: Name
-    parent_id: int
+    parent_id: RowRef
     inherit: bool = True
 
 
 class GroupUpdate(_In):
     name: Name | None = None
-    parent_id: int | None = None
+    parent_id: RowRef | None = None
     inherit: bool | None = None
 
 
@@ -76,7 +95,7 @@ class PolicyOut(BaseModel):
 
 
 class AssignmentIn(_In):
-    policy_id: int
+    policy_id: RowRef
 
 
 class AssignmentOut(BaseModel):
@@ -108,7 +127,7 @@ class LocationCommunicationOut(Communication):
 
 class TokenCreate(_In):
     expires_in_s: int | None = Field(default=None, ge=60, le=365 * 86400)
-    max_uses: int | None = Field(default=None, ge=1)
+    max_uses: int | None = Field(default=None, ge=1, le=INT32_MAX)
 
 
 class TokenOut(BaseModel):
@@ -117,6 +136,14 @@ class TokenOut(BaseModel):
     group_id: int
     expires_at: datetime
     max_uses: int | None
+    ca_hash: str | None = Field(
+        description="`sha256:<hex>` of the CA this manager's certificates chain to, which the agent "
+        "pins; null when the manager serves plain HTTP (give the agent `--ca-hash` by hand)"
+    )
+    join_token: str = Field(
+        description="the token with the CA hash in it (`<token>.sha256:<hex>`): all `policycast-agent "
+        "enroll` needs; the token alone when `ca_hash` is null"
+    )
 
 
 class AgentOut(BaseModel):
@@ -135,7 +162,7 @@ class AgentOut(BaseModel):
 
 
 class AgentUpdate(_In):
-    group_id: int
+    group_id: RowRef
 
 
 class LogOut(BaseModel):

@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     tls_ca_file: Path | None = Field(
         default=None, description="the CA that issued tls_cert_file (PEM), which agents pin"
     )
-    mqtt_url: str = Field(default="mqtt://127.0.0.1:1883", description="the broker, as the bridge reaches it")
+    mqtt_url: str = Field(
+        default="mqtts://127.0.0.1:8883", description="the broker, as the bridge reaches it (MQTT over TLS)"
+    )
     mqtt_public_url: str | None = Field(
         default=None, description="the broker as agents reach it (sent at enrolment); default: mqtt_url"
     )

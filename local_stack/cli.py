@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from api import admin_cli
+from api import admin_cli, tls_cli
 from api import cli as api_cli
 from broker_bridge import cli as bridge_cli
 from fabric_core.console import load_settings, stdout
@@ -45,6 +45,7 @@ app.command("serve")(api_cli.serve_command(WORKER_APP))
 app.command("bridge")(bridge_cli.bridge)
 app.command("broker-config")(bridge_cli.broker_config)
 app.add_typer(admin_cli.admin, name="admin")
+admin_cli.admin.add_typer(tls_cli.tls, name="tls")
 app.command("plan")(api_cli.plan)
 app.command("up")(up)
 

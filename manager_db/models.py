@@ -251,6 +251,9 @@ class AuditEntry(SQLModel, table=True):
 
 
 class ApiKey(SQLModel, table=True):
+    """An admin API key, stored hashed. Revoking keeps the row; `last_used_at` is written in batches
+    (`api.key_cache.ApiKeyCache.flush`), never by the request that used the key."""
+
     __tablename__ = "api_keys"
 
     id: int | None = Field(default=None, primary_key=True)
@@ -259,6 +262,19 @@ class ApiKey(SQLModel, table=True):
     key_hash: str = Field(max_length=64, unique=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     revoked_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    last_used_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class BootstrapKeyRetirement(SQLModel, table=True):
+    """At most one row (id 1): the bootstrap admin key (`POLICYCAST_BOOTSTRAP_ADMIN_KEY`) is retired,
+    and every replica refuses it, whatever its environment says."""
+
+    __tablename__ = "bootstrap_key_retirement"
+
+    id: int = Field(default=1, primary_key=True)
+    retired_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    retired_by: str = Field(max_length=128)
 
 
 class FabricCounters(SQLModel, table=True):
@@ -274,3 +290,19 @@ class FabricCounters(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     serial: int = Field(default=0, sa_type=BigInteger)
     generation: int = Field(default=0, sa_type=BigInteger)
+
+
+class TrustedCa(SQLModel, table=True):
+    """A CA certificate agents trust: every document names them all (`trust.ca_certificates`).
+
+    The manager's own CA is added at its first start; a new one is added before it issues certificates
+    (CA rotation) and the old one removed once agents have moved on. A change to this table is a
+    change of every document.
+    """
+
+    __tablename__ = "trusted_cas"
+
+    sha256: str = Field(primary_key=True, max_length=71)
+    """`sha256:<hex>` of the certificate's DER bytes (what agents pin)."""
+    pem: str
+    added_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))

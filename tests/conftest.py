@@ -28,8 +28,8 @@ pytest_plugins = ["tests.support.broker"]
 POSTGRES_URL = os.environ.get("POLICYCAST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = (
     "blobs, content_revisions, agent_commands, bridge_leases, outbox, effective_configs, log_entries, "
-    "log_batches, audit_log, api_keys, enrollment_tokens, assignments, agents, policies, locations, "
-    "groups, fabric_counters"
+    "log_batches, audit_log, bootstrap_key_retirement, api_keys, enrollment_tokens, assignments, agents, "
+    "policies, locations, groups, trusted_cas, fabric_counters"
 )
 
 

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, status
 
 from api.deps import ChangeDep, FabricDep, SessionDep, ViewerDep
+from api.openapi import errors
+from api.params import GroupFilter, Limit, Offset, RowId
 from api.schemas import AgentOut, AgentUpdate, LogOut, TokenCreate, TokenOut
 from api.services import agents, groups, logs
-from fabric_core.wire import LogLevel
+from fabric_core.tls import join_token
+from fabric_core.wire import LogLevel, Moment
 from manager_db.models import Agent, LogRecord, as_utc, utcnow
 
 router = APIRouter(tags=["agents"])
 
-Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
 ONLINE_GRACE_S = 30
 
 
@@ -67,10 +68,13 @@ def _log_out(record: LogRecord) -> LogOut:
 
 
 @router.post(
-    "/groups/{group_id}/enrollment-tokens", response_model=TokenOut, status_code=status.HTTP_201_CREATED
+    "/groups/{group_id}/enrollment-tokens",
+    response_model=TokenOut,
+    status_code=status.HTTP_201_CREATED,
+    responses=errors(404),
 )
 def create_enrollment_token(
-    group_id: int, body: TokenCreate, change: ChangeDep, fabric: FabricDep
+    group_id: RowId, body: TokenCreate, change: ChangeDep, fabric: FabricDep
 ) -> TokenOut:
     """A token that enrols agents into this group. Shown once; stored hashed."""
     token, row = agents.create_enrollment_token(
@@ -81,8 +85,15 @@ def create_enrollment_token(
     )
     change.commit()
     assert row.id is not None
+    ca = fabric.tls.ca_hash if fabric.tls is not None else None
     return TokenOut(
-        token=token, id=row.id, group_id=group_id, expires_at=row.expires_at, max_uses=row.max_uses
+        token=token,
+        id=row.id,
+        group_id=group_id,
+        expires_at=row.expires_at,
+        max_uses=row.max_uses,
+        ca_hash=ca,
+        join_token=join_token(token, ca) if ca else token,
     )
 
 
@@ -91,7 +102,7 @@ def list_agents(
     session: SessionDep,
     fabric: FabricDep,
     _: ViewerDep,
-    group_id: int | None = None,
+    group_id: GroupFilter = None,
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> list[AgentOut]:
@@ -100,13 +111,13 @@ def list_agents(
     return [_agent_out(agent, serials[agent.id], fabric) for agent in found]
 
 
-@router.get("/agents/{agent_id}", response_model=AgentOut)
+@router.get("/agents/{agent_id}", response_model=AgentOut, responses=errors(404))
 def get_agent(agent_id: str, session: SessionDep, fabric: FabricDep, _: ViewerDep) -> AgentOut:
     agent = agents.get_agent(session, agent_id=agent_id)
     return _agent_out(agent, agents.current_serials(session, [agent])[agent.id], fabric)
 
 
-@router.patch("/agents/{agent_id}", response_model=AgentOut)
+@router.patch("/agents/{agent_id}", response_model=AgentOut, responses=errors(404, 409))
 def move_agent(agent_id: str, body: AgentUpdate, change: ChangeDep, fabric: FabricDep) -> AgentOut:
     """Move an agent to another group; it gets that group's document at its next heartbeat."""
     agent = agents.move_agent(change, agent_id=agent_id, group_id=body.group_id)
@@ -115,14 +126,16 @@ def move_agent(agent_id: str, body: AgentUpdate, change: ChangeDep, fabric: Fabr
     return _agent_out(agent, serial, fabric)
 
 
-@router.delete("/agents/{agent_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/agents/{agent_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404, 409))
 def revoke_agent(agent_id: str, change: ChangeDep) -> None:
     """Revoke an agent: its secret stops working at once. The record stays for the audit trail."""
     agents.revoke_agent(change, agent_id=agent_id)
     change.commit()
 
 
-@router.post("/agents/{agent_id}/update-now", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/agents/{agent_id}/update-now", status_code=status.HTTP_202_ACCEPTED, responses=errors(404, 409)
+)
 def update_now(agent_id: str, change: ChangeDep) -> dict[str, str]:
     """Ask the agent to fetch its configuration again; a pull agent does so at its next heartbeat."""
     agent = agents.request_update(change, agent_id=agent_id)
@@ -130,8 +143,8 @@ def update_now(agent_id: str, change: ChangeDep) -> dict[str, str]:
     return {"agent_id": agent.id, "status": "requested"}
 
 
-@router.post("/groups/{group_id}/update-now", status_code=status.HTTP_202_ACCEPTED)
-def update_group_now(group_id: int, change: ChangeDep) -> dict[str, int | str]:
+@router.post("/groups/{group_id}/update-now", status_code=status.HTTP_202_ACCEPTED, responses=errors(404))
+def update_group_now(group_id: RowId, change: ChangeDep) -> dict[str, int | str]:
     """Update now for every agent of the group and its subgroups."""
     agents_asked = agents.request_group_update(change, group_id=group_id)
     change.commit()
@@ -143,8 +156,8 @@ class LogFilters:
     """The query parameters both log listings take."""
 
     level: LogLevel | None = None
-    since: datetime | None = None
-    until: datetime | None = None
+    since: Moment | None = None
+    until: Moment | None = None
     limit: Limit = 100
     offset: Offset = 0
 
@@ -152,15 +165,15 @@ class LogFilters:
 LogFiltersDep = Annotated[LogFilters, Depends()]
 
 
-@router.get("/agents/{agent_id}/logs", response_model=list[LogOut])
+@router.get("/agents/{agent_id}/logs", response_model=list[LogOut], responses=errors(404))
 def agent_logs(agent_id: str, session: SessionDep, _: ViewerDep, filters: LogFiltersDep) -> list[LogOut]:
     agents.get_agent(session, agent_id=agent_id)
     found = logs.query_logs(session, agent_id=agent_id, **asdict(filters))
     return [_log_out(record) for record in found]
 
 
-@router.get("/groups/{group_id}/logs", response_model=list[LogOut])
-def group_logs(group_id: int, session: SessionDep, _: ViewerDep, filters: LogFiltersDep) -> list[LogOut]:
+@router.get("/groups/{group_id}/logs", response_model=list[LogOut], responses=errors(404))
+def group_logs(group_id: RowId, session: SessionDep, _: ViewerDep, filters: LogFiltersDep) -> list[LogOut]:
     groups.get_group(session, group_id=group_id)
     found = logs.query_logs(session, group_id=group_id, **asdict(filters))
     return [_log_out(record) for record in found]

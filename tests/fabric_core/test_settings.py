@@ -25,7 +25,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.database_url is None
     assert settings.bootstrap_admin_key is None
     assert settings.signing_key is None
-    assert settings.mqtt_url == "mqtt://127.0.0.1:1883"
+    assert settings.mqtt_url == "mqtts://127.0.0.1:8883"  # MQTT over TLS by default
     assert settings.mqtt_prefix == "policycast"
     assert settings.signing_key_path == Path(".policycast") / "signing_key"
     assert (

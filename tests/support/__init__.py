@@ -7,4 +7,6 @@
 - `broker`: a real Mosquitto with the project's own configuration (`Broker`, the `mosquitto` fixture),
   MQTT test clients, and `received_before_marker` for negative checks without a window.
 - `stack`: the in-process manager with a real Mosquitto and a bridge thread (the `stack` fixture).
+- `world`: a small company on the in-process manager (`World`, `build_world`) and `World.refused`, the
+  check that a refused request answered why and changed nothing.
 """

@@ -106,6 +106,11 @@ class Admin:
     def enrollment_token(self, group_id: int) -> str:
         return str(self.post(f"/groups/{group_id}/enrollment-tokens", {})["token"])
 
+    def join_token(self, group_id: int) -> str:
+        """An enrolment token with the CA hash in it (`<token>.sha256:<hex>`), as `policycast admin
+        enroll-token` prints it; the bare token from a manager serving plain HTTP."""
+        return str(self.post(f"/groups/{group_id}/enrollment-tokens", {})["join_token"])
+
     def enroll(
         self, group_id: int | None = None, hostname: str = "host-1", facts: dict[str, Any] | None = None
     ) -> AgentClient:

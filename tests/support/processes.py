@@ -115,7 +115,15 @@ class Manager:
             "warning",
         ]
         self.process = Process("manager", argv, env=env, log_dir=log_dir)
+        self.admin_key = admin_key
         self.admin = Admin(httpx.Client(base_url=self.url, verify=self.ssl_context()), admin_key)
+
+    def reload_ca(self) -> None:
+        """Trust the CA now in the data directory (after `policycast admin tls promote-ca`), from the
+        next start on: the admin client and the health check verify with it."""
+        tls = self.data_dir / "tls"
+        self.ca = ManagerCA.load(tls / "ca.pem", tls / "ca.key")
+        self.admin = Admin(httpx.Client(base_url=self.url, verify=self.ssl_context()), self.admin_key)
 
     def ssl_context(self) -> ssl.SSLContext | bool:
         """What a client of this manager verifies it with: its CA only (True for plain HTTP)."""
@@ -156,6 +164,12 @@ class Manager:
 
 def agent_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "agent_stub", *args]
+
+
+def policycast(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the `policycast` command (the manager's CLI) to its end; its output as text."""
+    argv = [sys.executable, "-m", "local_stack", *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 class AgentProcess(Process):

@@ -1,0 +1,103 @@
+"""`policycast admin tls`: the CAs agents trust, and a rotation of the manager's own CA.
+
+Run where the manager's data directory and database are (they hold the CA's key and the trusted CAs).
+A rotation: `prepare-ca` (a new CA, trusted at once: every document names it), wait until every agent
+is up to date, `promote-ca` (the new CA issues from now on: restart `policycast serve` and rerun
+`policycast broker-config`), then `retire-ca` the old one. docs/operations.md, "TLS", says more.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from sqlmodel import Session
+
+from api.services import trust
+from api.services.change import Change
+from fabric_core.console import load_settings, stdout
+from fabric_core.settings import Settings
+from fabric_core.signing import load_signing_key
+from fabric_core.tls import ca_hash, manager_tls, prepare_next_ca, promote_next_ca
+from manager_db.database import guarded, make_engine, session_scope
+
+tls = typer.Typer(help="The CAs agents trust, and a rotation of the manager's CA.", no_args_is_help=True)
+
+
+@tls.command("list")
+def list_cas() -> None:
+    """The CAs every document names, and the one that issues the servers' certificates."""
+    settings = load_settings(Settings)
+
+    def read() -> tuple[list[tuple[str, str]], str]:
+        issuing = manager_tls(settings).ca_hash
+        with Session(make_engine(settings.resolved_database_url)) as session:
+            return [(row.sha256, str(row.added_at)) for row in trust.trusted(session)], issuing
+
+    rows, issuing = guarded(read, "reading the trusted CAs")
+    table = Table(title="trusted CAs")
+    for column in ("sha256", "added", "issues certificates"):
+        table.add_column(column)
+    for digest, added in rows:
+        table.add_row(digest, added, "yes" if digest == issuing else "")
+    stdout.print(table)
+
+
+@tls.command("trust-ca")
+def trust_file(pem: Annotated[Path, typer.Argument(help="a CA certificate (PEM)", exists=True)]) -> None:
+    """Trust another CA (an operator's own, before its certificates replace the manager's)."""
+    settings = load_settings(Settings)
+    digest = guarded(lambda: _trust(settings, pem.read_bytes()), "trusting the CA")
+    stdout.print(f"trusted {digest}: every document names it from now on")
+
+
+@tls.command("prepare-ca")
+def prepare() -> None:
+    """Make the CA that will succeed the manager's, and trust it at once (agents learn it)."""
+    settings = load_settings(Settings)
+    digest = guarded(lambda: _trust(settings, prepare_next_ca(settings).certificate_pem), "preparing a CA")
+    stdout.print(
+        f"prepared and trusted {digest}. When `policycast admin agents` shows every agent up to date, "
+        "run `policycast admin tls promote-ca`.",
+        soft_wrap=True,
+    )
+
+
+@tls.command("promote-ca")
+def promote() -> None:
+    """Let the prepared CA issue the servers' certificates from their next start."""
+    settings = load_settings(Settings)
+    old, new = guarded(lambda: promote_next_ca(settings), "promoting the CA")
+    stdout.print(
+        f"{new.hash} issues certificates now (was {old.hash}). Restart `policycast serve`, rerun "
+        "`policycast broker-config` and restart the broker; then "
+        f"`policycast admin tls retire-ca {old.hash}`.",
+        soft_wrap=True,
+    )
+
+
+@tls.command("retire-ca")
+def retire(sha256: Annotated[str, typer.Argument(help="the CA's hash, sha256:…")]) -> None:
+    """Stop trusting a CA: documents no longer name it, and agents drop it."""
+    settings = load_settings(Settings)
+
+    def apply() -> None:
+        with session_scope(make_engine(settings.resolved_database_url)) as session:
+            trust.retire_ca(_cli_change(settings, session), sha256=sha256)
+
+    guarded(apply, "retiring the CA")
+    stdout.print(f"retired {sha256}")
+
+
+def _trust(settings: Settings, pem: bytes) -> str:
+    with session_scope(make_engine(settings.resolved_database_url)) as session:
+        trust.trust_ca(_cli_change(settings, session), pem=pem)
+    return ca_hash(pem)
+
+
+def _cli_change(settings: Settings, session: Session) -> Change:
+    """A change made from the command line (audited as `cli:tls`); other processes see it within
+    `cache_refresh_s`, as any change."""
+    return Change(session=session, actor="cli:tls", signing_key=load_signing_key(settings, create=False))
