@@ -58,10 +58,10 @@ def request_headers(port: int, secret: str) -> dict[str, str]:
     }
 
 
-async def enroll_agents(url: str, agents: int, *, concurrency: int = 8) -> list[dict[str, Any]]:
+async def enroll_agents(server: Server, agents: int, *, concurrency: int = 8) -> list[dict[str, Any]]:
     """Enrol `agents` agents in the root group; return their enrolments."""
     admin_headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, verify=server.ssl_context or True) as http:
         groups = (await http.get("/api/v1/groups", headers=admin_headers)).raise_for_status().json()
         root = next(g for g in groups if g["parent_id"] is None)["id"]
         token_response = await http.post(
@@ -79,9 +79,9 @@ async def enroll_agents(url: str, agents: int, *, concurrency: int = 8) -> list[
         return list(await asyncio.gather(*(one(i) for i in range(agents))))
 
 
-async def first_heartbeat(url: str, secret: str) -> tuple[int, int]:
+async def first_heartbeat(server: Server, secret: str) -> tuple[int, int]:
     """The agent's first heartbeat (serial 0): the current serial and the location it is at."""
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, verify=server.ssl_context or True) as http:
         response = await http.post(
             HEARTBEAT_PATH,
             content=heartbeat_body(0, None, 0),
@@ -94,10 +94,9 @@ async def first_heartbeat(url: str, secret: str) -> tuple[int, int]:
 
 async def prepare_agents(server: Server, agents: int) -> EnrolledAgents:
     """Enrol `agents` agents through `server` and make each one's unchanged heartbeat request."""
-    url = f"http://127.0.0.1:{server.port}"
-    await wait_healthy(url)
-    enrolments = await enroll_agents(url, agents)
-    serial, location_id = await first_heartbeat(url, enrolments[0]["secret"])
+    await wait_healthy(server)
+    enrolments = await enroll_agents(server, agents)
+    serial, location_id = await first_heartbeat(server, enrolments[0]["secret"])
     bodies = [heartbeat_body(serial, location_id, i) for i in range(agents)]
     requests = [
         http_request("POST", HEARTBEAT_PATH, body, request_headers(server.port, e["secret"]))

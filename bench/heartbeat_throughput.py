@@ -11,6 +11,13 @@ FastAPI endpoint at the same path taking the same `HeartbeatRequest` body and re
 (`bench/baseline_app.py`), served by uvicorn the same way with the same number of workers. With one
 worker the raw ASGI floor (no framework) is measured too, for reference.
 
+Every server is served over HTTPS by default, as `policycast serve` serves: the manager with the
+certificate its first start issues from its CA, the baselines with certificates of the same kind (ECDSA
+P-256) from that same CA, so that the ratio compares like with like; the client trusts exactly that CA
+and opens its keep-alive connections (handshakes included) before the measurement. What each side
+negotiated is in the result (`tls`). `--plain-http` measures every server over plain HTTP, the figures
+from before TLS.
+
 The load generator is the benchmark's own asyncio client (`bench.load_client`: uvloop,
 `asyncio.Protocol`, pre-encoded requests, a minimal HTTP/1.1 response parser): it needs nothing outside
 Python, checks every response body, and counts the bytes it sends and receives. Its CPU time is
@@ -23,6 +30,7 @@ the kernel's loopback TCP, which runs in the sender.
 
     python -m bench.heartbeat_throughput                  # full run, writes bench/results/
     python -m bench.heartbeat_throughput --quick          # a few seconds per measurement
+    python -m bench.heartbeat_throughput --plain-http     # over plain HTTP, as before TLS
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from bench.heartbeat_requests import (
 )
 from bench.load_client import LoadResult, Validate, run_load, split
 from bench.results import http_machine, write_result
-from bench.servers import Server, baseline_server, manager_server, running
+from bench.servers import Server, baseline_server, manager_server, manager_tls, running, tls_session
 from bench.wrk_client import WRK_SAMPLE, run_wrk
 
 NAME = "heartbeat_throughput"
@@ -68,6 +76,7 @@ class Options:
     total: int | None = None  # a fixed number of requests per measurement instead of a duration
     client: str = "python"  # or "wrk"
     manager_root: Path = ROOT  # the checkout the manager is served from
+    tls: bool = True  # HTTPS, as `policycast serve` serves by default; False: plain HTTP (the old figures)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -85,6 +94,8 @@ class Options:
             manager_root=Path(getattr(args, "manager_root", None) or ROOT),
             total=getattr(args, "requests", None),
             client=getattr(args, "client", None) or "python",
+            # --plain-http here; `python -m bench --plain` turns TLS off in every benchmark
+            tls=not (getattr(args, "plain_http", False) or getattr(args, "plain", False)),
         )
         if options.client == "wrk" and options.total is not None:
             options.client = "python"  # wrk runs for a time, not a count
@@ -103,6 +114,7 @@ async def _measure(
             duration=options.duration,
             warmup=options.warmup,
             server_pid=server.pid,
+            ssl_context=server.ssl_context,
         )
     return await run_load(
         "127.0.0.1",
@@ -113,6 +125,7 @@ async def _measure(
         warmup=options.warmup,
         total=options.total,
         server_pid=server.pid,
+        ssl_context=server.ssl_context,
     )
 
 
@@ -129,10 +142,13 @@ def _median(results: list[LoadResult]) -> dict[str, Any]:
 
 async def _compare(workdir: Path, workers: int, options: Options) -> dict[str, Any]:
     """Baseline and heartbeat with `workers` workers, alternating round by round."""
-    manager = manager_server(workdir, workers, options.database_url, options.manager_root)
-    baseline = baseline_server(workdir, workers)
+    tls = manager_tls(workdir, workers) if options.tls else None
+    manager = manager_server(workdir, workers, options.database_url, options.manager_root, tls=tls)
+    baseline = baseline_server(workdir, workers, tls=tls)
     with running(manager, baseline):
         agents = await prepare_agents(manager, options.agents)
+        # Both sides of the ratio over the same TLS (or both plain): say which, as negotiated.
+        negotiated = {"manager": tls_session(manager), "baseline": tls_session(baseline)}
         heartbeat_requests = split(agents.requests, options.connections)
         baseline_requests = split(
             [
@@ -153,6 +169,7 @@ async def _compare(workdir: Path, workers: int, options: Options) -> dict[str, A
     base, beat = _median(bases), _median(beats)
     return {
         "workers": workers,
+        "tls": negotiated,
         "baseline": base,
         "heartbeat": beat,
         "ratio": round(beat["rps"] / base["rps"], 3) if base["rps"] else None,
@@ -166,7 +183,7 @@ async def _compare(workdir: Path, workers: int, options: Options) -> dict[str, A
 
 async def _floor(workdir: Path, options: Options) -> dict[str, Any]:
     """The raw ASGI floor with one worker, loaded with requests of the same shape."""
-    floor = baseline_server(workdir, 1, floor=True)
+    floor = baseline_server(workdir, 1, floor=True, tls=manager_tls(workdir, 1) if options.tls else None)
     secrets = [f"pca_{'x' * 43}{i:04d}" for i in range(options.agents)]
     requests = [
         http_request("POST", HEARTBEAT_PATH, heartbeat_body(1, 1, i), request_headers(floor.port, secret))
@@ -176,7 +193,8 @@ async def _floor(workdir: Path, options: Options) -> dict[str, Any]:
         validate = baseline_validator(1)
         own = split(requests, options.connections)
         results = [await _measure(floor, own, validate, options) for _ in range(options.rounds)]
-    return _median(results)
+        negotiated = tls_session(floor)
+    return {**_median(results), "tls": negotiated}
 
 
 async def _run(options: Options) -> dict[str, Any]:
@@ -195,7 +213,8 @@ def _report(
 ) -> dict[str, Any]:
     one = by_workers.get("1")
     two = by_workers.get("2")
-    summary: dict[str, Any] = {}
+    # First in the summary: a figure over HTTPS and one over plain HTTP are not comparable.
+    summary: dict[str, Any] = {"transport": "https" if options.tls else "http"}
     if one:
         per_core = one["heartbeat"]["server_rps_per_core"]
         summary.update(
@@ -245,6 +264,7 @@ def _report(
             "rounds": options.rounds,
             "database": "sqlite" if not options.database_url else options.database_url.split(":", 1)[0],
             "client": options.client,
+            "tls": options.tls,
             "manager_root": str(options.manager_root),
             "manager_commit": commit(options.manager_root),
         },
@@ -292,6 +312,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "before and after a change); the baselines are served from this one",
     )
     parser.add_argument("--quick", action="store_true", help="short rounds, one of each")
+    parser.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="serve every server over plain HTTP (the figures from before TLS); default: HTTPS",
+    )
     parser.add_argument(
         "--client", choices=["python", "wrk"], help="load generator (default: the Python client)"
     )

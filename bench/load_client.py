@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -158,8 +159,10 @@ async def run_load(
     warmup: float = 2.0,
     total: int | None = None,
     server_pid: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> LoadResult:
-    """Drive one connection per entry of `requests` (each cycles through its own list of requests).
+    """Drive one connection per entry of `requests` (each cycles through its own list of requests),
+    over TLS with `ssl_context` (handshakes before the measurement: keep-alive connections).
 
     With `total`, stop after that many responses (no warm-up); else warm up for `warmup` seconds, then
     measure for `duration` seconds. Every response in the measurement is checked with `validate`."""
@@ -170,7 +173,13 @@ async def run_load(
         future: asyncio.Future[None] = loop.create_future()
         closed.append(future)
         # asyncio and uvloop both set TCP_NODELAY on their TCP connections
-        await loop.create_connection(functools.partial(_Connection, load, own, future), host, port)
+        await loop.create_connection(
+            functools.partial(_Connection, load, own, future),
+            host,
+            port,
+            ssl=ssl_context,
+            server_hostname=host if ssl_context is not None else None,
+        )
     cpu_before = server_cpu = 0.0
     if total is None:
         await asyncio.sleep(warmup)

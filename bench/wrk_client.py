@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl
 import tempfile
 from collections.abc import Sequence
 
@@ -69,6 +70,7 @@ async def run_wrk(
     warmup: float,
     server_pid: int | None = None,
     threads: int = 4,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> LoadResult:
     """The same load with wrk (`make wrk`): `len(requests)` connections on `threads` threads, thread
     i sending the heartbeat of agent i (so `threads` agents); then `WRK_SAMPLE` responses checked in
@@ -86,7 +88,7 @@ async def run_wrk(
         file.write(script)
         file.flush()
         base = [wrk, "-t", str(threads), "-c", str(len(requests)), "--timeout", "10s", "-s", file.name]
-        url = f"http://{host}:{port}{HEARTBEAT_PATH}"
+        url = f"{'https' if ssl_context else 'http'}://{host}:{port}{HEARTBEAT_PATH}"  # wrk does not verify
         if warmup > 0:
             await _wrk([*base, "-d", f"{max(1, round(warmup))}s", url])
         cpu_before = children_cpu()
@@ -96,7 +98,7 @@ async def run_wrk(
         )
         server_cpu = (process_tree_cpu(server_pid) - server_before) if server_pid else 0.0
         client_cpu = children_cpu() - cpu_before
-    sample = await run_load(host, port, requests, validate, total=WRK_SAMPLE)
+    sample = await run_load(host, port, requests, validate, total=WRK_SAMPLE, ssl_context=ssl_context)
     seconds = micros / 1e6
     errors = socket_errors + status_errors + sample.errors
     first_error = sample.first_error or (

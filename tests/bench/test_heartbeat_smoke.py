@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import ssl
 from pathlib import Path
 
 import pytest
@@ -22,13 +23,14 @@ from bench.heartbeat_requests import (
     request_headers,
 )
 from bench.load_client import LoadResult, run_load
-from bench.servers import baseline_server, running
+from bench.servers import BenchTls, baseline_server, running
 from bench.wrk_client import WRK_SAMPLE, run_wrk
 
 pytestmark = pytest.mark.e2e
 
 
-def test_a_small_benchmark_2_answers_every_heartbeat_right():
+@pytest.mark.parametrize("plain_http", [False, True], ids=["https", "plain-http"])
+def test_a_small_benchmark_2_answers_every_heartbeat_right(plain_http: bool):
     args = argparse.Namespace(
         workers=[1],
         connections=8,
@@ -37,6 +39,7 @@ def test_a_small_benchmark_2_answers_every_heartbeat_right():
         rounds=1,
         no_asgi_floor=True,
         quick=True,
+        plain_http=plain_http,
     )
 
     result = bench.run(args)
@@ -51,6 +54,42 @@ def test_a_small_benchmark_2_answers_every_heartbeat_right():
     assert run["ratio"] is not None and run["ratio"] > 0
     assert result["summary"]["agents_per_core_at_5min"] > 0
     assert result["machine"]["cores"]
+    # the result says how it was served, and the manager and its baseline spoke the same TLS
+    assert result["config"]["tls"] is (not plain_http)
+    assert result["summary"]["transport"] == ("http" if plain_http else "https")
+    if plain_http:
+        assert run["tls"] == {"manager": None, "baseline": None}
+    else:
+        assert run["tls"]["manager"] == run["tls"]["baseline"]
+        assert run["tls"]["manager"]["version"] in {"TLSv1.2", "TLSv1.3"}
+        assert run["tls"]["manager"]["certificate_key"] == "secp256r1"
+
+
+def test_over_tls_the_baseline_is_trusted_through_the_run_ca_only(tmp_path: Path):
+    """The load client verifies the baseline's certificate against the run's CA, and checks every
+    answer over TLS as over plain HTTP."""
+    tls = BenchTls(tmp_path / "ca")
+    server = baseline_server(tmp_path, 1, tls=tls)
+    requests = [
+        http_request("POST", HEARTBEAT_PATH, heartbeat_body(7, 1, i), request_headers(server.port, "s"))
+        for i in range(4)
+    ]
+    stranger = BenchTls(tmp_path / "another-ca").client
+    with running(server):
+        right = asyncio.run(
+            run_load(
+                "127.0.0.1", server.port, [requests], baseline_validator(7), total=50, ssl_context=tls.client
+            )
+        )
+        with pytest.raises(ssl.SSLCertVerificationError):
+            asyncio.run(
+                run_load(
+                    "127.0.0.1", server.port, [requests], baseline_validator(7), total=5, ssl_context=stranger
+                )
+            )
+
+    assert (right.requests, right.errors) == (50, 0)
+    assert right.bytes_out_per_request > 0
 
 
 def test_the_harness_counts_wrong_answers(tmp_path: Path):
