@@ -15,10 +15,12 @@ import os
 import platform
 import signal
 import socket
+import ssl
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import httpx
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -32,17 +34,22 @@ from agent_stub.errors import (
     AgentNotRunningError,
     CorruptStateError,
     ManagerBadResponse,
+    ManagerError,
     ManagerRejected,
     ManagerUnreachable,
+    ManagerUntrusted,
     NotEnrolledError,
+    TrustError,
 )
 from agent_stub.log_spool import LogSpool, spool_dir
 from agent_stub.manager_client import ManagerClient, normalize_server
 from agent_stub.runtime import AgentRuntime
 from agent_stub.state import FileStateStore, Identity
+from agent_stub.trust import context_for, pin, resolve_pin
 from fabric_core.errors import InvalidDocument
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import VerifyKey
+from fabric_core.tls import TlsError
 from fabric_core.wire import EnrollResponse
 
 log = logging.getLogger(__name__)
@@ -96,33 +103,88 @@ def _load_core(store: FileStateStore) -> AgentCore:
 def enroll(
     ctx: typer.Context,
     *,
-    server: Annotated[str, typer.Option(help="manager URL, e.g. http://127.0.0.1:8000")],
-    token: Annotated[str, typer.Option(help="enrolment token of the group to join")],
+    server: Annotated[str, typer.Option(help="manager URL, e.g. https://manager.example:8000")],
+    token: Annotated[
+        str,
+        typer.Option(
+            help="join token (pcet_….sha256:…) from `policycast admin enroll-token`, or a bare token"
+        ),
+    ],
+    ca_hash: Annotated[
+        str | None,
+        typer.Option("--ca-hash", help="the manager CA's hash to pin (sha256:…), if the token lacks it"),
+    ] = None,
+    insecure_http: Annotated[
+        bool,
+        typer.Option("--insecure-http", help="allow an http:// manager: secret and documents in clear"),
+    ] = False,
     hostname: Annotated[str | None, typer.Option(help="name to report [default: this host's name]")] = None,
     state_dir: StateDirOption = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing identity")] = False,
 ) -> None:
-    """Enrol this agent with a manager and store its identity."""
+    """Enrol this agent with a manager and store its identity.
+
+    Over https:// the agent pins the manager's CA by the hash in the join token (or --ca-hash) before
+    the token is sent, and from then on trusts only the CAs the manager names.
+    """
     settings = _settings(ctx, state_dir)
     store = FileStateStore(settings.state_dir)
     _refuse_reenrolment(store, force=force)
     try:
         server = normalize_server(server)
-    except ValueError as exc:
+        token, pinned = resolve_pin(token, ca_hash)
+    except (ValueError, TrustError) as exc:
         _fail(str(exc))
+    trusted = _settle_trust(server, pinned, insecure_http=insecure_http, timeout_s=settings.request_timeout_s)
     name = hostname or socket.gethostname()
-    response = _call_enroll(server=server, token=token, hostname=name, timeout_s=settings.request_timeout_s)
+    response = _call_enroll(
+        server=server, token=token, hostname=name, timeout_s=settings.request_timeout_s, trusted=trusted
+    )
     try:
         VerifyKey.from_base64(response.signing_key.kid, response.signing_key.public_key)
     except InvalidDocument as exc:
         _fail(f"the manager sent an unusable signing key: {exc}")
-    identity = Identity.from_enrollment(server=server, response=response, hostname=name)
+    identity = Identity.from_enrollment(server=server, response=response, hostname=name, trusted_cas=trusted)
     try:
         store.reset()  # a document of the old identity must not be trusted under the new one
         store.save_identity(identity)
     except OSError as exc:
         _fail(f"cannot write the identity to {settings.state_dir}: {exc}")
-    typer.echo(f"enrolled as agent {identity.agent_id} in group {identity.group_id} ({settings.state_dir})")
+    pinned_text = f", trusting CA {pinned}" if trusted else ""
+    typer.echo(
+        f"enrolled as agent {identity.agent_id} in group {identity.group_id} ({settings.state_dir})"
+        f"{pinned_text}"
+    )
+
+
+def _settle_trust(server: str, pinned: str | None, *, insecure_http: bool, timeout_s: float) -> list[str]:
+    """The CA certificates to trust from now on: the pinned one as the server offers it (https://),
+    nothing over http:// (allowed only with --insecure-http). Fails before anything secret is sent."""
+    if server.startswith("http://"):
+        if not insecure_http:
+            _fail(
+                f"refusing to enrol over plain HTTP ({server}): the agent's secret and documents would "
+                "travel in clear; use the manager's https:// URL, or pass --insecure-http"
+            )
+        typer.echo(
+            "policycast-agent: warning: enrolling over plain HTTP: the agent's secret and documents "
+            "travel in clear, and anyone on the path can impersonate the manager",
+            err=True,
+        )
+        return []
+    if pinned is None:
+        _fail(
+            "no CA hash to pin: use the join token printed by `policycast admin enroll-token` "
+            "(pcet_….sha256:…), or pass --ca-hash sha256:… (the manager prints it at start)"
+        )
+    try:
+        return asyncio.run(pin(server, pinned, timeout_s=timeout_s))
+    except TrustError as exc:
+        _fail(str(exc))
+    except ManagerUnreachable as exc:
+        _fail(f"cannot reach the manager at {server}: {exc}")
+    except ManagerError as exc:
+        _fail(f"cannot fetch the CA of the manager at {server}: {exc}")
 
 
 def _refuse_reenrolment(store: FileStateStore, *, force: bool) -> None:
@@ -138,7 +200,9 @@ def _refuse_reenrolment(store: FileStateStore, *, force: bool) -> None:
         )
 
 
-def _call_enroll(*, server: str, token: str, hostname: str, timeout_s: float) -> EnrollResponse:
+def _call_enroll(
+    *, server: str, token: str, hostname: str, timeout_s: float, trusted: list[str]
+) -> EnrollResponse:
     facts = {
         "os": platform.system(),
         "os_release": platform.release(),
@@ -148,11 +212,21 @@ def _call_enroll(*, server: str, token: str, hostname: str, timeout_s: float) ->
     try:
         return asyncio.run(
             ManagerClient.enroll(
-                server=server, token=token, hostname=hostname, facts=facts, timeout_s=timeout_s
+                server=server,
+                token=token,
+                hostname=hostname,
+                facts=facts,
+                timeout_s=timeout_s,
+                ssl_context=context_for(trusted),
             )
         )
     except ValidationError as exc:
         _fail(f"invalid enrolment request: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+    except ManagerUntrusted as exc:
+        _fail(
+            f"the server at {server} does not prove it holds a certificate from the pinned CA "
+            f"({exc}); the token was not sent and nothing was stored"
+        )
     except ManagerBadResponse as exc:
         _fail(f"unexpected answer from the manager at {server}: {exc}")
     except ManagerUnreachable as exc:
@@ -182,6 +256,10 @@ def run(
     if level > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request is noise
     core = _load_core(FileStateStore(settings.state_dir))
+    try:
+        context_for(core.identity.trusted_cas)  # built (and kept) now, so a bad one fails here, cleanly
+    except (TlsError, ssl.SSLError) as exc:
+        _fail(f"unusable trusted CAs in {settings.state_dir}: {exc}; re-enrol with `enroll --force`")
     # `policycast-agent log` and `update-now` may signal as soon as the pid file exists, and until
     # _serve handles them (and after it stops) their default action would end the process. Ignoring
     # them meanwhile loses nothing: starting is a heartbeat, and it uploads what the log holds.
@@ -215,6 +293,7 @@ async def _serve(core: AgentCore, settings: AgentSettings) -> None:
         agent_id=identity.agent_id,
         secret=identity.secret,
         timeout_s=settings.request_timeout_s,
+        ssl_context=context_for(identity.trusted_cas),  # the pinned CAs only; none: plain HTTP
     )
     spool = LogSpool(
         spool_dir(settings.state_dir),
@@ -350,7 +429,15 @@ def simulate(
         ),
     ] = None,
     token: Annotated[
-        list[str] | None, typer.Option("--token", help="enrolment token of a group (repeat: agents spread)")
+        list[str] | None,
+        typer.Option("--token", help="join token (or bare token) of a group (repeat: agents spread)"),
+    ] = None,
+    ca_hash: Annotated[
+        str | None, typer.Option("--ca-hash", help="the manager CA's hash to pin, if the tokens lack it")
+    ] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option("--ca-file", help="the manager's CA (PEM), trusted for the admin API and agents"),
     ] = None,
     mode: Annotated[
         str, typer.Option(help="push, pull or mix (every other group pulls); with --admin-key")
@@ -433,6 +520,8 @@ def simulate(
             ready_timeout_s=ready_timeout,
             loop=loop,  # type: ignore[arg-type]  # checked above
             bare=bare,
+            ca_hash=ca_hash,
+            ca_file=ca_file,
         )
         options = sim.RunOptions(
             duration_s=duration,
@@ -442,9 +531,12 @@ def simulate(
             enrol_only=enrol_only,
         )
         result = sim.run(plan, ctx.obj, options)
-    except ValueError as exc:
+    except (ValueError, TrustError) as exc:
         _fail(str(exc))
-    except (ManagerUnreachable, ManagerRejected, RuntimeError) as exc:
+    except (ManagerError, RuntimeError) as exc:
         _fail(f"simulation failed: {exc}")
+    except httpx.HTTPError as exc:  # the admin API (agents' requests raise ManagerError)
+        hint = " (give --ca-file or --ca-hash: the manager's CA)" if "CERTIFICATE_VERIFY" in str(exc) else ""
+        _fail(f"simulation failed: the admin API: {type(exc).__name__}: {exc}{hint}")
     if not control:
         typer.echo(json.dumps(result, indent=2))

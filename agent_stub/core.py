@@ -10,6 +10,9 @@ The group is the manager's to change: a document for another group is accepted o
 own authenticated answers (`TRUSTED_FOR_GROUP_CHANGE`), which is how an agent learns that an operator
 moved it; a config topic of another group could not reach it anyway (the broker's ACL).
 
+A document that names other CAs than the agent trusts replaces them in the identity (`_adopt_trust`, as a
+group change does), so the next connections trust those (a CA rotation; `agent_stub.trust`).
+
 Transports learn of every applied document, whatever its source, through `add_listener` (the push loop
 moves its subscription when the held (group, location) changes; the runtime switches push and pull).
 """
@@ -23,6 +26,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from agent_stub import trust
 from agent_stub.errors import NotEnrolledError
 from agent_stub.state import AgentStatus, Identity, StateStore
 from fabric_core.canonical import canonical_json
@@ -218,6 +222,7 @@ class AgentCore:
             return ApplyOutcome(Outcome.REJECTED, source, serial=doc.serial, reason=f"not stored: {exc}")
         if doc.group_id != self.identity.group_id:
             self._change_group(doc.group_id)
+        self._adopt_trust(doc)
         self._hold(doc)
         self._held_envelope = stored
         self._save_status(serial=doc.serial, location_id=doc.location_id, mode=doc.communication.mode)
@@ -264,14 +269,41 @@ class AgentCore:
         except OSError as exc:
             log.warning("could not store the new group: %s", exc)
 
+    def _adopt_trust(self, doc: EffectiveDocument, *, persist: bool = True) -> None:
+        """Trust the CAs the document names from now on, if they are others (signed by the manager).
+
+        Before the listeners hear of the document: the runtime switches its clients when they do.
+        `persist` false (the document read back at start-up): in memory only, so that read-only
+        commands (`status`) write nothing; it covers an identity whose saving failed last time.
+        """
+        named = trust.adopted(doc, self.identity.trusted_cas)
+        if named is None:
+            return
+        log.info(
+            "serial %d names other CAs: trusting %s from now on (was %s)",
+            doc.serial,
+            ", ".join(sorted(trust.hashes(named))),
+            ", ".join(sorted(trust.hashes(self.identity.trusted_cas))) or "the system store",
+        )
+        self.identity = self.identity.model_copy(update={"trusted_cas": named})
+        if not persist:
+            return
+        try:
+            self._store.save_identity(self.identity)
+        except OSError as exc:
+            # Trusted in memory meanwhile; the document held brings them back at the next start.
+            log.warning("could not store the new CAs: %s", exc)
+
     def _load_current(self) -> None:
         data = self._store.load_current()
         if data is None:
             return
         try:
             # Verified again: the file could have been edited or torn by something other than us.
-            self._hold(self._verify(data, "disk"))
+            doc = self._verify(data, "disk")
+            self._hold(doc)
             self._held_envelope = data
+            self._adopt_trust(doc, persist=False)
         except (PolicycastError, TypeError, ValueError) as exc:
             log.warning("ignoring the stored document, starting from no serial: %s", exc)
 

@@ -7,9 +7,13 @@
     ├── ContentRejected              a content revision that must not be switched to
     ├── AgentNotRunningError         no live agent process owns the state directory
     ├── AgentAlreadyRunningError     another live agent process owns the state directory
+    ├── TrustError                   the CA to pin cannot be settled (no hash, two hashes, none served
+    │                                matches): nothing was sent to the manager
     ├── ManagerError                 anything that kept a request to the manager from a usable answer
     │   ├── ManagerUnreachable       connect error, timeout, 5xx: transient, retry with back-off
-    │   │   └── ManagerBadResponse   a 2xx whose body is not what the contract promises
+    │   │   ├── ManagerBadResponse   a 2xx whose body is not what the contract promises
+    │   │   └── ManagerUntrusted     the TLS handshake failed: the server's certificate does not chain
+    │   │                            to a trusted CA (or is not for its name); nothing was sent
     │   └── ManagerRejected          a 4xx: the manager refused the request (`status`, `detail`);
     │                                401/403 mean the agent's credentials are revoked or wrong
     └── LinkError                    anything that kept an MQTT operation from completing
@@ -62,6 +66,11 @@ class AgentAlreadyRunningError(AgentError):
     """Another live agent process owns the state directory."""
 
 
+class TrustError(AgentError):
+    """The CA to pin cannot be settled: no CA hash, two different ones, or none the server offers
+    matches. Raised before the enrolment token leaves the agent."""
+
+
 # --- talking to the manager (`manager_client`) -------------------------------------------------------
 
 
@@ -75,6 +84,12 @@ class ManagerUnreachable(ManagerError):
 
 class ManagerBadResponse(ManagerUnreachable):
     """The manager answered 2xx with a body that breaks the contract."""
+
+
+class ManagerUntrusted(ManagerUnreachable):
+    """The TLS handshake failed: the server's certificate does not chain to a CA the agent trusts, or
+    is not for the server's name. Nothing was sent. Transient for a running agent (a CA rotation whose
+    document has not reached it yet), fatal for an enrolment."""
 
 
 class ManagerRejected(ManagerError):

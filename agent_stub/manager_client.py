@@ -1,12 +1,20 @@
 """The agent's side of the Agent API (DESIGN.md §5), over one keep-alive `httpx.AsyncClient`.
 
 It raises the `ManagerError` branch of `agent_stub.errors`, so that loops can tell "try again later"
-(`ManagerUnreachable`, and its `ManagerBadResponse`) from "the manager said no" (`ManagerRejected`).
+(`ManagerUnreachable`, and its `ManagerBadResponse` and `ManagerUntrusted`) from "the manager said no"
+(`ManagerRejected`).
+
+Over https:// the client trusts what it is given (`ssl_context`: the agent's pinned CAs,
+`agent_stub.trust`); `use_ssl_context` switches a running agent to the CAs a document named.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
+import ssl
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -16,9 +24,11 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent_stub import AGENT_VERSION
-from agent_stub.errors import ManagerBadResponse, ManagerRejected, ManagerUnreachable
+from agent_stub.errors import ManagerBadResponse, ManagerRejected, ManagerUnreachable, ManagerUntrusted
 from fabric_core.canonical import canonical_json, sha256_hex
 from fabric_core.wire import EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse
+
+log = logging.getLogger(__name__)
 
 API_PREFIX = "/agent/v1"
 _JSON = "application/json"
@@ -83,6 +93,9 @@ class ManagerClient:
         self.server = normalize_server(server)
         self._http = http
         self._owns_http = False
+        self._timeout_s: float = 10.0
+        self._transport: httpx.AsyncBaseTransport | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         # DESIGN.md §5: `Bearer <secret>`; the manager finds the agent by the secret's hash.
         self._auth = {"Authorization": f"Bearer {secret}"}
 
@@ -95,13 +108,43 @@ class ManagerClient:
         secret: str,
         timeout_s: float,
         transport: httpx.AsyncBaseTransport | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> ManagerClient:
-        http = httpx.AsyncClient(timeout=timeout_s, transport=transport)
+        """A client with its own pool; over https:// it trusts `ssl_context` only (None: the system
+        store, for an identity that pinned nothing)."""
+        http = _pool(timeout_s, transport, ssl_context)
         client = cls(server=server, agent_id=agent_id, secret=secret, http=http)
         client._owns_http = True
+        client._timeout_s = timeout_s
+        client._transport = transport
         return client
 
+    def use_ssl_context(self, context: ssl.SSLContext | None) -> None:
+        """Trust `context` from the next request on (the agent's CAs changed: a rotation).
+
+        A pool lent by its owner (the fleet simulator) is the owner's to change: nothing happens. The old
+        pool is closed once requests under way had their time (`timeout_s`): its open connections were
+        verified under the old trust, which was the agent's until now, and a download cut short resumes.
+        """
+        if not self._owns_http:
+            log.debug("the connection pool is shared: its owner decides what it trusts")
+            return
+        old, self._http = self._http, _pool(self._timeout_s, self._transport, context)
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, old: httpx.AsyncClient) -> None:
+        try:
+            await asyncio.sleep(self._timeout_s)
+        finally:
+            await old.aclose()
+
     async def aclose(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()  # closes its pool at once
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._owns_http:
             await self._http.aclose()
 
@@ -124,13 +167,30 @@ class ManagerClient:
         facts: dict[str, Any],
         timeout_s: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> EnrollResponse:
-        """Trade an enrolment token for an identity (no authentication)."""
+        """Trade an enrolment token for an identity (no authentication). Over https:// pass the pinned
+        CA's `ssl_context`: the token is sent only once the server proved it has a certificate from it."""
         body = EnrollRequest(token=token, hostname=hostname, facts=facts)
         url = f"{normalize_server(server)}{API_PREFIX}/enroll"
-        async with httpx.AsyncClient(timeout=timeout_s, transport=transport) as http:
+        async with _pool(timeout_s, transport, ssl_context) as http:
             response = await _send(http, "POST", url, content=_dump(body))
         return _parse(EnrollResponse, response)
+
+    @staticmethod
+    async def ca_bundle(
+        *, server: str, timeout_s: float = 10.0, transport: httpx.AsyncBaseTransport | None = None
+    ) -> bytes:
+        """`GET /agent/v1/ca`: the PEM bundle of the CAs the manager says agents trust.
+
+        Fetched WITHOUT verifying the server's certificate: the agent has nothing to verify it with
+        yet, nothing secret is sent, and the caller keeps only a certificate whose hash it pinned
+        (`agent_stub.trust.pin`).
+        """
+        url = f"{normalize_server(server)}{API_PREFIX}/ca"
+        async with httpx.AsyncClient(timeout=timeout_s, transport=transport, verify=False) as http:
+            response = await _send(http, "GET", url, headers={"Accept": "application/x-pem-file"})
+        return response.content
 
     async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse:
         """One heartbeat, with only the headers the manager needs (`LEAN_DROPPED`): it is most of the
@@ -193,7 +253,28 @@ class ManagerClient:
                     async for chunk in response.aiter_bytes():
                         handle.write(chunk)
         except httpx.TransportError as exc:  # also a connection dropped mid-body
-            raise ManagerUnreachable(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+            raise _unreachable("GET", url, exc) from exc
+
+
+def _pool(
+    timeout_s: float, transport: httpx.AsyncBaseTransport | None, context: ssl.SSLContext | None
+) -> httpx.AsyncClient:
+    # verify=True (the system store) only for an identity that pinned nothing: plain HTTP, or older.
+    return httpx.AsyncClient(timeout=timeout_s, transport=transport, verify=context or True)
+
+
+def _unreachable(method: str, url: str, exc: httpx.TransportError) -> ManagerUnreachable:
+    """The error for a transport failure: `ManagerUntrusted` when it was the certificate check."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's: a short chain (never a cycle)
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return ManagerUntrusted(
+                f"{method} {url}: the server's certificate is not trusted: {cause.verify_message}"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return ManagerUnreachable(f"{method} {url}: {type(exc).__name__}: {exc}")
 
 
 def _dump(model: BaseModel) -> bytes:
@@ -223,7 +304,7 @@ async def _send(
             request.headers.pop(name, None)
         response = await http.send(request)
     except httpx.TransportError as exc:  # connect errors, timeouts, dropped connections
-        raise ManagerUnreachable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+        raise _unreachable(method, url, exc) from exc
     if response.status_code >= 500:
         raise ManagerUnreachable(f"{method} {url}: HTTP {response.status_code}")
     if response.status_code >= 400:

@@ -16,7 +16,9 @@ session expiry 0), and its subscriptions at `delivery.qos` (`link_options`):
   from an earlier session or location;
 - it forwards valid commands to `on_command`; malformed ones are logged and dropped;
 - it publishes its state, retained, after connecting and after each applied document;
-- it reconnects with exponential back-off and full jitter, between reconnect_min_s and reconnect_max_s.
+- it reconnects with exponential back-off and full jitter, between reconnect_min_s and reconnect_max_s;
+- over mqtts:// it trusts exactly the identity's CAs (`agent_stub.trust`); when a document changed
+  them, the next connection is a new link that trusts the new ones.
 
 When the document switches to pull, the loop publishes an offline state, ends its broker session (no
 point queueing messages for an agent that no longer listens) and returns. When stopped, it publishes an
@@ -37,6 +39,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agent_stub import trust
 from agent_stub.core import AgentCore
 from agent_stub.errors import LinkError, LinkRefused
 from agent_stub.mqtt_link import Link, LinkFactory, LinkOptions, Message
@@ -126,7 +129,8 @@ def link_options(identity: Identity, settings: AgentSettings, *, will: Message |
 
     A persistent session (the default) starts without clean start and outlives a disconnection by
     `mqtt_session_expiry_s`; a clean one (`persistent_session` false) starts clean and ends with the
-    connection (session expiry 0).
+    connection (session expiry 0). Over mqtts:// the link trusts the identity's CAs only (none held:
+    the system store, as before agents pinned a CA).
     """
     credentials = identity.mqtt
     if credentials is None:  # pragma: no cover - callers check it (`push_blocker`)
@@ -142,6 +146,7 @@ def link_options(identity: Identity, settings: AgentSettings, *, will: Message |
         clean_start=not persistent,
         will=will,
         timeout_s=settings.request_timeout_s,
+        ssl_context=trust.context_for(identity.trusted_cas),
     )
 
 
@@ -165,6 +170,8 @@ class PushLoop:
         self._on_connection = on_connection
         self._rng = rng or random.Random()
         self._link: Link | None = None
+        self._link_trust: tuple[str, ...] = ()
+        """The CAs the link was made to trust: another set held now means a new link."""
         self._changed = asyncio.Event()
         self._session_up = False
         self._subscribed: str | None = None
@@ -211,7 +218,11 @@ class PushLoop:
 
     async def _session(self, stopped: asyncio.Future[Any]) -> tuple[str, int] | None:
         """One connection, from connect to its end; returns why it ended badly (and a log level)."""
-        link = self._link or self._new_link()
+        link = self._link
+        if link is None or self._link_trust != tuple(self._core.identity.trusted_cas):
+            if link is not None and link.connected:
+                link.abort()  # sessions end before the next begins: this only makes sure
+            link = self._new_link()
         error: str | None = None
         level = logging.WARNING
         try:
@@ -448,6 +459,7 @@ class PushLoop:
         identity = self._core.identity
         will = Message(self._state_topic, will_payload(identity.agent_id), qos=1, retain=True)
         self._link = self._link_factory(link_options(identity, self._settings, will=will), self._on_message)
+        self._link_trust = tuple(identity.trusted_cas)
         return self._link
 
 

@@ -7,6 +7,10 @@ runtime starts it when a document switches the mode to push and lets it end (off
 disconnect) when one switches it to pull. `core.transport`, which heartbeats report, says "push" exactly
 while the MQTT session is up and "pull" otherwise.
 
+When an applied document changed the CAs the agent trusts (`AgentCore` keeps them in the identity), the
+runtime hands them to its manager client (`_follow_trust`): the next requests trust those; the push loop
+takes them at its next connection.
+
 The runtime also writes the agent's own events to its log spool: what became of each offered document
 (`record_outcome`) and the manager going away and coming back (`record_reachability`).
 
@@ -22,6 +26,7 @@ import random
 from functools import partial
 from typing import Any
 
+from agent_stub import trust
 from agent_stub.content import ContentClient, ContentSync
 from agent_stub.core import AgentCore, ApplyOutcome, Outcome
 from agent_stub.locator import FactsReader, LocationTracker
@@ -54,6 +59,9 @@ class AgentRuntime:
         priority_delay_s: float = PRIORITY_DELAY_S,
     ) -> None:
         self.core = core
+        self._client = client
+        self._trust_used = tuple(core.identity.trusted_cas)
+        """The CAs the client was built with (`policycast-agent run` builds it from the identity)."""
         self.pull = PullLoop(core, client, settings, hostname=hostname, rng=rng)
         self.location = LocationTracker(
             core,
@@ -130,10 +138,20 @@ class AgentRuntime:
     # --- push on and off ---------------------------------------------------------------------------
 
     def _on_applied(self, doc: EffectiveDocument) -> None:
+        self._follow_trust()
         self._reconcile()
         if self.content is not None:
             self.content.schedule(doc)
         self.location.evaluate()  # the document may bring other locations or conditions
+
+    def _follow_trust(self) -> None:
+        """Switch the manager client to the CAs the identity holds now, if the document changed them."""
+        held = tuple(self.core.identity.trusted_cas)
+        if held == self._trust_used:
+            return
+        self._trust_used = held
+        if isinstance(self._client, trust.TrustingClient):
+            self._client.use_ssl_context(trust.context_for(held))
 
     def _reconcile(self) -> None:
         """Start the push loop if push mode applies and it is not running (it stops by itself)."""

@@ -13,15 +13,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent_stub.errors import CorruptStateError
 from agent_stub.files import write_atomically
 from fabric_core.serials import NO_SERIAL
+from fabric_core.tls import split_certificates
 from fabric_core.wire import EnrollResponse, Mode, MqttCredentials, SigningKeyInfo
 
 log = logging.getLogger(__name__)
@@ -62,9 +65,24 @@ class Identity(BaseModel):
     signing_key: SigningKeyInfo
     mqtt: StoredMqttCredentials | None = Field(default=None, repr=False)
     hostname: str | None = None
+    trusted_cas: list[str] = Field(default_factory=list, repr=False)
+    """The CA certificates (PEM) the agent trusts for HTTPS and MQTTS, and nothing else: the one pinned
+    at enrolment, then those its documents name (`agent_stub.trust`). Empty: enrolled over plain HTTP
+    (`--insecure-http`) or stored before agents pinned a CA; the system's trust store then applies."""
+
+    @field_validator("trusted_cas")
+    @classmethod
+    def _shared(cls, cas: list[str]) -> list[str]:
+        for pem in cas:
+            if len(split_certificates(pem.encode("ascii", "replace"))) != 1:
+                raise ValueError("each trusted CA is one PEM certificate")
+        # One copy of each certificate however many identities name it (the fleet simulator's thousands).
+        return [sys.intern(pem) for pem in cas]
 
     @classmethod
-    def from_enrollment(cls, *, server: str, response: EnrollResponse, hostname: str) -> Identity:
+    def from_enrollment(
+        cls, *, server: str, response: EnrollResponse, hostname: str, trusted_cas: Sequence[str] = ()
+    ) -> Identity:
         return cls(
             agent_id=response.agent_id,
             secret=response.secret,
@@ -73,6 +91,7 @@ class Identity(BaseModel):
             signing_key=response.signing_key,
             mqtt=StoredMqttCredentials.from_wire(response.mqtt),
             hostname=hostname,
+            trusted_cas=list(trusted_cas),
         )
 
 

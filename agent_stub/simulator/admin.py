@@ -1,9 +1,10 @@
 """The manager's admin API as the simulator drives it: groups prepared for a plan, and what they hold.
 
-With `--admin-key` the simulator makes the plan's groups (`prepare_groups`, idempotent), an enrolment
-token per group (`enrolment_tokens`), looks up the location each bare client belongs to
-(`location_keys`) and the current serial of each (group, location) (`effective_serial`). Every call
-raises RuntimeError on an HTTP error, with the method, path, status and the start of the body.
+With `--admin-key` the simulator makes the plan's groups (`prepare_groups`, idempotent), a join token
+per group (`enrolment_tokens`: the enrolment token and the CA hash to pin), looks up the location each
+bare client belongs to (`location_keys`) and the current serial of each (group, location)
+(`effective_serial`). Every call raises RuntimeError on an HTTP error, with the method, path, status and
+the start of the body.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ async def enrolment_tokens(admin: httpx.AsyncClient, plan: FleetPlan, indices: r
             json={"max_uses": count, "expires_in_s": 86400},
         )
         check(response)
-        by_group[slot] = response.json()["token"]
+        answer = response.json()
+        # The join token carries the CA hash agents pin (a manager serving plain HTTP has none).
+        by_group[slot] = answer.get("join_token") or answer["token"]
     return [by_group[i % len(group_ids)] for i in indices]
 
 

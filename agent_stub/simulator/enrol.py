@@ -2,7 +2,8 @@
 
 `enrol` enrols the agents of the given indices with their tokens, `enrol_concurrency` at a time, each
 with the host facts of its site, retrying a manager that cannot be reached (5 attempts, 0.5 s doubling),
-and shows its progress. Requests go through the fleet's own connection pool (`_KeepOpen`).
+and shows its progress. Requests go through the fleet's own connection pool (`_KeepOpen`), which trusts
+the CA pinned for the fleet (`agent_stub.simulator.pinning`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Sequence
 
 import httpx
 
-from agent_stub.errors import ManagerError, ManagerUnreachable
+from agent_stub.errors import ManagerError, ManagerUnreachable, ManagerUntrusted
 from agent_stub.manager_client import ManagerClient, normalize_server
 from agent_stub.simulator.plan import SITE_FACT, FleetPlan, SimIdentity, site_name
 from agent_stub.simulator.stats import Progress
@@ -27,8 +28,11 @@ async def enrol(
     transport: httpx.AsyncBaseTransport,
     timeout_s: float,
     progress: Progress,
+    trusted_cas: Sequence[str] = (),
 ) -> list[SimIdentity]:
-    """Enrol the agents `indices` (agent i with tokens[i - indices.start]); their identities, in order."""
+    """Enrol the agents `indices` (agent i with tokens[i - indices.start], bare tokens); their
+    identities, in order. `transport` trusts `trusted_cas` (pinned once for the fleet), which every
+    identity keeps."""
     server = normalize_server(plan.server)
     results: dict[int, SimIdentity] = {}
     limit = asyncio.Semaphore(plan.enrol_concurrency)
@@ -55,7 +59,9 @@ async def enrol(
                     if attempt == 4 or not _transient(exc):
                         raise
                     await asyncio.sleep(0.5 * 2**attempt)
-        identity = Identity.from_enrollment(server=server, response=response, hostname=hostname)
+        identity = Identity.from_enrollment(
+            server=server, response=response, hostname=hostname, trusted_cas=trusted_cas
+        )
         results[index] = SimIdentity(identity=identity, site=site)
         progress.update("enrolled", len(results), total)
 
@@ -80,7 +86,8 @@ class _KeepOpen(httpx.AsyncBaseTransport):
 
 
 def _transient(exc: ManagerError) -> bool:
-    return isinstance(exc, ManagerUnreachable)
+    # A certificate from another CA will not change by waiting.
+    return isinstance(exc, ManagerUnreachable) and not isinstance(exc, ManagerUntrusted)
 
 
 async def gather_with_refresh(work: Sequence[Awaitable[None]], progress: Progress) -> None:

@@ -3,7 +3,8 @@
 `SimulatedFleet` builds the agents (identities kept from an earlier run, or enrolled: `enrol`, `admin`),
 starts them at `start_rate`, waits until every one holds a document and every push agent has its
 session, and stops them cleanly. What agents share lives here: the settings, one `httpx.AsyncClient`
-pool (with a FIFO of its connections, `http_slots`), the connect `Pacer`, the counters, the facts of
+pool (with a FIFO of its connections, `http_slots`) that trusts the manager's CA, pinned once for the
+whole fleet (`pinning`), the connect `Pacer`, the counters, the facts of
 each site. Benchmarks watch the agents through `watch`/`wait_for` (`agent_stub.simulator.waits`): every
 agent pokes the fleet when something happens to it, and only that agent is checked again.
 """
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import sys
 import time
 from collections import Counter, defaultdict
@@ -26,6 +28,7 @@ from agent_stub.facts import HostFacts
 from agent_stub.manager_client import normalize_server
 from agent_stub.measure import percentiles, rss_bytes
 from agent_stub.simulator import admin as admin_api
+from agent_stub.simulator import pinning
 from agent_stub.simulator.agents import AnyAgent, BareAgent, Pacer, SimAgent, Timestamps
 from agent_stub.simulator.enrol import enrol
 from agent_stub.simulator.plan import (
@@ -39,6 +42,7 @@ from agent_stub.simulator.plan import (
     site_name,
 )
 from agent_stub.simulator.stats import FleetStats, Progress
+from agent_stub.trust import context_for
 from fabric_core.serials import NO_SERIAL
 from fabric_core.settings import AgentSettings
 from fabric_core.topics import all_configs_filter
@@ -92,14 +96,10 @@ class SimulatedFleet:
         self.stats = FleetStats()
         self.rng = random.Random(plan.seed)
         self.pacer = Pacer(plan.connect_rate, jitter_s=plan.jitter_s, rng=self.rng)
-        self._transport = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(
-                max_connections=plan.http_connections, max_keepalive_connections=plan.http_connections
-            )
-        )
-        self.http = httpx.AsyncClient(
-            transport=self._transport, timeout=httpx.Timeout(settings.request_timeout_s, pool=None)
-        )
+        self._transport, self.http = self._pool(None)
+        self.trusted_cas: list[str] = []
+        """The CAs the fleet's pool trusts, pinned once (`pinning`): one manager, one CA."""
+        self._admin_trust: list[str] = []
         self.http_slots = asyncio.Semaphore(plan.http_connections)
         self._admin: httpx.AsyncClient | None = None
         self.agents: list[AnyAgent] = []
@@ -118,6 +118,23 @@ class SimulatedFleet:
         self.current_known: dict[DocumentKey, int] = {}
 
     # --- plumbing shared by agents -------------------------------------------------------------------
+
+    def _pool(self, context: ssl.SSLContext | None) -> tuple[httpx.AsyncHTTPTransport, httpx.AsyncClient]:
+        """The agents' one connection pool; over https:// it trusts `context` (the pinned CA)."""
+        size = self.plan.http_connections
+        transport = httpx.AsyncHTTPTransport(
+            verify=context or True,
+            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+        )
+        timeout = httpx.Timeout(self.settings.request_timeout_s, pool=None)
+        return transport, httpx.AsyncClient(transport=transport, timeout=timeout)
+
+    async def _trust(self, cas: list[str]) -> None:
+        """Make the pool trust `cas` (before any agent uses it)."""
+        self.trusted_cas = cas
+        if cas:
+            await self.http.aclose()
+            self._transport, self.http = self._pool(context_for(cas))
 
     def facts_of_site(self, site: int) -> HostFacts:
         if site not in self._facts:
@@ -143,6 +160,7 @@ class SimulatedFleet:
                 base_url=f"{normalize_server(self.plan.server)}/api/v1",
                 headers={"Authorization": f"Bearer {self.plan.admin_key}"},
                 timeout=30.0,
+                verify=context_for(self._admin_trust) or True,  # --ca-file, or the CA --ca-hash pins
             )
         return self._admin
 
@@ -156,16 +174,24 @@ class SimulatedFleet:
         self.reused = min(len(known), plan.agents)
         wanted = plan.agents - self.reused
         enrolled: list[SimIdentity] = []
+        timeout_s = self.settings.request_timeout_s
+        self._admin_trust = await pinning.initial_trust(plan, timeout_s=timeout_s)
+        tokens: list[str] = []
         if wanted > 0 or plan.admin_key:
-            indices = range(self.reused, plan.agents)
-            tokens = await self._tokens(indices)
+            tokens = await self._tokens(range(self.reused, plan.agents))
+        bare_tokens, trusted = await pinning.fleet_trust(
+            plan, tokens, initial=self._admin_trust, known=known[: self.reused], timeout_s=timeout_s
+        )
+        await self._trust(trusted)
+        if tokens:
             enrolled = await enrol(
                 plan,
-                indices,
-                tokens,
+                range(self.reused, plan.agents),
+                bare_tokens,
                 transport=self._transport,
-                timeout_s=self.settings.request_timeout_s,
+                timeout_s=timeout_s,
                 progress=self.progress,
+                trusted_cas=trusted,
             )
         self.enrolled_new = len(enrolled)
         if plan.identities is not None and enrolled:

@@ -68,6 +68,10 @@ class FleetPlan:
     loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     bare: bool = False
     """A baseline: `BareAgent`s (MQTT connect and subscribe only) instead of agents; needs admin_key."""
+    ca_hash: str | None = None
+    """The manager CA's hash to pin (`sha256:…`), when the tokens do not carry it."""
+    ca_file: Path | None = None
+    """The manager's CA certificate(s) (PEM): what the admin API is verified with over https://."""
 
     def mode_of_group(self, index: int) -> Mode:
         if self.mode == "mix":

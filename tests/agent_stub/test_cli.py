@@ -61,15 +61,18 @@ def test_enroll_stores_the_identity(
         "h1",
         "--state-dir",
         str(state_dir),
+        "--insecure-http",
     )
 
     assert result.exit_code == 0, result.output
     assert "agent a-42 in group 3" in result.stdout
+    assert "travel in clear" in result.stderr
     [call] = calls
     assert (call["server"], call["token"], call["hostname"]) == ("http://m.test:8000", "tok", "h1")
     identity = FileStateStore(state_dir).load_identity()
     assert identity is not None
     assert (identity.agent_id, identity.server, identity.group_id) == ("a-42", "http://m.test:8000", GROUP_ID)
+    assert identity.trusted_cas == []  # plain HTTP: nothing pinned
 
 
 def test_enroll_refuses_to_replace_an_identity_without_force(
@@ -78,6 +81,7 @@ def test_enroll_refuses_to_replace_an_identity_without_force(
     monkeypatch.setattr(ManagerClient, "enroll", _fake_enroll(signing_key, []))
     file_store.save_current(b"old document")
     args = ["enroll", "--server", "http://m.test", "--token", "t", "--state-dir", str(state_dir)]
+    args.append("--insecure-http")
 
     refused = _invoke(*args)
     assert refused.exit_code == 1
@@ -91,7 +95,14 @@ def test_enroll_refuses_to_replace_an_identity_without_force(
 
 def test_enroll_with_unreachable_manager_fails_cleanly(state_dir: Path) -> None:
     result = _invoke(
-        "enroll", "--server", "http://127.0.0.1:1", "--token", "t", "--state-dir", str(state_dir)
+        "enroll",
+        "--server",
+        "http://127.0.0.1:1",
+        "--token",
+        "t",
+        "--state-dir",
+        str(state_dir),
+        "--insecure-http",
     )
     assert result.exit_code == 1
     assert "cannot reach the manager at http://127.0.0.1:1" in result.stderr
@@ -104,7 +115,16 @@ def test_enroll_refused_token_fails_cleanly(state_dir: Path, monkeypatch: pytest
         raise ManagerRejected(403, "token expired")
 
     monkeypatch.setattr(ManagerClient, "enroll", refuse)
-    result = _invoke("enroll", "--server", "http://m.test", "--token", "t", "--state-dir", str(state_dir))
+    result = _invoke(
+        "enroll",
+        "--server",
+        "http://m.test",
+        "--token",
+        "t",
+        "--state-dir",
+        str(state_dir),
+        "--insecure-http",
+    )
     assert result.exit_code == 1
     assert "refused the enrolment (403): token expired" in result.stderr
 
@@ -114,9 +134,42 @@ def test_enroll_refused_token_fails_cleanly(state_dir: Path, monkeypatch: pytest
     [("m.test:80", "t", "http:// or https://"), ("http://m.test", "", "invalid enrolment request: token")],
 )
 def test_enroll_bad_input_fails_cleanly(state_dir: Path, server: str, token: str, message: str) -> None:
-    result = _invoke("enroll", "--server", server, "--token", token, "--state-dir", str(state_dir))
+    args = ["--server", server, "--token", token, "--state-dir", str(state_dir), "--insecure-http"]
+    result = _invoke("enroll", *args)
     assert result.exit_code == 1
     assert message in result.stderr
+
+
+HASH_A = "sha256:" + "a" * 64
+HASH_B = "sha256:" + "b" * 64
+
+
+@pytest.mark.parametrize(
+    ("server", "token", "extra", "message"),
+    [
+        ("http://m.test", "t", [], "refusing to enrol over plain HTTP (http://m.test)"),
+        ("https://m.test", "t", [], "no CA hash to pin: use the join token printed by `policycast admin"),
+        ("https://m.test", "t", ["--ca-hash", "sha256:short"], "a CA hash looks like sha256:<64 hex digits>"),
+        ("https://m.test", f"t.{HASH_A}", ["--ca-hash", HASH_B], f"the join token pins {HASH_A}"),
+    ],
+    ids=["http-without-insecure-http", "https-without-hash", "malformed-hash", "two-hashes"],
+)
+def test_enroll_refuses_before_sending_anything(
+    state_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    server: str,
+    token: str,
+    extra: list[str],
+    message: str,
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(ManagerClient, "enroll", _fake_enroll(SigningKey.generate(), calls))
+    result = _invoke("enroll", "--server", server, "--token", token, "--state-dir", str(state_dir), *extra)
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert calls == []  # the token never left
+    assert not state_dir.exists()
 
 
 def test_status_shows_identity_and_held_document(
@@ -134,6 +187,15 @@ def test_commands_need_an_enrolled_agent(state_dir: Path) -> None:
         result = _invoke(command, "--state-dir", str(state_dir))
         assert result.exit_code == 1
         assert "not enrolled" in result.stderr
+
+
+def test_run_with_unusable_trusted_cas_fails_cleanly(state_dir: Path, identity: Identity) -> None:
+    broken = "-----BEGIN CERTIFICATE-----\nbm9wZQ==\n-----END CERTIFICATE-----\n"  # PEM-shaped, not DER
+    FileStateStore(state_dir).save_identity(identity.model_copy(update={"trusted_cas": [broken]}))
+    result = _invoke("run", "--state-dir", str(state_dir))
+    assert result.exit_code == 1
+    assert "unusable trusted CAs" in result.stderr
+    assert not (state_dir / PID_FILE).exists()
 
 
 def test_update_now_without_a_running_agent_fails(file_store: FileStateStore, state_dir: Path) -> None:

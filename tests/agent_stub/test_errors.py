@@ -29,7 +29,9 @@ from agent_stub.errors import (
     ManagerError,
     ManagerRejected,
     ManagerUnreachable,
+    ManagerUntrusted,
     NotEnrolledError,
+    TrustError,
 )
 
 PARENTS: dict[type[Exception], tuple[type[Exception], ...]] = {
@@ -40,9 +42,11 @@ PARENTS: dict[type[Exception], tuple[type[Exception], ...]] = {
     ContentRejected: (AgentError,),
     AgentNotRunningError: (AgentError,),
     AgentAlreadyRunningError: (AgentError,),
+    TrustError: (AgentError,),
     ManagerError: (AgentError,),
     ManagerUnreachable: (ManagerError,),
     ManagerBadResponse: (ManagerUnreachable,),
+    ManagerUntrusted: (ManagerUnreachable,),
     ManagerRejected: (ManagerError,),
     LinkError: (AgentError,),
     LinkUnavailable: (LinkError,),

@@ -24,6 +24,7 @@ from agent_stub.state import (
     StoredMqttCredentials,
 )
 from fabric_core.signing import SigningKey
+from fabric_core.tls import ManagerCA
 from fabric_core.wire import EnrollResponse, MqttCredentials, MqttDelivery
 from tests.agent_stub.conftest import make_doc
 
@@ -231,3 +232,33 @@ def test_the_delivery_of_an_enrolment_is_kept(state_dir: Path, identity: Identit
     loaded = store.load_identity()
 
     assert loaded is not None and loaded.mqtt is not None and loaded.mqtt.delivery == delivery
+
+
+def test_an_identity_stored_before_pinning_existed_trusts_nothing_pinned(
+    state_dir: Path, identity: Identity
+) -> None:
+    stored = identity.model_dump(mode="json")
+    del stored["trusted_cas"]  # as written by an agent of before `Identity.trusted_cas`
+    state_dir.mkdir()
+    (state_dir / IDENTITY_FILE).write_text(json.dumps(stored))
+
+    loaded = FileStateStore(state_dir).load_identity()
+
+    assert loaded is not None and loaded.trusted_cas == []
+
+
+def test_the_pinned_cas_survive_a_restart_and_must_be_certificates(
+    state_dir: Path, identity: Identity
+) -> None:
+    pem = ManagerCA.generate().certificate_pem.decode()
+    store = FileStateStore(state_dir)
+    store.save_identity(identity.model_copy(update={"trusted_cas": [pem]}))
+    loaded = store.load_identity()
+    assert loaded is not None and loaded.trusted_cas == [pem]
+    assert pem not in repr(loaded)
+
+    stored = json.loads((state_dir / IDENTITY_FILE).read_text())
+    stored["trusted_cas"] = ["not a certificate"]
+    (state_dir / IDENTITY_FILE).write_text(json.dumps(stored))
+    with pytest.raises(CorruptStateError, match="one PEM certificate"):
+        store.load_identity()
