@@ -166,9 +166,13 @@ def push_settings(state_dir: Path) -> AgentSettings:
 
 def broker_identity(key: SigningKey, broker: Broker, *, group_id: int = GROUP_ID) -> Identity:
     """The test agent with its own account on `broker`, provisioned as the bridge does: it may read its
-    group's config topics and its cmd topic, and write its state topic; nothing else."""
+    group's config topics and its cmd topic, and write its state topic; nothing else. A TLS broker's CA
+    is the identity's trust (`Identity.trusted_cas`)."""
     password = broker.provision(AGENT_ID, group_id)
-    return make_identity(key, group_id=group_id, mqtt_url=broker.url, mqtt_password=password)
+    identity = make_identity(key, group_id=group_id, mqtt_url=broker.url, mqtt_password=password)
+    # Over TLS the agent trusts the broker's CA only, as if it had pinned it at enrolment.
+    trusted = [broker.ca.certificate_pem.decode()] if broker.ca is not None else []
+    return identity.model_copy(update={"trusted_cas": trusted})
 
 
 @pytest.fixture

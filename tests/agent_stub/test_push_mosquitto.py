@@ -60,6 +60,7 @@ class Bridge:
             username=broker.bridge_username,
             password=broker.bridge_password,
             timeout_s=2,
+            ssl_context=broker.ssl_context,  # a TLS broker: its CA only
         )
         self.link = MqttLink(options, self._received)
 
@@ -306,8 +307,7 @@ def test_a_group_the_account_may_not_read_is_refused_until_the_bridge_moves_the_
 ) -> None:
     """A heartbeat moved the agent to another group before the bridge moved its broker account: the
     broker refuses the new group's config topic, and the agent keeps trying until it may read it."""
-    password = mosquitto.provision(AGENT_ID, GROUP_ID + 1)
-    identity = make_identity(key, group_id=GROUP_ID + 1, mqtt_url=mosquitto.url, mqtt_password=password)
+    identity = broker_identity(key, mosquitto, group_id=GROUP_ID + 1)
     core = AgentCore(identity=identity, store=MemoryStateStore(identity))
     assert core.offer(key.sign_envelope(make_doc(serial=1, mode="push")), "heartbeat").applied
     assert core.identity.group_id == GROUP_ID
