@@ -8,7 +8,8 @@ Each benchmark is a module of this package that exposes
 and is found by `python -m bench` without being listed anywhere. `args` is the `argparse.Namespace` of
 `python -m bench`: `agents` (int, or None for the module's default), `full` (the issue's full sizes),
 `fresh` (discard the kept benchmark state first), `work_dir` (a `Path` for kept state:
-`bench/.work/`, gitignored) and `seed`. A benchmark measures its own baseline in the same run and
+`bench/.work/`, gitignored), `plain` (plain HTTP and MQTT instead of TLS, which every benchmark
+speaks by default, as production does) and `seed`. A benchmark measures its own baseline in the same run and
 reports the ratio; `python -m bench` writes each result to `bench/results/<NAME>-<date>.json`.
 
 What the benchmarks share, a module a concept (none of them exposes `NAME`):

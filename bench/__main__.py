@@ -8,6 +8,7 @@ modules are found, not listed. Results go to `bench/results/<NAME>-<date>.json`.
     python -m bench --only push_fanout    one benchmark (repeat --only for several)
     python -m bench --agents 500          another fleet size
     python -m bench --list                the benchmarks found
+    python -m bench --plain               plain HTTP and MQTT, as before TLS (default: TLS throughout)
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="simulated MQTT connects per second (fleet benchmarks)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="plain HTTP and MQTT everywhere, as before TLS (default: HTTPS and MQTT over TLS, as "
+        "production runs)",
     )
     parser.add_argument("--fresh", action="store_true", help="discard the kept benchmark state first")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="kept state (default: bench/.work)")

@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.checkout import ROOT, child_env, work_dir
+from bench.checkout import ROOT, child_env
 from bench.console import say
-from bench.stack import Stack
+from bench.stack import Stack, kept_stack
 
 DEFAULT_AGENTS = 2000
 FULL_AGENTS = 10_000
@@ -172,6 +172,10 @@ class SimulatorProcess:
         ]
         assert stack.broker is not None
         self.argv += ["--mqtt-url", stack.broker.url]
+        if stack.ca_file is not None:
+            # The run's CA, for the admin API and every agent (HTTPS and MQTT over TLS), as an operator
+            # hands it out; the join tokens pin the same CA by its hash.
+            self.argv += ["--ca-file", str(stack.ca_file)]
         self.ready_timeout = ready_timeout or 120 + agents * 0.05
         self.process: SimulatorControl | None = None
         self.ready: dict[str, Any] = {}
@@ -261,7 +265,7 @@ class SimulatorProcess:
 def stack_and_fleet(
     args: argparse.Namespace, agents: int, **fleet_options: Any
 ) -> Iterator[tuple[Stack, SimulatorProcess]]:
-    with Stack(work_dir(args)) as stack:
+    with kept_stack(args) as stack:
         stack.ensure_root_policy()
         with SimulatorProcess(stack, agents, **fleet_options) as fleet:
             yield stack, fleet

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from agent_stub.measure import rss_bytes
-from bench.checkout import work_dir
 from bench.console import say
 from bench.fleet import SimulatorProcess, fleet_size, size_note
 from bench.results import machine, ratio
-from bench.stack import Stack
+from bench.stack import Stack, kept_stack
 from broker_bridge.engine import TlsListener
 from broker_bridge.mosquitto.engine import MosquittoEngine
 from fabric_core.settings import Settings
@@ -45,11 +44,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     agents = fleet_size(args)
     with tempfile.TemporaryDirectory(prefix="policycast-bench-broker-") as scratch:
         empty = empty_broker_rss(Path(scratch))
-    with Stack(work_dir(args)) as stack:
+    with kept_stack(args) as stack:
         stack.ensure_root_policy()
         full = _measure(stack, agents, bare=False)
         bare = _measure(stack, agents, bare=True)
         accounts = stack.accounts()
+        transport = stack.transport
     result: dict[str, Any] = {
         "name": NAME,
         "agents": agents,
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bare_run": bare,
         "command": f"python -m bench --only {NAME} --agents {agents}",
         "machine": machine(),
+        "transport": transport,
         "notes": (
             "RSS from /proc/<pid>/status. The broker holds every account and persistent session before "
             "the fleet connects (provisioned and kept from earlier runs): broker_per_connection_bytes is "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import ssl
 import threading
 import time
 from collections import Counter
@@ -136,8 +137,10 @@ class HeartbeatCounter:
 class ManagerProbe:
     """GET /healthz every `interval` seconds on a thread of its own: how responsive the manager stays."""
 
-    def __init__(self, url: str, interval: float = 0.5) -> None:
+    def __init__(self, url: str, interval: float = 0.5, verify: ssl.SSLContext | bool = True) -> None:
         self.url = f"{url}/healthz"
+        self.verify = verify
+        """httpx's `verify`: the run's CA over HTTPS (`Stack.verify`)."""
         self.interval = interval
         self.latencies: list[float] = []
         self.failures = 0
@@ -153,7 +156,7 @@ class ManagerProbe:
         self._thread.join(timeout=60)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=30) as client:
+        with httpx.Client(timeout=30, verify=self.verify) as client:
             while not self._stop.is_set():
                 began = time.monotonic()
                 try:

@@ -22,6 +22,7 @@ from broker_bridge.mosquitto.control import control
 from fabric_core.errors import PolicycastError
 from fabric_core.settings import MqttAddress
 from fabric_core.signing import VerifyKey, open_envelope
+from fabric_core.tls import client_context
 from fabric_core.topics import all_configs_filter, parse_topic
 
 OBSERVER = "bench-observer"
@@ -71,6 +72,7 @@ class Observer:
             args=(
                 child,
                 stack.settings.mqtt_url,
+                stack.ca_file.read_bytes() if stack.ca_file is not None else None,
                 name,
                 password,
                 prefix,
@@ -122,16 +124,26 @@ class Observer:
 
 
 def _observe(
-    conn: Connection, mqtt_url: str, username: str, password: str, prefix: str, kid: str, public: str
+    conn: Connection,
+    mqtt_url: str,
+    ca_pem: bytes | None,
+    username: str,
+    password: str,
+    prefix: str,
+    kid: str,
+    public: str,
 ) -> None:
-    """The observer process: record (time, topic, payload) of every message; check them when asked."""
+    """The observer process: record (time, topic, payload) of every message; check them when asked.
+    Over `mqtts://` it trusts exactly the run's CA (`ca_pem`: a context does not cross processes)."""
     key = VerifyKey.from_base64(kid, public)
     received: list[tuple[float, str, bytes]] = []
 
     def handler(topic: str, payload: bytes) -> None:
         received.append((time.time(), topic, payload))  # nothing else on paho's thread
 
-    link = BrokerLink(MqttAddress.parse(mqtt_url), username=username, password=password, client_id=username)
+    address = MqttAddress.parse(mqtt_url)
+    context = client_context(ca_pem) if address.tls and ca_pem is not None else None
+    link = BrokerLink(address, username=username, password=password, client_id=username, ssl_context=context)
     link.subscribe(all_configs_filter(prefix), handler)
     try:
         link.connect(10)

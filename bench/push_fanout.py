@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             link.close()
         view = _manager_view(stack, agents)
         final = fleet.control.request("summary")
-    return _result(args, agents, fleet.setup, measured, view, final)
+    return {**_result(args, agents, fleet.setup, measured, view, final), "transport": stack.transport}
 
 
 def _serials(documents: dict[str, bytes]) -> dict[str, int]:

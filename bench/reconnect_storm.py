@@ -30,12 +30,11 @@ import argparse
 import time
 from typing import Any
 
-from bench.checkout import work_dir
 from bench.console import say
 from bench.fleet import SimulatorProcess, fleet_size, size_note
 from bench.meters import CpuMeter, ManagerProbe
 from bench.results import machine, ratio
-from bench.stack import Stack
+from bench.stack import Stack, kept_stack
 
 NAME = "reconnect_storm"
 OUTAGES_S = (0.0, 5.0)
@@ -49,7 +48,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     agents = fleet_size(args)
     rate = float(getattr(args, "connect_rate", None) or CONNECT_RATE)
     storms: dict[str, dict[str, Any]] = {}
-    with Stack(work_dir(args)) as stack:
+    with kept_stack(args) as stack:
+        transport = stack.transport
         policy = stack.ensure_root_policy()
         for kind, policy_id in (("agents", policy["id"]), ("bare_mqtt_baseline", None)):
             extra = ["--bare"] if policy_id is None else []
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": f"python -m bench --only {NAME} --agents {agents}"
         + (f" --connect-rate {rate:g}" if getattr(args, "connect_rate", None) else ""),
         "machine": machine(),
+        "transport": transport,
         "notes": (
             "Times from the command that started the broker again (wall clock), to each agent's session "
             "being up and, for agents, holding the serial of the change made while the broker was down. "
@@ -114,7 +115,7 @@ def _storm(
     before = stack.current_serials(keys)
     say(f"stopping the broker for {outage_s:g}s ({'bare clients' if bare else 'agents'})")
     meter = CpuMeter(stack, fleet.control)
-    probe = ManagerProbe(stack.url).__enter__()
+    probe = ManagerProbe(stack.url, verify=stack.verify).__enter__()
     stopping = time.time()
     stack.broker.process.stop()
     stopped = time.time()

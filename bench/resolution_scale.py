@@ -60,6 +60,7 @@ from bench.group_tree import build_tree, firewall_body
 from bench.observer import Observer
 from bench.results import machine, median_of, ratio, result_json, write_result
 from bench.scale_stack import WAIT_S, ScaleStack, throwaway_database
+from bench.stack import stack_tls
 from broker_bridge.broker import BrokerLink, Publication
 from fabric_core.topics import config_topic
 
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="policycast-bench-scale-") as scratch,
         throwaway_database(server_url) as database_url,
-        ScaleStack(Path(scratch), database_url) as stack,
+        ScaleStack(Path(scratch), database_url, tls=stack_tls(args)) as stack,
     ):
         setup = build_tree(stack, groups=groups, branching=branching)
         with Observer(stack) as observer:
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 link.close()
             where = profile_change(stack, observer, setup["policy_id"], rounds + 1) if profile else None
         backend = make_url(stack.settings.resolved_database_url).get_backend_name()
-    return _result(args, setup, measured, where, backend, groups, host)
+        transport = stack.transport
+    return {**_result(args, setup, measured, where, backend, groups, host), "transport": transport}
 
 
 # --- one round ---------------------------------------------------------------------------------------

@@ -50,8 +50,8 @@ def _postgres_database(server_url: str) -> Iterator[str]:
 class ScaleStack(Stack):
     """`bench.stack.Stack` on a database of the caller's choice, with the queries this benchmark needs."""
 
-    def __init__(self, data_dir: Path, database_url: str | None = None) -> None:
-        super().__init__(data_dir)
+    def __init__(self, data_dir: Path, database_url: str | None = None, *, tls: bool = True) -> None:
+        super().__init__(data_dir, tls=tls)
         if database_url:
             self.settings = self.settings.model_copy(update={"database_url": database_url})
 

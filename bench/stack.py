@@ -9,6 +9,13 @@ policy the benchmarks edit, the documents and serials, the agents' view), reads 
 baselines do. The waits: for the bridge to provision every account, for the manager to hear next to no
 heartbeats, and `wait_until` for anything else.
 
+As production runs it, the stack is TLS throughout by default: the manager serves HTTPS with the
+certificate its first start issues from its CA (in the data directory), the broker listens for MQTT over
+TLS only with a certificate from the same CA, and the bridge trusts only that CA. The benchmark's own
+clients (the admin API, the baselines' publisher, the observer, the simulator with `--ca-file`) trust
+exactly that CA too (`ca_file`, `client_context`). `tls=False` (`python -m bench --plain`) runs it all in
+plain HTTP and MQTT, as before TLS.
+
 Broker accounts cost Mosquitto 10-50 ms each to provision (it rewrites its whole dynamic-security file
 on every change), so the data directory and the broker's files are kept under `bench/.work/` (gitignored)
 and reused: the first run at a size enrols and provisions, later runs start at once. `--fresh` starts
@@ -17,6 +24,8 @@ from nothing.
 
 from __future__ import annotations
 
+import argparse
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +37,7 @@ from pydantic import SecretStr
 from sqlalchemy import text
 
 from agent_stub.measure import raise_fd_limit
+from bench.checkout import work_dir
 from bench.console import console, say
 from bench.meters import HeartbeatCounter
 from broker_bridge.broker import BrokerLink, Publication
@@ -35,6 +45,7 @@ from broker_bridge.service import BridgeThread
 from fabric_core.broker_credentials import bridge_password
 from fabric_core.settings import Settings
 from fabric_core.signing import load_signing_key
+from fabric_core.tls import CA_FILE, client_context
 from local_stack.local_broker import LocalBroker, start_broker
 from local_stack.manager import ManagerThread, admin_key_for, pick_port, start_bridge
 
@@ -42,18 +53,34 @@ POLICY_NAME = "bench-firewall"
 T = TypeVar("T")
 
 
+def stack_tls(args: argparse.Namespace) -> bool:
+    """TLS unless the run asks for the old way (`python -m bench --plain`)."""
+    return not getattr(args, "plain", False)
+
+
+def kept_stack(args: argparse.Namespace) -> Stack:
+    """The stack on the kept work directory: `fleet-tls` over TLS, `fleet` plain (where the state of
+    runs from before TLS is: agents enrolled over plain HTTP trust no CA, so the two are kept apart)."""
+    tls = stack_tls(args)
+    return Stack(work_dir(args, "fleet-tls" if tls else "fleet"), tls=tls)
+
+
 class Stack:
     """Mosquitto, the manager and the bridge, on a data directory kept between runs."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, tls: bool = True) -> None:
         self.data_dir = data_dir
-        settings = Settings(data_dir=data_dir / "manager")
+        self.tls = tls
+        settings = Settings(data_dir=data_dir / "manager", tls_enabled=tls)
         self.admin_key = admin_key_for(settings)
         self.settings = settings.model_copy(update={"bootstrap_admin_key": SecretStr(self.admin_key)})
         self.broker: LocalBroker | None = None
         self.manager: ManagerThread | None = None
         self.bridge: BridgeThread | None = None
         self.counter: HeartbeatCounter | None = None
+        self.client_context: ssl.SSLContext | None = None
+        """What the benchmark's clients trust the manager and the broker with: exactly the run's CA
+        (None: the stack is plain)."""
         self._admin: httpx.Client | None = None
 
     def __enter__(self) -> Stack:
@@ -79,6 +106,7 @@ class Stack:
         self.manager.start()
         self.counter = HeartbeatCounter.installed_in(self.manager.app.middleware_stack)
         self.bridge = start_bridge(self.settings, self.manager)
+        self.client_context = client_context(self.manager.trust_pem) if self.manager.trust_pem else None
         say(f"stack up: manager {self.manager.url}, broker {self.broker.url}, data {self.data_dir}")
 
     def stop(self) -> None:
@@ -99,12 +127,29 @@ class Stack:
         return self.manager.url
 
     @property
+    def transport(self) -> dict[str, str]:
+        """How the stack was reached, for the result: figures over TLS and plain ones differ."""
+        return {"manager": "https" if self.tls else "http", "broker": "mqtts" if self.tls else "mqtt"}
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The manager's CA (PEM), for clients in other processes (the simulator's `--ca-file`, the
+        observer); None when the stack is plain."""
+        return self.settings.tls_dir / CA_FILE if self.tls else None
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's `verify` for the manager: the run's CA only (True: plain HTTP, nothing to verify)."""
+        return self.client_context or True
+
+    @property
     def admin(self) -> httpx.Client:
         if self._admin is None:
             self._admin = httpx.Client(
                 base_url=f"{self.url}/api/v1",
                 headers={"Authorization": f"Bearer {self.admin_key}"},
                 timeout=60,
+                verify=self.verify,
             )
         return self._admin
 
@@ -233,6 +278,7 @@ class Stack:
             username=self.settings.mqtt_username,
             password=bridge_password(self.settings, self.manager.fabric.signing_key),
             client_id=client_id,
+            ssl_context=self.client_context if self.settings.mqtt_address.tls else None,
         )
         link.connect(10)
         return link

@@ -24,6 +24,9 @@ def test_push_fanout_harness_converges(tmp_path: Path) -> None:
     result = push_fanout.run(args)
 
     assert result["agents"] == AGENTS
+    # as production runs: the admin API, the simulator and the observer over HTTPS and MQTT over TLS,
+    # trusting the run's CA only (a client that did not could not have got this far)
+    assert result["transport"] == {"manager": "https", "broker": "mqtts"}
     (measured,) = result["rounds"]
     assert measured["policy_version"] == 2  # the admin API took the one edit of a fresh policy
     assert measured["baseline"]["agents"] == measured["baseline"]["received"] == AGENTS

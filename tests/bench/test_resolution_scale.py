@@ -38,6 +38,7 @@ def test_resolution_scale_harness_publishes_every_document(tmp_path: Path) -> No
     json.dumps(result)  # what `python -m bench` writes
     assert result["name"] == resolution_scale.NAME == "resolution_scale"
     assert result["database"] == "sqlite"
+    assert result["transport"] == {"manager": "https", "broker": "mqtts"}
     assert result["tree"]["groups"] == GROUPS and result["tree"]["documents"] == DOCUMENTS
     assert result["setup"]["levels"] == [1, 10, 19]
     (measured,) = result["rounds"]
