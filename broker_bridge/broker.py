@@ -160,6 +160,8 @@ class BrokerLink:
         self._started = False
         self._closing = threading.Event()
         self._refused: BrokerRefused | None = None
+        self._last_failure: str | None = None
+        """Why the last attempt to connect failed (for the error `connect` raises)."""
         self._supervisor: threading.Thread | None = None
         self._was_connected = False
         self._inflight = _MAX_INFLIGHT
@@ -201,7 +203,8 @@ class BrokerLink:
                 self.close()
                 raise self._refused
             if time.monotonic() > deadline:
-                raise BrokerUnavailable(f"no connection to {self.address.url} within {timeout:.1f}s")
+                why = f" (last: {self._last_failure})" if self._last_failure else ""
+                raise BrokerUnavailable(f"no connection to {self.address.url} within {timeout:.1f}s{why}")
 
     def close(self) -> None:
         """Disconnect and stop reconnecting. Calls waiting for acknowledgements fail at once."""
@@ -244,7 +247,8 @@ class BrokerLink:
             connection.client.connect(
                 self.address.host, self.address.port, keepalive=self._keepalive, clean_start=True
             )
-        except OSError as exc:
+        except OSError as exc:  # refused, unreachable, or a certificate its CA did not issue (ssl.SSLError)
+            self._last_failure = str(exc)
             log.warning("cannot reach the broker at %s: %s", self.address.url, exc)
             return None
         connection.client.loop_start()

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from agent_stub import trust
 from agent_stub.core import AgentCore
 from agent_stub.manager_client import ManagerClient
 from agent_stub.runtime import AgentRuntime
@@ -90,16 +91,31 @@ def enrol_agents(
         store = FileStateStore(state_dir)
         if store.load_identity() is None:
             group_id = demo.group_ids[names[index % len(names)]]
-            token = ok(admin.post(f"/groups/{group_id}/enrollment-tokens", json={"max_uses": 1}))["token"]
+            answer = ok(admin.post(f"/groups/{group_id}/enrollment-tokens", json={"max_uses": 1}))
             hostname = f"demo-{index + 1:02d}"
+            cas = asyncio.run(_pinned(manager_url, answer["ca_hash"]))
             response = asyncio.run(
-                ManagerClient.enroll(server=manager_url, token=token, hostname=hostname, facts={"demo": True})
+                ManagerClient.enroll(
+                    server=manager_url,
+                    token=answer["token"],
+                    hostname=hostname,
+                    facts={"demo": True},
+                    ssl_context=trust.context_for(cas),
+                )
             )
-            store.save_identity(
-                Identity.from_enrollment(server=manager_url, response=response, hostname=hostname)
+            identity = Identity.from_enrollment(
+                server=manager_url, response=response, hostname=hostname, trusted_cas=cas
             )
+            store.save_identity(identity)
         dirs.append(state_dir)
     return dirs
+
+
+async def _pinned(manager_url: str, ca_hash: str | None) -> list[str]:
+    """The CA a demo agent pins, as `policycast-agent enroll` does (none over plain HTTP)."""
+    if ca_hash is None:
+        return []
+    return await trust.pin(manager_url, ca_hash, timeout_s=10)
 
 
 @dataclass
@@ -127,6 +143,7 @@ class AgentFleet:
                     agent_id=core.identity.agent_id,
                     secret=core.identity.secret,
                     timeout_s=settings.request_timeout_s,
+                    ssl_context=trust.context_for(core.identity.trusted_cas),
                 )
                 clients.append(client)
                 runtime = AgentRuntime(core, client, own, hostname=core.identity.hostname)
@@ -149,14 +166,15 @@ class AgentFleet:
             self.thread.join(timeout=10)
 
 
-def forget_stale_agents(agents_dir: Path, broker_url: str | None) -> None:
-    """Demo agents enrolled against another broker address re-enrol (they are demo agents only)."""
+def forget_stale_agents(agents_dir: Path, manager_url: str, broker_url: str | None) -> None:
+    """Demo agents enrolled against another manager or broker address (another port, or from before
+    TLS) re-enrol (they are demo agents only)."""
     if not agents_dir.is_dir():
         return
     for state_dir in agents_dir.iterdir():
         identity = FileStateStore(state_dir).load_identity() if state_dir.is_dir() else None
         known = identity.mqtt.url if identity is not None and identity.mqtt is not None else None
-        if identity is not None and known != broker_url:
+        if identity is not None and (known != broker_url or identity.server != manager_url):
             shutil.rmtree(state_dir)
 
 

@@ -14,6 +14,7 @@ from api.fabric import Fabric
 from broker_bridge.engine import engine_for
 from broker_bridge.service import Bridge, BridgeThread, connect_link
 from fabric_core.settings import Settings
+from fabric_core.tls import manager_tls
 from local_stack.composition import manager_app
 
 
@@ -57,10 +58,21 @@ class ManagerThread:
 
     def __init__(self, settings: Settings, port: int) -> None:
         self.app = manager_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning")
+        tls = manager_tls(settings) if settings.tls_enabled else None
+        self.ca_hash = tls.ca_hash if tls is not None else None
+        """What agents pin (None: plain HTTP)."""
+        self.trust_pem = tls.trust_pem if tls is not None else None
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            ssl_certfile=tls.files.certfile if tls else None,
+            ssl_keyfile=tls.files.keyfile if tls else None,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="manager", daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
     def start(self) -> None:
         self.thread.start()

@@ -23,6 +23,7 @@ from rich.table import Table
 from broker_bridge.errors import BrokerUnavailable
 from broker_bridge.service import BridgeThread
 from fabric_core.settings import Settings
+from fabric_core.tls import client_context
 from local_stack.demo import DEMO_HEARTBEAT_S, AgentFleet, Demo, enrol_agents, forget_stale_agents, ok, seed
 from local_stack.local_broker import LocalBroker, start_broker
 from local_stack.manager import ManagerThread, admin_key_for, pick_port, start_bridge
@@ -73,7 +74,10 @@ def run_stack(
     bridge: BridgeThread | None = None
     fleet: AgentFleet | None = None
     admin = httpx.Client(
-        base_url=f"{manager.url}/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=10
+        base_url=f"{manager.url}/api/v1",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+        verify=client_context(manager.trust_pem) if manager.trust_pem else True,
     )
     try:
         manager.start()
@@ -81,7 +85,7 @@ def run_stack(
             bridge = start_bridge(settings, manager)
         demo = seed(admin, push=broker is not None)
         agents_dir = settings.data_dir / "demo-agents"
-        forget_stale_agents(agents_dir, broker.url if broker else None)
+        forget_stale_agents(agents_dir, manager.url, broker.url if broker else None)
         state_dirs = enrol_agents(admin, manager.url, demo, agents, agents_dir)
         fleet = AgentFleet(state_dirs)
         fleet.start()
@@ -131,6 +135,7 @@ def _banner(
 ) -> Panel:
     return Panel.fit(
         f"manager   {manager.url}   (API docs: {manager.url}/docs)\n"
+        f"CA        {manager.ca_hash or 'none: plain HTTP'}   ({settings.tls_dir / 'ca.pem'})\n"
         f"admin key {key}\n"
         f"database  {settings.resolved_database_url}\n"
         f"broker    {broker.url + ' (Mosquitto, dynamic security)' if broker else 'none: pull only'}\n"

@@ -60,6 +60,7 @@ def _bridge(
 ) -> MqttLink:
     """A link on the bridge's account: it publishes documents and commands, and reads agents' states."""
     credentials = {"username": broker.bridge_username, "password": broker.bridge_password}
+    options.setdefault("ssl_context", broker.ssl_context)
     return _link(address or broker.address, inbox, **credentials, **options)
 
 
@@ -67,6 +68,7 @@ def _agent(broker: Broker, inbox: Inbox | None = None, *, group_id: int = GROUP,
     """A link on agent a-1's own account, provisioned now: it reads its group's config topics and its
     cmd topic, and writes its state topic."""
     password = broker.provision(AGENT, group_id)
+    options.setdefault("ssl_context", broker.ssl_context)
     return _link(broker.address, inbox, client_id=AGENT, username=AGENT, password=password, **options)
 
 
@@ -170,7 +172,13 @@ def test_refusals_carry_the_reason_code(mosquitto: Broker) -> None:
         # CONNACK refusals: a wrong password for the agent's account, and an account the broker does not
         # know. Dynamic security answers both alike, Not authorized, telling an intruder nothing.
         for username in (AGENT, "nobody"):
-            locked = _link(mosquitto.address, client_id=username, username=username, password="wrong")
+            locked = _link(
+                mosquitto.address,
+                client_id=username,
+                username=username,
+                password="wrong",
+                ssl_context=mosquitto.ssl_context,
+            )
             with pytest.raises(LinkRefused) as refused:
                 await locked.connect()
             assert refused.value.operation == "connect"
@@ -182,7 +190,7 @@ def test_refusals_carry_the_reason_code(mosquitto: Broker) -> None:
 
 def test_operations_without_a_connection_fail_at_once(mosquitto: Broker) -> None:
     async def scenario() -> None:
-        link = _link(mosquitto.address)
+        link = _link(mosquitto.address, ssl_context=mosquitto.ssl_context)
         with pytest.raises(LinkDisconnected):
             await link.subscribe(CMD)
         with pytest.raises(LinkDisconnected):
@@ -322,7 +330,7 @@ def test_a_stopped_broker_disconnects_and_fails_waiting_operations(mosquitto: Br
 def test_tls_handshake_through_the_loop(tmp_path: Path) -> None:
     """MQTT over TLS on the project's broker configuration (`MosquittoEngine.write_config(tls=...)`)."""
     cert, key = self_signed_certificate(tmp_path / "certs")
-    tls_broker = Broker(tmp_path / "tls-broker", tls=(cert, key)).start()
+    tls_broker = Broker(tmp_path / "tls-broker", certificates=(cert, key)).start()
     inbox = Inbox()
     try:
 

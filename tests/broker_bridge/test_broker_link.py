@@ -13,6 +13,7 @@ import pytest
 from broker_bridge import broker
 from broker_bridge.broker import BrokerLink, Publication
 from broker_bridge.errors import BrokerRefused, BrokerUnavailable
+from fabric_core.tls import ManagerCA, client_context
 from fabric_core.topics import all_states_filter, config_topic, group_config_filter, state_topic
 from tests.broker_bridge.conftest import AgentFactory
 from tests.support.broker import Broker, Inbox
@@ -128,7 +129,13 @@ def test_subscriptions_come_back_after_a_broker_restart(
 
 
 def test_wrong_bridge_credentials_fail_fast(mosquitto: Broker) -> None:
-    link = BrokerLink(mosquitto.address, username="policycast-bridge", password="wrong", client_id="b")
+    link = BrokerLink(
+        mosquitto.address,
+        username="policycast-bridge",
+        password="wrong",
+        client_id="b",
+        ssl_context=mosquitto.ssl_context,
+    )
     started = time.monotonic()
     with pytest.raises(BrokerRefused, match="Not authorized"):
         link.connect(timeout=5)
@@ -144,11 +151,30 @@ def test_connect_keeps_trying_until_the_broker_starts(mosquitto: Broker) -> None
         client_id="early",
         reconnect_min_s=0.05,
         reconnect_max_s=0.2,
+        ssl_context=mosquitto.ssl_context,
     )
     try:
         with pytest.raises(BrokerUnavailable):
             link.connect(timeout=0.3)
         mosquitto.start()
         wait_for(link.connected.is_set, timeout=5, what="the link to connect")
+    finally:
+        link.close()
+
+
+def test_the_bridge_refuses_a_broker_whose_certificate_another_ca_issued(mosquitto: Broker) -> None:
+    """Over TLS the bridge trusts exactly the manager's CA: a broker with a certificate from any other
+    CA (an impostor on the broker's address) never gets the bridge's password."""
+    other_ca = client_context(ManagerCA.generate("another CA").certificate_pem)
+    link = BrokerLink(
+        mosquitto.address,
+        username=mosquitto.bridge_username,
+        password=mosquitto.bridge_password,
+        client_id="wary",
+        ssl_context=other_ca,
+    )
+    try:
+        with pytest.raises(BrokerUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            link.connect(timeout=1)
     finally:
         link.close()

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.broker import Broker
+from fabric_core.tls import ManagerCA
+from tests.support.broker import Broker, require_mosquitto
 from tests.support.processes import AgentProcess, Manager, Process, enrolled_agent
 from tests.support.waiting import wait_for
 
@@ -49,7 +50,21 @@ class PushStack:
 
 
 @pytest.fixture
-def push_stack(tmp_path: Path, mosquitto: Broker) -> Iterator[PushStack]:
+def push_broker(tmp_path: Path) -> Iterator[Broker]:
+    """Mosquitto with a certificate from the manager's CA (made here, before the manager's first
+    start finds it), as `policycast broker-config` issues one: agents and the bridge trust only it."""
+    require_mosquitto()
+    broker = Broker(tmp_path / "mosquitto", ca=ManagerCA.load_or_create(tmp_path / "manager" / "tls"))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture
+def push_stack(tmp_path: Path, push_broker: Broker) -> Iterator[PushStack]:
+    mosquitto = push_broker
     broker_settings = {
         "mqtt_url": mosquitto.url,
         "mqtt_password": mosquitto.bridge_password,

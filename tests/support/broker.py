@@ -4,8 +4,10 @@
   written by `MosquittoEngine.write_config` and it runs as `local_stack.broker_process.BrokerProcess`,
   exactly as `policycast up` runs it. `link()` gives a connected `BrokerLink` as the bridge,
   `provision()` makes an agent account, `stop/start/restart()`, and `received_before_marker()` tells
-  that something did NOT arrive without waiting out a window. With `tls=(certfile, keyfile)` it also
-  listens for MQTT over TLS (`tls_address`), on a port of its own, with the same accounts.
+  that something did NOT arrive without waiting out a window. It listens for MQTT over TLS only, as
+  `policycast broker-config` configures it, with a certificate from a CA of its own (`ca`, or the one
+  given: a manager's) or the `certificates` given; `ssl_context` trusts exactly that CA, and its links
+  and clients use it. `plain=True` gives a broker with a plaintext listener instead.
 - `MqttClient`: a plain paho MQTT 5 client (an agent, an intruder) whose calls return reason codes, so
   that tests can assert what the broker allowed.
 - `Inbox`: a `BrokerLink.subscribe` handler that keeps what arrives.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import queue
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,23 +42,45 @@ from broker_bridge.mosquitto.config import BrokerLayout
 from broker_bridge.mosquitto.engine import MosquittoEngine
 from broker_bridge.mosquitto.install import find_dynsec_plugin, mosquitto_binary
 from fabric_core.settings import MqttAddress, Settings
+from fabric_core.tls import ManagerCA, client_context
 from fabric_core.topics import DEFAULT_PREFIX
 from local_stack.broker_process import BrokerProcess
 from tests.support.processes import free_port
 
 BRIDGE_USERNAME = "policycast-bridge"
+TLS_BY_DEFAULT = True
+"""A `Broker` listens for MQTT over TLS only unless told otherwise, as `broker-config` writes it."""
+BROKER_NAMES = ("localhost", "127.0.0.1")
 
 
 class Broker:
     """A Mosquitto of its own in `directory`, with dynamic security and the bridge's account."""
 
     def __init__(
-        self, directory: Path, *, prefix: str = DEFAULT_PREFIX, tls: tuple[Path, Path] | None = None
+        self,
+        directory: Path,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        plain: bool = not TLS_BY_DEFAULT,
+        ca: ManagerCA | None = None,
+        certificates: tuple[Path, Path] | None = None,
     ) -> None:
         self.prefix = prefix
-        self.tls = tls
-        """(certfile, keyfile) of the MQTT-over-TLS listener, if any (`tests.support.certificates`)."""
+        self.plain = plain and certificates is None and ca is None
         self.layout = BrokerLayout(directory)
+        self.ca: ManagerCA | None = None
+        self.tls: tuple[Path, Path] | None = None
+        """(certfile, keyfile) of the MQTT-over-TLS listener (None: plaintext only)."""
+        self.ssl_context: ssl.SSLContext | None = None
+        """What a client verifies this broker with: exactly its CA (None: plaintext)."""
+        if certificates is not None:
+            self.tls = certificates
+            self.ssl_context = client_context(certificates[0].read_bytes())
+        elif not self.plain:
+            self.ca = ca or ManagerCA.generate("policycast test CA")
+            files = self.ca.server_files(directory / "tls", "broker", BROKER_NAMES)
+            self.tls = (files.certfile, files.keyfile)
+            self.ssl_context = client_context(self.ca.certificate_pem)
         self.bridge_username = BRIDGE_USERNAME
         self.bridge_password = secrets.token_urlsafe(18)
         settings = Settings(
@@ -66,24 +91,24 @@ class Broker:
         )
         self.engine = MosquittoEngine(settings, None)  # the bridge's password is given: no signing key
         self.port = free_port()
-        self.tls_port = free_port() if tls is not None else None
         self.process = BrokerProcess(self._write_files())
         self._links: list[BrokerLink] = []
         self._clients: list[MqttClient] = []
         self._admin: BrokerLink | None = None
 
     def _write_files(self) -> BrokerLaunch:
-        """The project's own broker configuration, as `policycast broker-config` writes it."""
-        tls = None
-        if self.tls is not None and self.tls_port is not None:
-            tls = TlsListener(self.tls_port, *self.tls)
-        return self.engine.write_config(
-            self.layout.directory, bind="127.0.0.1", tls=tls, plain_port=self.port
-        )
+        """The project's own broker configuration, as `policycast broker-config` writes it: one TLS
+        listener (or, with `plain`, one plaintext listener)."""
+        if self.tls is None:
+            return self.engine.write_config(
+                self.layout.directory, bind="127.0.0.1", tls=None, plain_port=self.port
+            )
+        tls = TlsListener(self.port, *self.tls)
+        return self.engine.write_config(self.layout.directory, bind="127.0.0.1", tls=tls)
 
     @property
     def address(self) -> MqttAddress:
-        return MqttAddress("127.0.0.1", self.port)
+        return MqttAddress("127.0.0.1", self.port, tls=self.tls is not None)
 
     @property
     def url(self) -> str:
@@ -91,9 +116,9 @@ class Broker:
 
     @property
     def tls_address(self) -> MqttAddress:
-        """The MQTT-over-TLS listener (only with `tls`)."""
-        assert self.tls_port is not None, "this broker has no TLS listener: Broker(..., tls=...)"
-        return MqttAddress("127.0.0.1", self.tls_port, tls=True)
+        """The MQTT-over-TLS listener (not with `plain`)."""
+        assert self.tls is not None, "this broker listens in plaintext: Broker(..., plain=False)"
+        return self.address
 
     def start(self) -> Broker:
         try:
@@ -103,7 +128,6 @@ class Broker:
                 raise
             # Another process took the free port between the probe and the bind: pick another one.
             self.port = free_port()
-            self.tls_port = free_port() if self.tls is not None else None
             self.process = BrokerProcess(self._write_files())
             self.process.start()
         return self
@@ -123,6 +147,7 @@ class Broker:
             client_id=client_id or f"bridge-{secrets.token_hex(4)}",
             reconnect_min_s=0.05,
             reconnect_max_s=0.5,
+            ssl_context=self.ssl_context,
         )
         self._links.append(link)
         link.connect(timeout)
@@ -164,8 +189,8 @@ class Broker:
         return got[:-1]
 
     def client(self, username: str | None, password: str | None, client_id: str | None = None) -> MqttClient:
-        """A plain MQTT 5 client (not yet connected), closed by `close()`."""
-        client = MqttClient(self.address, username, password, client_id)
+        """An MQTT 5 client (not yet connected) that trusts this broker, closed by `close()`."""
+        client = MqttClient(self.address, username, password, client_id, ssl_context=self.ssl_context)
         self._clients.append(client)
         return client
 
@@ -188,7 +213,13 @@ class MqttClient:
     """A paho MQTT 5 client for tests: each call waits for the broker's answer and returns its reason."""
 
     def __init__(
-        self, address: MqttAddress, username: str | None, password: str | None, client_id: str | None = None
+        self,
+        address: MqttAddress,
+        username: str | None,
+        password: str | None,
+        client_id: str | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         # An agent account is bound to its own client id: connect under it unless told otherwise.
         self.client_id = client_id or username or f"test-{secrets.token_hex(4)}"
@@ -200,6 +231,8 @@ class MqttClient:
         )
         if username is not None:
             self.paho.username_pw_set(username, password)
+        if address.tls:
+            self.paho.tls_set_context(ssl_context or ssl.create_default_context())
         self.address = address
         self.messages: queue.Queue[Received] = queue.Queue()
         self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
@@ -337,7 +370,8 @@ class Inbox:
             return list(self.items)
 
 
-def _require_mosquitto() -> None:
+def require_mosquitto() -> None:
+    """Fail (never skip) when this machine has no Mosquitto 2 with dynamic security."""
     try:
         mosquitto_binary()
         find_dynsec_plugin()
@@ -351,7 +385,7 @@ def _require_mosquitto() -> None:
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Broker]:
     """A fresh Mosquitto per test, on a free port, with dynamic security and the bridge's account."""
-    _require_mosquitto()
+    require_mosquitto()
     broker = Broker(tmp_path / "mosquitto")
     broker.start()
     try:

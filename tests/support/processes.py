@@ -82,8 +82,8 @@ def python_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-TLS_BY_DEFAULT = False
-"""Whether `Manager` serves HTTPS unless told; true once every client of the tests pins the CA."""
+TLS_BY_DEFAULT = True
+"""`Manager` serves HTTPS unless told otherwise, as `policycast serve` does."""
 
 
 class Manager:
@@ -147,7 +147,10 @@ class Manager:
         return False
 
     def stop(self) -> None:
+        # A kept-alive admin connection would hold up uvicorn's graceful stop until it is killed.
+        self.admin.client.close()
         self.process.stop()
+        self.admin = Admin(httpx.Client(base_url=self.url, verify=self.ssl_context()), self.admin_key)
 
     def root(self) -> int:
         return int(self.admin.root()["id"])
@@ -199,10 +202,13 @@ def enrolled_agent(
 ) -> AgentProcess:
     """Enrol an agent in the group (the root when not given) with `policycast-agent enroll`; return
     its `run` process, not started. `settings` become POLICYCAST_AGENT_* variables of that process."""
-    token = manager.admin.enrollment_token(group_id if group_id is not None else manager.root())
+    group = group_id if group_id is not None else manager.root()
+    # Over HTTPS the join token pins the manager's CA; over plain HTTP the agent must be told it is fine.
+    token = manager.admin.join_token(group) if manager.tls else manager.admin.enrollment_token(group)
     state_dir = directory / name
+    plain = [] if manager.tls else ["--insecure-http"]
     enrol = subprocess.run(
-        agent_cli("enroll", "--server", manager.url, "--token", token, "--state-dir", str(state_dir)),
+        agent_cli("enroll", "--server", manager.url, "--token", token, "--state-dir", str(state_dir), *plain),
         env=python_env(),
         capture_output=True,
         text=True,

@@ -30,6 +30,7 @@ def bridge_thread(client: TestClient, broker: Broker) -> BridgeThread:
         client_id=f"bridge-{secrets.token_hex(3)}",
         reconnect_min_s=0.05,
         reconnect_max_s=0.5,
+        ssl_context=broker.ssl_context,
     )
     broker_engine = engine_for(fabric.settings, fabric.signing_key)
     bridge = Bridge(settings=fabric.settings, engine=fabric.engine, broker=broker_engine, link=link)
