@@ -25,6 +25,6 @@ What the benchmarks share, a module a concept (none of them exposes `NAME`):
     console    `say`: progress lines on stderr
 
 and what a few of them need: benchmark 2's `servers` under test (and benchmark 3's manager),
-`load_client` and `wrk_client`, `heartbeat_requests` and `baseline_app`; benchmark 3's `tcp_counters`;
-benchmark 5's `group_tree` and `scale_stack`.
+`load_client` and `wrk_client`, `heartbeat_requests` and `baseline_app`; benchmark 3's `tcp_counters`
+and `wire_push` (its MQTT half); benchmark 5's `group_tree` and `scale_stack`.
 """
