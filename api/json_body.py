@@ -16,8 +16,9 @@ than the body limit.
 from __future__ import annotations
 
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.asgi_replay import replay
 from api.error_responses import validation_error
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -50,7 +51,7 @@ class JsonBodies:
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away: let the app see it
-                await self.app(scope, _replay(body, message, receive), send)
+                await self.app(scope, replay(body, message, receive), send)
                 return
             body += message.get("body", b"")
             if not message.get("more_body", False):
@@ -62,7 +63,7 @@ class JsonBodies:
                 error = {"loc": ["body"], "msg": _reason(body, exc), "type": "json_invalid"}
                 await validation_error([error])(scope, receive, send)
                 return
-        await self.app(scope, _replay(body, None, receive), send)
+        await self.app(scope, replay(body, None, receive), send)
 
 
 def _reason(body: bytes, exc: orjson.JSONDecodeError) -> str:
@@ -75,20 +76,3 @@ def _reason(body: bytes, exc: orjson.JSONDecodeError) -> str:
     if "depth" in exc.msg:
         return f"JSON nested more than 1024 levels deep ({at})"
     return f"JSON decode error {at}: {exc.msg}"
-
-
-def _replay(body: bytes, pending: Message | None, receive: Receive) -> Receive:
-    """A `receive` that gives the app the body already read, then whatever comes next."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent, pending
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": pending is not None}
-        if pending is not None:
-            message, pending = pending, None
-            return message
-        return await receive()
-
-    return replay

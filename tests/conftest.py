@@ -9,7 +9,6 @@ POLICYCAST_TEST_POSTGRES=skip to skip them on purpose (the summary then lists th
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,18 +77,12 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> str:
     """A fresh, migrated, empty database on each backend."""
-    if request.param == "sqlite":
-        path = tmp_path / "data" / "policycast.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(sqlite_template, path)
-        return f"sqlite:///{path}"
-    url: str = request.getfixturevalue("postgres_url")
-    engine = make_engine(url)
-    with engine.begin() as connection:
-        connection.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
-        connection.execute(text("INSERT INTO fabric_counters (id, serial, generation) VALUES (1, 0, 0)"))
-    engine.dispose()
-    return url
+    from tests.support.databases import fresh_database
+
+    postgres = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    return fresh_database(
+        request.param, tmp_path / "data", sqlite_template=sqlite_template, postgres_url=postgres
+    )
 
 
 @pytest.fixture

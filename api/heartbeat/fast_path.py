@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import orjson
 from starlette.datastructures import State
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.asgi_replay import replay
 from api.fabric import Fabric
 from api.heartbeat.answer import answer_heartbeat
 from api.heartbeat.checks import everyday
@@ -67,35 +68,18 @@ class HeartbeatFastPath:
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
-                await self.app(scope, _replay(body, message, receive), send)
+                await self.app(scope, replay(body, message, receive), send)
                 return
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
         payload = fast_heartbeat(fabric, authorization, body)
         if payload is None:
-            await self.app(scope, _replay(body, None, receive), send)
+            await self.app(scope, replay(body, None, receive), send)
             return
         headers = [(b"content-length", b"%d" % len(payload)), *_JSON_HEADERS]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-
-
-def _replay(body: bytes, pending: Message | None, receive: Receive) -> Receive:
-    """A `receive` that gives the app the body the fast path already read, then the rest."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent, pending
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": pending is not None}
-        if pending is not None:
-            message, pending = pending, None
-            return message
-        return await receive()
-
-    return replay
 
 
 def fast_heartbeat(fabric: Fabric, authorization: bytes, body: bytes) -> bytes | None:

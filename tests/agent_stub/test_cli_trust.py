@@ -37,16 +37,8 @@ PROCESS_WAIT_S = 20.0
 
 @pytest.fixture
 def manager(tmp_path: Path) -> Iterator[Manager]:
-    manager = Manager(tmp_path / "manager", tmp_path, admin_key=ADMIN_KEY, tls=True).start()
-    try:
+    with Manager(tmp_path / "manager", tmp_path, admin_key=ADMIN_KEY, tls=True) as manager:
         yield manager
-    finally:
-        _stop(manager)
-
-
-def _stop(manager: Manager) -> None:
-    manager.admin.client.close()  # a kept-alive connection would hold up the server's graceful stop
-    manager.stop()
 
 
 def _token(manager: Manager, max_uses: int = 1) -> dict[str, Any]:
@@ -202,7 +194,7 @@ def test_a_manager_of_another_ca_is_refused(manager: Manager, tmp_path: Path) ->
         assert manager.ca is not None and other.ca is not None
         _assert_refused(result, f"offers {other.ca.hash}, not the pinned CA {manager.ca.hash}", state_dir)
     finally:
-        _stop(other)
+        other.stop()
 
 
 def test_plain_http_needs_insecure_http(tmp_path: Path) -> None:
@@ -217,7 +209,7 @@ def test_plain_http_needs_insecure_http(tmp_path: Path) -> None:
         assert "travel in clear" in enrolled.stderr
         assert _identity(state_dir)["trusted_cas"] == []
     finally:
-        _stop(plain)
+        plain.stop()
 
 
 # --- a CA rotation ------------------------------------------------------------------------------------
@@ -268,7 +260,7 @@ def test_the_agent_follows_a_ca_rotation(manager: Manager, tmp_path: Path) -> No
 
         last = _last_heartbeat(state_dir)
         promote_next_ca(settings)
-        _stop(manager)
+        manager.stop()
         manager.ca = new  # what the test's own clients trust from now on
         both = client_context(old.certificate_pem + new.certificate_pem)
         manager.admin = Admin(httpx.Client(base_url=manager.url, verify=both), ADMIN_KEY)

@@ -152,6 +152,12 @@ class Manager:
         self.process.stop()
         self.admin = Admin(httpx.Client(base_url=self.url, verify=self.ssl_context()), self.admin_key)
 
+    def __enter__(self) -> Manager:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def root(self) -> int:
         return int(self.admin.root()["id"])
 

@@ -51,12 +51,8 @@ def test_https_needs_something_to_trust_and_http_trusts_nothing() -> None:
 
 @pytest.fixture
 def manager(tmp_path: Path) -> Iterator[Manager]:
-    manager = Manager(tmp_path / "manager", tmp_path, admin_key=ADMIN_KEY, tls=True).start()
-    try:
+    with Manager(tmp_path / "manager", tmp_path, admin_key=ADMIN_KEY, tls=True) as manager:
         yield manager
-    finally:
-        manager.admin.client.close()  # a kept-alive connection would hold up the server's graceful stop
-        manager.stop()
 
 
 def _simulate(*args: str) -> dict[str, Any]:
