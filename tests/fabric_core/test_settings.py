@@ -127,7 +127,7 @@ def test_out_of_range_values_are_rejected(monkeypatch: pytest.MonkeyPatch, name:
 def test_unrelated_environment_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLICYCAST_SOMETHING_ELSE", "x")
     monkeypatch.setenv("MQTT_URL", "mqtt://unprefixed:1883")
-    assert Settings().mqtt_url == "mqtt://127.0.0.1:1883"
+    assert Settings().mqtt_url == "mqtts://127.0.0.1:8883"
 
 
 def test_agent_settings_defaults() -> None:
