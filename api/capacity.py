@@ -4,9 +4,13 @@ The costs come from the benchmarks (docs/performance.md) and are stored beside t
 `capacity_costs.json`, with the date and the machine they were measured on:
 
 - heartbeats per second per core of the api (benchmark 2: unchanged heartbeats, real authentication
-  and state lookup, requests per CPU-second of the uvicorn worker processes);
+  and state lookup, requests per CPU-second of the uvicorn worker processes). From a result that has
+  it, the cold rate over TLS: each heartbeat on a new connection with a full TLS handshake, as in
+  production, where an agent heartbeats every few minutes and uvicorn closes an idle connection after
+  5 s (`heartbeat_connection: "new-tls"`); else the keep-alive rate (`"keep-alive"`);
 - bytes on the wire of an unchanged heartbeat, of a heartbeat that brings a new document, of a push
-  agent's keep-alives per hour, and of the retained PUBLISH of a new document (benchmark 3).
+  agent's keep-alives per hour, and of the retained PUBLISH of a new document (benchmark 3); with
+  `"new-tls"`, each heartbeat also carries its connection's TCP and TLS handshakes (`connection_*`).
 
 Every agent heartbeats at its interval in both modes (push agents for their uploads and as the fallback);
 push adds one broker connection per agent, its keep-alives, and documents published at once instead of
@@ -21,7 +25,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -63,10 +67,20 @@ class Costs:
     keepalive_s: int
     publish_ip_bytes: float  # the retained PUBLISH of a new document to one agent, and its PUBACK
     envelope_bytes: int  # the signed document those were measured with
+    # how `heartbeats_per_core_s` was measured: "new-tls" (a new connection and a full TLS handshake per
+    # heartbeat, as agents heartbeating every few minutes do) or "keep-alive" (connections reused)
+    heartbeat_connection: str = "keep-alive"
+    connection_up_ip_bytes: float = 0.0  # a new connection's TCP + TLS handshakes (and close), per side,
+    connection_down_ip_bytes: float = 0.0  # added to every heartbeat with "new-tls"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Costs:
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        fields = cls.__dataclass_fields__
+        return cls(**{name: data[name] for name in fields if name in data or _required(fields[name])})
+
+
+def _required(field: Any) -> bool:
+    return field.default is MISSING and field.default_factory is MISSING
 
 
 @cache
@@ -116,8 +130,8 @@ def plan(
         raise ValueError(f"mode must be push or pull, got {mode!r}")
     c = costs or measured_costs()
     rate = agents / heartbeat_s
-    up = rate * c.heartbeat_up_ip_bytes
-    down = rate * c.heartbeat_down_ip_bytes
+    up = rate * (c.heartbeat_up_ip_bytes + c.connection_up_ip_bytes)
+    down = rate * (c.heartbeat_down_ip_bytes + c.connection_down_ip_bytes)
     if mode == "push":
         keepalive = agents * c.keepalive_ip_bytes_per_hour / 3600
         up += keepalive / 2
@@ -146,6 +160,12 @@ def plan(
     )
 
 
+_CONNECTION = {
+    "new-tls": "each on a new TLS connection",
+    "keep-alive": "on kept-alive connections",
+}
+
+
 def human_bytes(count: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(count) < 1000 or unit == "TB":
@@ -170,7 +190,8 @@ def describe(result: Plan, costs: Costs) -> list[tuple[str, str]]:
         (
             "api cores",
             f"{result.api_cores} ({result.api_cores_exact:.2f} at {result.utilisation:.0%} of "
-            f"{costs.heartbeats_per_core_s:,.0f} heartbeats/s per core)",
+            f"{costs.heartbeats_per_core_s:,.0f} heartbeats/s per core, "
+            f"{_CONNECTION.get(costs.heartbeat_connection, costs.heartbeat_connection)})",
         ),
         (
             "agents per api core",
@@ -198,26 +219,42 @@ def describe(result: Plan, costs: Costs) -> list[tuple[str, str]]:
 
 
 def costs_from_results(throughput: dict[str, Any], wire: dict[str, Any]) -> dict[str, Any]:
-    """The contents of `capacity_costs.json`, from a benchmark 2 and a benchmark 3 result."""
+    """The contents of `capacity_costs.json`, from a benchmark 2 and a benchmark 3 result.
+
+    Over TLS, benchmark 3's `app_bytes` are TLS record bytes (TCP payload): the HTTP bytes inside are
+    `http_bytes.total`; results from before TLS have only `app_bytes`, which are HTTP bytes there. The
+    heartbeat rate is benchmark 2's cold TLS rate (a new connection per heartbeat) when it has one; then
+    each heartbeat also pays benchmark 3's HTTPS connection bytes."""
     header = 52  # IPv4 20 + TCP 20 + timestamps 12, as in bench.wire_cost
     unchanged = wire["pull"]["unchanged_heartbeat"]
     changed = wire["pull"]["changed_heartbeat"]
     push = wire["push"]
     machine = throughput["machine"]
+    http_bytes = unchanged.get("http_bytes")
+    cold_rate = throughput["summary"].get("cold_tls_heartbeat_rps_per_core")
+    connection = wire["pull"].get("connection") if cold_rate else None
+    per_connection = {}
+    if connection and connection.get("tls"):
+        per_connection = {
+            "connection_up_ip_bytes": connection["app_bytes_out"] + connection["segments_out"] * header,
+            "connection_down_ip_bytes": connection["app_bytes_in"] + connection["segments_in"] * header,
+        }
     return {
         "measured_on": throughput["date"][:10],
         "machine": f"{machine.get('cpu', '?')}, {machine.get('cores') or machine.get('cpus')} cores, "
         f"Python {machine.get('python', '?')}",
         "source": f"bench/results: {throughput['name']} {throughput['date']}, {wire['name']} {wire['date']}",
-        "heartbeats_per_core_s": throughput["summary"]["heartbeat_rps_per_core"],
+        "heartbeats_per_core_s": cold_rate or throughput["summary"]["heartbeat_rps_per_core"],
+        "heartbeat_connection": "new-tls" if cold_rate else "keep-alive",
         "heartbeat_up_ip_bytes": unchanged["app_bytes_out"] + unchanged["segments_out"] * header,
         "heartbeat_down_ip_bytes": unchanged["app_bytes_in"] + unchanged["segments_in"] * header,
-        "heartbeat_http_bytes": unchanged["app_bytes"],
+        "heartbeat_http_bytes": http_bytes["total"] if http_bytes else unchanged["app_bytes"],
         "changed_heartbeat_down_ip_bytes": changed["app_bytes_in"] + changed["segments_in"] * header,
         "keepalive_ip_bytes_per_hour": push["idle_per_agent_per_hour"]["ip_bytes"],
         "keepalive_s": push["idle_per_agent_per_hour"]["keepalive_s"],
         "publish_ip_bytes": push["policy_change"]["ip_bytes"],
         "envelope_bytes": push["envelope_bytes"],
+        **per_connection,
     }
 
 

@@ -37,14 +37,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench.checkout import ROOT, commit
+from bench.cold_client import ColdResult, run_cold_load
 from bench.heartbeat_requests import (
     AGENT_HEARTBEAT_S,
     HEARTBEAT_PATH,
@@ -77,6 +80,9 @@ class Options:
     client: str = "python"  # or "wrk"
     manager_root: Path = ROOT  # the checkout the manager is served from
     tls: bool = True  # HTTPS, as `policycast serve` serves by default; False: plain HTTP (the old figures)
+    cold: bool = True  # also a connection per heartbeat (one worker): over TLS and plain, each with baseline
+    cold_processes: int = 2  # client processes of the cold phase
+    cold_concurrency: int = 32  # connections in flight in the cold phase, all processes together
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -96,6 +102,9 @@ class Options:
             client=getattr(args, "client", None) or "python",
             # --plain-http here; `python -m bench --plain` turns TLS off in every benchmark
             tls=not (getattr(args, "plain_http", False) or getattr(args, "plain", False)),
+            cold=not bool(getattr(args, "no_cold", False)),
+            cold_processes=int(getattr(args, "cold_processes", None) or 2),
+            cold_concurrency=int(getattr(args, "cold_concurrency", None) or 32),
         )
         if options.client == "wrk" and options.total is not None:
             options.client = "python"  # wrk runs for a time, not a count
@@ -129,7 +138,7 @@ async def _measure(
     )
 
 
-def _median(results: list[LoadResult]) -> dict[str, Any]:
+def _median(results: Sequence[LoadResult]) -> dict[str, Any]:
     """The round with the median throughput, plus every round's rate."""
     ordered = sorted(results, key=lambda r: r.rps)
     middle = asdict(ordered[len(ordered) // 2])
@@ -197,6 +206,70 @@ async def _floor(workdir: Path, options: Options) -> dict[str, Any]:
     return {**_median(results), "tls": negotiated}
 
 
+async def _measure_cold(
+    server: Server, requests: list[bytes], validate: Validate, ca_pem: bytes | None, options: Options
+) -> ColdResult:
+    return await asyncio.to_thread(
+        functools.partial(
+            run_cold_load,
+            "127.0.0.1",
+            server.port,
+            requests,
+            validate,
+            ca_pem=ca_pem,
+            processes=options.cold_processes,
+            concurrency=options.cold_concurrency,
+            duration=options.duration,
+            warmup=options.warmup,
+            total=options.total,
+            server_pid=server.pid,
+        )
+    )
+
+
+async def _cold(workdir: Path, tls: bool, options: Options) -> dict[str, Any]:
+    """A connection per heartbeat (connect, handshake, one request, close), one worker: the manager and
+    its baseline, over TLS from one CA (`tls`) or plain HTTP, alternating round by round."""
+    own = workdir / f"cold-{'tls' if tls else 'plain'}"
+    own.mkdir()
+    bench_tls = manager_tls(own, 1) if tls else None
+    ca_pem = bench_tls.ca.certificate_pem if bench_tls is not None else None
+    manager = manager_server(own, 1, options.database_url, options.manager_root, tls=bench_tls)
+    baseline = baseline_server(own, 1, tls=bench_tls)
+    with running(manager, baseline):
+        agents = await prepare_agents(manager, options.agents)
+        negotiated = {"manager": tls_session(manager), "baseline": tls_session(baseline)}
+        baseline_requests = [
+            r.replace(f":{manager.port}".encode(), f":{baseline.port}".encode(), 1) for r in agents.requests
+        ]
+        check_baseline, check_heartbeat = (
+            baseline_validator(agents.serial),
+            heartbeat_validator(agents.serial),
+        )
+        beats: list[ColdResult] = []
+        bases: list[ColdResult] = []
+        for _ in range(options.rounds):
+            bases.append(await _measure_cold(baseline, baseline_requests, check_baseline, ca_pem, options))
+            beats.append(await _measure_cold(manager, agents.requests, check_heartbeat, ca_pem, options))
+    base, beat = _median(bases), _median(beats)
+    for median, results in ((base, bases), (beat, beats)):  # over every round, as `errors` is
+        median["connections_all_rounds"] = sum(r.connections for r in results)
+        median["tls_sessions_resumed"] = sum(r.tls_sessions_resumed for r in results)
+    return {
+        "workers": 1,
+        "transport": "https" if tls else "http",
+        "tls": negotiated,
+        "baseline": base,
+        "heartbeat": beat,
+        "ratio": round(beat["rps"] / base["rps"], 3) if base["rps"] else None,
+        "ratio_per_core": (
+            round(beat["server_rps_per_core"] / base["server_rps_per_core"], 3)
+            if base["server_rps_per_core"]
+            else None
+        ),
+    }
+
+
 async def _run(options: Options) -> dict[str, Any]:
     started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="policycast-bench-") as tmp:
@@ -205,7 +278,47 @@ async def _run(options: Options) -> dict[str, Any]:
         for workers in options.workers:
             by_workers[str(workers)] = await _compare(workdir, workers, options)
         floor = await _floor(workdir, options) if options.asgi_floor else None
-    return _report(options, by_workers, floor, started)
+        cold: dict[str, Any] = {}
+        if options.cold:
+            for tls in (True, False) if options.tls else (False,):
+                cold["https" if tls else "http"] = await _cold(workdir, tls, options)
+    result = _report(options, by_workers, floor, started)
+    if cold:
+        result["cold_1w"] = cold
+        result["summary"].update(_cold_summary(cold))
+        result["errors"] += sum(c[k]["errors"] for c in cold.values() for k in ("baseline", "heartbeat"))
+    return result
+
+
+def _cold_summary(cold: dict[str, Any]) -> dict[str, Any]:
+    """Per transport: heartbeats/s and per core with a new connection each, its baseline's, the client's
+    cores; over TLS, what the handshake costs the manager per heartbeat."""
+    summary: dict[str, Any] = {}
+    for transport, run in cold.items():
+        key = f"cold_{'tls' if transport == 'https' else 'plain'}"
+        beat, base = run["heartbeat"], run["baseline"]
+        summary[f"{key}_heartbeat_rps_1w"] = beat["rps"]
+        summary[f"{key}_heartbeat_rps_per_core"] = beat["server_rps_per_core"]
+        summary[f"{key}_baseline_rps_1w"] = base["rps"]
+        summary[f"{key}_baseline_rps_per_core"] = base["server_rps_per_core"]
+        summary[f"{key}_ratio_1w"] = run["ratio"]
+        summary[f"{key}_ratio_per_core"] = run["ratio_per_core"]
+        summary[f"{key}_server_cores_used"] = _cores(beat, "server_cpu_s")
+        summary[f"{key}_client_cores_used"] = _cores(beat, "client_cpu_s")
+        summary[f"{key}_agents_per_core_at_5min"] = int(beat["server_rps_per_core"] * AGENT_HEARTBEAT_S)
+    tls, plain = cold.get("https"), cold.get("http")
+    if (
+        tls
+        and plain
+        and tls["heartbeat"]["server_rps_per_core"]
+        and plain["heartbeat"]["server_rps_per_core"]
+    ):
+        # CPU-µs of the manager per heartbeat: the new TLS connection's share (handshake, record layer)
+        summary["cold_tls_handshake_server_cpu_us"] = round(
+            1e6 / tls["heartbeat"]["server_rps_per_core"] - 1e6 / plain["heartbeat"]["server_rps_per_core"],
+            1,
+        )
+    return summary
 
 
 def _report(
@@ -319,6 +432,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--client", choices=["python", "wrk"], help="load generator (default: the Python client)"
+    )
+    parser.add_argument(
+        "--no-cold",
+        action="store_true",
+        help="skip the cold phase (a new connection, and over TLS a full handshake, per heartbeat)",
+    )
+    parser.add_argument("--cold-processes", type=int, help="client processes of the cold phase (default 2)")
+    parser.add_argument(
+        "--cold-concurrency", type=int, help="connections in flight in the cold phase, in all (default 32)"
     )
 
 

@@ -180,3 +180,59 @@ def test_plan_refuses_bad_input_with_a_message(argv):
 
     assert result.exit_code != 0
     assert "Traceback" not in result.output
+
+
+def test_over_tls_costs_take_the_http_bytes_and_the_cold_tls_rate():
+    """Benchmark 3 over TLS: `app_bytes` are TLS records, the HTTP bytes are `http_bytes`; benchmark 2
+    with a cold phase: the rate with a new TLS connection per heartbeat, whose handshakes every
+    heartbeat then carries."""
+    throughput = {
+        "name": "heartbeat_throughput",
+        "date": "2026-12-03T04:05:06+00:00",
+        "machine": {"cpu": "CPU", "cores": 2, "python": "3.11.7"},
+        "summary": {"heartbeat_rps_per_core": 5_000.0, "cold_tls_heartbeat_rps_per_core": 600.0},
+    }
+    wire = {
+        "name": "wire_cost",
+        "date": "2026-12-03T05:00:00+00:00",
+        "pull": {
+            "connection": {
+                "app_bytes_out": 597,
+                "app_bytes_in": 1_712,
+                "segments_out": 6,
+                "segments_in": 4,
+                "tls": {"version": "TLSv1.3"},
+            },
+            "unchanged_heartbeat": {
+                "app_bytes_out": 270,
+                "app_bytes_in": 203,
+                "segments_out": 3,
+                "segments_in": 3,
+                "app_bytes": 473,
+                "http_bytes": {"out": 226, "in": 159, "total": 385},
+            },
+            "changed_heartbeat": {"app_bytes_in": 2_452, "segments_in": 3},
+        },
+        "push": {
+            "idle_per_agent_per_hour": {"ip_bytes": 12_240, "keepalive_s": 60},
+            "policy_change": {"ip_bytes": 2_526},
+            "envelope_bytes": 2_238,
+        },
+    }
+
+    costs = Costs.from_dict(capacity.costs_from_results(throughput, wire))
+
+    assert costs.heartbeat_http_bytes == 385  # not the 473 bytes of TLS records
+    assert costs.heartbeats_per_core_s == 600.0
+    assert costs.heartbeat_connection == "new-tls"
+    assert (costs.connection_up_ip_bytes, costs.connection_down_ip_bytes) == (597 + 6 * 52, 1_712 + 4 * 52)
+    result = plan(300_000, "pull", 300, costs=costs)
+    assert result.api_cores_exact == pytest.approx(1000 / 600 / 0.5)
+    assert result.steady_up_bytes_per_s == pytest.approx(1000 * (270 + 3 * 52 + 597 + 6 * 52))
+
+    keep_alive = capacity.costs_from_results(
+        {**throughput, "summary": {"heartbeat_rps_per_core": 5_000.0}}, wire
+    )
+    assert keep_alive["heartbeat_connection"] == "keep-alive"
+    assert keep_alive["heartbeats_per_core_s"] == 5_000.0
+    assert "connection_up_ip_bytes" not in keep_alive
