@@ -46,7 +46,7 @@ from tests.support.clients import ADMIN_KEY, Admin
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.parametrize("shared_client", ["sqlite"], indirect=True)]
 
-EXAMPLES = 25
+EXAMPLES = 20
 """Examples per operation: the whole run takes about a minute here."""
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, content_type_conformance]
 
