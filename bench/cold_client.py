@@ -27,7 +27,7 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from agent_stub.measure import percentiles
-from bench.load_client import LoadResult, Validate
+from bench.load_client import LoadResult, Validate, one_response
 from bench.meters import own_cpu, process_tree_cpu
 
 
@@ -72,25 +72,16 @@ class _OneShot(asyncio.Protocol):
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
+        self.buffer += data
+        try:
+            response = one_response(self.buffer)
+        except ValueError as exc:
+            self._fail(str(exc))
             return
-        head = bytes(buffer[:end]).lower()
-        at = head.find(b"\r\ncontent-length:")
-        if at < 0:
-            self._fail(f"response without content-length: {head[:200]!r}")
-            return
-        stop = head.find(b"\r\n", at + 2)
-        size = end + 4 + int(head[at + 17 : stop if stop > 0 else len(head)])
-        if len(buffer) < size:
-            return
-        if len(buffer) > size:
-            self._fail("more bytes than one response (the server answered unasked)")
+        if response is None:
             return
         if not self.answer.done():
-            self.answer.set_result((int(buffer[9:12]), bytes(buffer[end + 4 : size]), size))
+            self.answer.set_result(response)
         self.transport.close()
 
     def _fail(self, message: str) -> None:

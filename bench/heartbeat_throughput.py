@@ -179,14 +179,7 @@ async def _compare(workdir: Path, workers: int, options: Options) -> dict[str, A
     return {
         "workers": workers,
         "tls": negotiated,
-        "baseline": base,
-        "heartbeat": beat,
-        "ratio": round(beat["rps"] / base["rps"], 3) if base["rps"] else None,
-        "ratio_per_core": (
-            round(beat["server_rps_per_core"] / base["server_rps_per_core"], 3)
-            if base["server_rps_per_core"]
-            else None
-        ),
+        **_compared(base, beat),
     }
 
 
@@ -259,14 +252,7 @@ async def _cold(workdir: Path, tls: bool, options: Options) -> dict[str, Any]:
         "workers": 1,
         "transport": "https" if tls else "http",
         "tls": negotiated,
-        "baseline": base,
-        "heartbeat": beat,
-        "ratio": round(beat["rps"] / base["rps"], 3) if base["rps"] else None,
-        "ratio_per_core": (
-            round(beat["server_rps_per_core"] / base["server_rps_per_core"], 3)
-            if base["server_rps_per_core"]
-            else None
-        ),
+        **_compared(base, beat),
     }
 
 
@@ -457,3 +443,14 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _compared(base: dict[str, Any], beat: dict[str, Any]) -> dict[str, Any]:
+    """The heartbeat's figures beside its baseline's, and their ratios (overall and per core)."""
+    per_core = base["server_rps_per_core"]
+    return {
+        "baseline": base,
+        "heartbeat": beat,
+        "ratio": round(beat["rps"] / base["rps"], 3) if base["rps"] else None,
+        "ratio_per_core": round(beat["server_rps_per_core"] / per_core, 3) if per_core else None,
+    }

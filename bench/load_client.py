@@ -115,30 +115,18 @@ class _Connection(asyncio.Protocol):
         self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = bytes(buffer[:end]).lower()
-        at = head.find(b"\r\ncontent-length:")
-        if at < 0:
-            self.load.failed(f"response without content-length: {head[:200]!r}")
+        self.buffer += data
+        try:
+            response = one_response(self.buffer)
+        except ValueError as exc:
+            self.load.failed(str(exc))
             self.transport.close()
             return
-        stop = head.find(b"\r\n", at + 2)
-        length = int(head[at + 17 : stop if stop > 0 else len(head)])
-        size = end + 4 + length
-        if len(buffer) < size:
-            return
-        if len(buffer) > size:
-            self.load.failed("more bytes than one response (the server answered unasked)")
-            self.transport.close()
+        if response is None:
             return
         latency = time.perf_counter() - self.sent_at
-        status = int(buffer[9:12])
-        body = bytes(buffer[end + 4 : size])
-        buffer.clear()
+        status, body, size = response
+        self.buffer.clear()
         self.load.done(status, body, latency, self.size_out, size)
         self._send()
 
@@ -229,3 +217,24 @@ def split(requests: list[bytes], connections: int) -> list[list[bytes]]:
     if len(requests) >= connections:
         return [requests[i::connections] for i in range(connections)]
     return [[requests[i % len(requests)]] for i in range(connections)]
+
+
+def one_response(buffer: bytearray) -> tuple[int, bytes, int] | None:
+    """(status, body, bytes) of the one HTTP/1.1 response `buffer` holds, None while it is incomplete.
+
+    Raises ValueError for a response without Content-Length (the servers under test always send one)
+    or for more bytes than one response (a server answering what was not asked)."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buffer[:end]).lower()
+    at = head.find(b"\r\ncontent-length:")
+    if at < 0:
+        raise ValueError(f"response without content-length: {head[:200]!r}")
+    stop = head.find(b"\r\n", at + 2)
+    size = end + 4 + int(head[at + 17 : stop if stop > 0 else len(head)])
+    if len(buffer) < size:
+        return None
+    if len(buffer) > size:
+        raise ValueError("more bytes than one response (the server answered unasked)")
+    return int(buffer[9:12]), bytes(buffer[end + 4 : size]), size
