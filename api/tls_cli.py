@@ -8,22 +8,37 @@ is up to date, `promote-ca` (the new CA issues from now on: restart `policycast 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.table import Table
 from sqlmodel import Session
 
+from api.errors import ServiceError
 from api.services import trust
 from api.services.change import Change
-from fabric_core.console import load_settings, stdout
+from fabric_core.console import fail, load_settings, stdout
 from fabric_core.settings import Settings
 from fabric_core.signing import load_signing_key
-from fabric_core.tls import ca_hash, manager_tls, prepare_next_ca, promote_next_ca
-from manager_db.database import guarded, make_engine, session_scope
+from fabric_core.tls import TlsError, ca_hash, manager_tls, prepare_next_ca, promote_next_ca
+from manager_db.database import guarded as guarded_database
+from manager_db.database import make_engine, session_scope
 
 tls = typer.Typer(help="The CAs agents trust, and a rotation of the manager's CA.", no_args_is_help=True)
+T = TypeVar("T")
+
+
+def guarded(action: Callable[[], T], what: str) -> T:
+    """`manager_db.database.guarded`, and a refused change (an unknown CA, the only one, a malformed
+    hash or certificate) as one line and exit 1, like any operator error."""
+    try:
+        return guarded_database(action, what)
+    except ServiceError as exc:
+        fail(f"{what}: {exc.detail}")
+    except TlsError as exc:
+        fail(f"{what}: {exc}")
 
 
 @tls.command("list")
@@ -38,8 +53,9 @@ def list_cas() -> None:
 
     rows, issuing = guarded(read, "reading the trusted CAs")
     table = Table(title="trusted CAs")
-    for column in ("sha256", "added", "issues certificates"):
-        table.add_column(column)
+    table.add_column("sha256", no_wrap=True)  # whole, to copy into retire-ca
+    table.add_column("added")
+    table.add_column("issues certificates")
     for digest, added in rows:
         table.add_row(digest, added, "yes" if digest == issuing else "")
     stdout.print(table)
