@@ -89,7 +89,7 @@ def run_stack(
         state_dirs = enrol_agents(admin, manager.url, demo, agents, agents_dir)
         fleet = AgentFleet(state_dirs)
         fleet.start()
-        console.print(_banner(manager, broker, key, settings, agents))
+        _announce(console, manager, broker, key, settings, agents)
         names = {g["id"]: g["name"] for g in ok(admin.get("/groups"))}
         if agents and not _converge(admin, names, console, "agents fetching their first documents"):
             return 1
@@ -130,12 +130,25 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _announce(
+    console: Console,
+    manager: ManagerThread,
+    broker: LocalBroker | None,
+    key: str,
+    settings: Settings,
+    agents: int,
+) -> None:
+    console.print(_banner(manager, broker, key, settings, agents))
+    if manager.ca_hash:  # whole, on a line of its own: agents and curl users pin it
+        console.print(f"agents pin the CA {manager.ca_hash}", soft_wrap=True)
+
+
 def _banner(
     manager: ManagerThread, broker: LocalBroker | None, key: str, settings: Settings, agents: int
 ) -> Panel:
     return Panel.fit(
         f"manager   {manager.url}   (API docs: {manager.url}/docs)\n"
-        f"CA        {manager.ca_hash or 'none: plain HTTP'}   ({settings.tls_dir / 'ca.pem'})\n"
+        f"CA        {settings.tls_dir / 'ca.pem' if manager.ca_hash else 'none: plain HTTP'}\n"
         f"admin key {key}\n"
         f"database  {settings.resolved_database_url}\n"
         f"broker    {broker.url + ' (Mosquitto, dynamic security)' if broker else 'none: pull only'}\n"
