@@ -22,7 +22,7 @@ from api.services.change import Change
 from fabric_core.console import fail, load_settings, stdout
 from fabric_core.settings import Settings
 from fabric_core.signing import load_signing_key
-from fabric_core.tls import TlsError, ca_hash, manager_tls, prepare_next_ca, promote_next_ca
+from fabric_core.tls import TlsError, ca_hash, manager_trust, prepare_next_ca, promote_next_ca
 from manager_db.database import guarded as guarded_database
 from manager_db.database import make_engine, session_scope
 
@@ -46,8 +46,8 @@ def list_cas() -> None:
     """The CAs every document names, and the one that issues the servers' certificates."""
     settings = load_settings(Settings)
 
-    def read() -> tuple[list[tuple[str, str]], str]:
-        issuing = manager_tls(settings).ca_hash
+    def read() -> tuple[list[tuple[str, str]], str | None]:
+        issuing = _issuing(settings)
         with Session(make_engine(settings.resolved_database_url)) as session:
             return [(row.sha256, str(row.added_at)) for row in trust.trusted(session)], issuing
 
@@ -105,6 +105,14 @@ def retire(sha256: Annotated[str, typer.Argument(help="the CA's hash, sha256:…
 
     guarded(apply, "retiring the CA")
     stdout.print(f"retired {sha256}")
+
+
+def _issuing(settings: Settings) -> str | None:
+    """The hash of the CA the servers' certificates come from, read (never made); None if there is none."""
+    try:
+        return ca_hash(manager_trust(settings))
+    except TlsError:
+        return None
 
 
 def _trust(settings: Settings, pem: bytes) -> str:
