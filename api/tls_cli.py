@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from rich.table import Table
 from sqlmodel import Session
 
 from api.errors import ServiceError
@@ -49,16 +48,14 @@ def list_cas() -> None:
     def read() -> tuple[list[tuple[str, str]], str | None]:
         issuing = _issuing(settings)
         with Session(make_engine(settings.resolved_database_url)) as session:
-            return [(row.sha256, str(row.added_at)) for row in trust.trusted(session)], issuing
+            return [(row.sha256, f"{row.added_at:%Y-%m-%d %H:%M}") for row in trust.trusted(session)], issuing
 
     rows, issuing = guarded(read, "reading the trusted CAs")
-    table = Table(title="trusted CAs")
-    table.add_column("sha256", no_wrap=True)  # whole, to copy into retire-ca
-    table.add_column("added")
-    table.add_column("issues certificates")
+    # One line each, not a table: a hash is 71 characters and must stay whole, to copy into retire-ca.
+    stdout.print(f"{len(rows)} trusted CA(s), oldest first:")
     for digest, added in rows:
-        table.add_row(digest, added, "yes" if digest == issuing else "")
-    stdout.print(table)
+        role = "   issues the servers' certificates" if digest == issuing else ""
+        stdout.print(f"  {digest}   added {added}{role}", soft_wrap=True, highlight=False)
 
 
 @tls.command("trust-ca")

@@ -58,7 +58,7 @@ def test_a_rotation_from_the_command_line(data_dir: Path) -> None:
 
     code, out = _tls("list")
     assert code == 0 and new in out and old in out
-    issuing = [line for line in out.splitlines() if "yes" in line]
+    issuing = [line for line in out.splitlines() if "issues the servers' certificates" in line]
     assert len(issuing) == 1 and new in issuing[0]  # the promoted CA issues now
 
     code, out = _tls("retire-ca", old)
