@@ -116,14 +116,18 @@ class Manager:
         ]
         self.process = Process("manager", argv, env=env, log_dir=log_dir)
         self.admin_key = admin_key
-        self.admin = Admin(httpx.Client(base_url=self.url, verify=self.ssl_context()), admin_key)
+        self.admin = self._admin_client()
 
     def reload_ca(self) -> None:
         """Trust the CA now in the data directory (after `policycast admin tls promote-ca`), from the
         next start on: the admin client and the health check verify with it."""
         tls = self.data_dir / "tls"
         self.ca = ManagerCA.load(tls / "ca.pem", tls / "ca.key")
-        self.admin = Admin(httpx.Client(base_url=self.url, verify=self.ssl_context()), self.admin_key)
+        self.admin = self._admin_client()
+
+    def _admin_client(self) -> Admin:
+        """The admin API with the admin key, verifying the manager with its CA as it stands now."""
+        return Admin(httpx.Client(base_url=self.url, verify=self.ssl_context()), self.admin_key)
 
     def ssl_context(self) -> ssl.SSLContext | bool:
         """What a client of this manager verifies it with: its CA only (True for plain HTTP)."""
@@ -150,7 +154,7 @@ class Manager:
         # A kept-alive admin connection would hold up uvicorn's graceful stop until it is killed.
         self.admin.client.close()
         self.process.stop()
-        self.admin = Admin(httpx.Client(base_url=self.url, verify=self.ssl_context()), self.admin_key)
+        self.admin = self._admin_client()
 
     def __enter__(self) -> Manager:
         return self.start()
