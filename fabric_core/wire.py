@@ -28,6 +28,7 @@ from fabric_core.text import Text, name_rule
 Mode = Literal["push", "pull"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical", "security"]
 Scope = Literal["group", "location"]
+MqttProtocol = Literal["5", "3.1.1"]
 
 HEARTBEAT_MIN_S = 1
 HEARTBEAT_MAX_S = 86_400
@@ -277,6 +278,15 @@ class HeartbeatRequest(_Strict):
         ),
     )
     logs: LogBatch | None = None
+    mqtt_expires_at: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**40,
+        description=(
+            "push agents whose broker password expires (NATS JWTs): when it does, in Unix seconds. "
+            "The manager answers fresh credentials (`mqtt`) once it is due for renewal"
+        ),
+    )
 
 
 class HeartbeatResponse(BaseModel):
@@ -284,6 +294,9 @@ class HeartbeatResponse(BaseModel):
     serial: int
     next_heartbeat_s: int
     config: Envelope | None = Field(default=None, description="the signed document, when changed")
+    mqtt: MqttCredentials | None = Field(
+        default=None, description="new broker credentials (a renewed or re-scoped NATS JWT): use them now"
+    )
 
 
 # --- MQTT payloads (push mode) -----------------------------------------------------------------------
@@ -303,15 +316,20 @@ class AgentStateReport(_Lenient):
     at: datetime | None = None
 
 
-AgentCommandName = Literal["update_now"]
+AgentCommandName = Literal["update_now", "credentials"]
 
 
 class AgentCommand(_Lenient):
-    """What the manager sends an agent on its cmd topic (QoS 1, not retained)."""
+    """What the manager sends an agent on its cmd topic (QoS 1, not retained; on NATS QoS 0, re-sent
+    until the agent shows it acted).
+
+    `update_now`: heartbeat at once. `credentials`: reconnect to the broker with `mqtt` (NATS: a new
+    JWT after a group move)."""
 
     command: AgentCommandName
     id: str = Field(min_length=1, max_length=64, description="unique per command, for logs and dedup")
     issued_at: datetime
+    mqtt: MqttCredentials | None = Field(default=None, description="with `credentials`: what to use now")
 
 
 # --- enrolment ---------------------------------------------------------------------------------------
@@ -342,14 +360,32 @@ class MqttDelivery(BaseModel):
     persistent_session: bool = Field(
         default=True, description="keep the session (subscriptions, queued commands) while disconnected"
     )
+    protocol: MqttProtocol = Field(
+        default="5", description="the MQTT version the broker speaks: 5 (Mosquitto) or 3.1.1 (NATS)"
+    )
 
 
 class MqttCredentials(BaseModel):
-    url: str
+    """How a push agent reaches the broker: where, as whom, and how to subscribe."""
+
+    url: str = Field(description="one broker URL (the first of `urls`), for agents that know only one")
+    urls: list[str] = Field(
+        default_factory=list,
+        description="every broker node; an agent connects to one at random and fails over to the others",
+    )
     username: str
-    password: str
+    password: str = Field(description="the account's password, or (NATS) the agent's bearer user JWT")
     prefix: str | None = Field(default=None, description="the topic prefix; null: the default, policycast")
     delivery: MqttDelivery = Field(default_factory=MqttDelivery)
+    expires_at: datetime | None = Field(
+        default=None,
+        description="when the password stops working (NATS JWTs); null: never. Refreshed by heartbeat",
+    )
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """Every URL to try: `urls`, or the one `url` of an older enrolment."""
+        return list(self.urls) or [self.url]
 
 
 class EnrollResponse(BaseModel):
@@ -358,6 +394,11 @@ class EnrollResponse(BaseModel):
     group_id: int
     signing_key: SigningKeyInfo
     mqtt: MqttCredentials | None = None
+
+
+# Defined before the credentials they carry.
+HeartbeatResponse.model_rebuild()
+AgentCommand.model_rebuild()
 
 
 def heartbeat_response_bytes(
