@@ -1,9 +1,10 @@
 """`policycast bridge`: ingest agent state, and (while holding the lease) provision and relay.
 
 One round: flush ingested state; renew the lease; if held, reconcile broker accounts (when something
-changed), then relay documents and commands. A broker or database that is away is retried with
-exponential back-off and full jitter; the outbox keeps what waits meanwhile. A broker that comes back
-ends the back-off at once.
+changed), then relay documents and commands, and every `anti_entropy_s` repair the push agents a lost
+message left behind and send again the commands nobody acted on (`broker_bridge.anti_entropy`). A
+broker or database that is away is retried with exponential back-off and full jitter; the outbox
+keeps what waits meanwhile. A broker that comes back ends the back-off at once.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from broker_bridge import lease
+from broker_bridge.anti_entropy import AntiEntropy
 from broker_bridge.broker import BrokerLink
 from broker_bridge.engine import BrokerEngine
 from broker_bridge.errors import BrokerError
 from broker_bridge.ingest import StateIngest
 from broker_bridge.reconcile import reconcile_accounts
-from broker_bridge.relay import relay_commands, relay_outbox, republish_current
+from broker_bridge.relay import relay_commands, relay_outbox, republish_current, resend_commands
 from fabric_core.settings import Settings
 from fabric_core.tls import client_context, manager_trust
 from fabric_core.topics import all_states_filter
@@ -78,6 +80,8 @@ class Bridge:
         self._reconciled_at = 0.0
         self._sessions_seen = 0
         self.published = 0
+        self.repair = self._new_repair()
+        """What the relay published when, and which agents lag (`broker_bridge.anti_entropy`)."""
 
     def run(self, stop: threading.Event) -> None:
         self.link.subscribe(all_states_filter(self.settings.mqtt_prefix), self.ingest.handle)
@@ -123,17 +127,41 @@ class Bridge:
         batch, prefix = self.settings.bridge_batch, self.settings.mqtt_prefix
         sessions = self.link.sessions
         if sessions != self._sessions_seen:
-            count = republish_current(self.engine, self.link, prefix=prefix, timeout=PUBLISH_TIMEOUT_S)
-            log.info("broker (re)connected: republished %d current document(s)", count)
+            topics = republish_current(self.engine, self.link, prefix=prefix, timeout=PUBLISH_TIMEOUT_S)
+            self.repair.note_published(topics)
+            log.info("broker (re)connected: republished %d current document(s)", len(topics))
             self._sessions_seen = sessions
         documents = relay_outbox(
-            self.engine, self.link, prefix=prefix, batch=batch, timeout=PUBLISH_TIMEOUT_S
+            self.engine,
+            self.link,
+            prefix=prefix,
+            batch=batch,
+            timeout=PUBLISH_TIMEOUT_S,
+            on_published=self.repair.note_published,
         )
         commands = relay_commands(
             self.engine, self.link, prefix=prefix, batch=batch, timeout=PUBLISH_TIMEOUT_S
         )
+        if self.repair.due():
+            self.repair.run_round(self.engine, self.link)
+            commands += resend_commands(
+                self.engine,
+                self.link,
+                prefix=prefix,
+                after_s=self.settings.command_resend_s,
+                timeout=PUBLISH_TIMEOUT_S,
+            )
         self.published += documents + commands
         return documents >= batch or commands >= batch
+
+    def _new_repair(self) -> AntiEntropy:
+        settings = self.settings
+        return AntiEntropy(
+            prefix=settings.mqtt_prefix,
+            interval_s=settings.anti_entropy_s,
+            grace_s=settings.anti_entropy_grace_s,
+            republish_all_s=settings.republish_all_s,
+        )
 
     def _hold_lease(self) -> bool:
         now = time.monotonic()
@@ -142,6 +170,7 @@ class Bridge:
         if lease.acquire(self.engine, holder=self.holder, ttl_s=LEASE_TTL_S):
             if self._lease_until < now:
                 log.info("bridge %s holds the relay lease", self.holder)
+                self.repair = self._new_repair()  # what another holder published, this one did not see
             self._lease_until = now + LEASE_TTL_S
             return True
         self._lease_until = 0.0

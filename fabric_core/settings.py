@@ -97,6 +97,20 @@ class Settings(BaseSettings):
     mqtt_enabled: bool = Field(default=True, description="offer push mode (MQTT credentials at enrolment)")
     bridge_batch: int = Field(default=500, ge=1, description="outbox rows a bridge publishes per round")
     bridge_poll_s: float = Field(default=0.2, gt=0, description="how often an idle bridge looks for work")
+    anti_entropy_s: float = Field(
+        default=2.0, gt=0, description="how often the bridge looks for push agents behind their document"
+    )
+    anti_entropy_grace_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="how long a push agent may stay behind a published document before it is repaired",
+    )
+    republish_all_s: float = Field(
+        default=300.0, gt=0, description="how often the bridge republishes every retained document"
+    )
+    command_resend_s: float = Field(
+        default=5.0, gt=0, description="how long before an unanswered command is sent again"
+    )
     heartbeat_jitter: float = Field(default=0.1, ge=0.0, le=0.5, description="+/- fraction of heartbeat_s")
     heartbeat_flush_s: float = Field(
         default=2.0, gt=0, description="how often heartbeat bookkeeping is written"
