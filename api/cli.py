@@ -79,6 +79,11 @@ class ModeChoice(StrEnum):
     pull = "pull"
 
 
+class EngineChoice(StrEnum):
+    mosquitto = "mosquitto"
+    nats = "nats"
+
+
 def plan(
     agents: Annotated[int, typer.Option(min=0, help="how many agents")],
     mode: Annotated[ModeChoice, typer.Option(help="push (MQTT) or pull (heartbeats only)")] = ModeChoice.push,
@@ -87,10 +92,20 @@ def plan(
         float, typer.Option(min=0.01, max=1.0, help="plan api cores to run at this share of capacity")
     ] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    engine: Annotated[
+        EngineChoice | None,
+        typer.Option(help="the push broker: mosquitto (one node) or nats (a cluster); default: the setting"),
+    ] = None,
+    broker_nodes: Annotated[
+        int | None, typer.Option(min=1, help="broker nodes (nats; default 3, mosquitto is always 1)")
+    ] = None,
 ) -> None:
-    """Request rate, bandwidth, broker connections and api cores for a fleet, from measured costs."""
+    """Request rate, bandwidth, broker connections and api cores for a fleet, from measured costs;
+    in push mode also the broker's nodes, memory, failover and authorisation, per engine."""
     import json
 
+    from api.broker_capacity import Engine as BrokerEngineName
+    from api.broker_capacity import broker_costs, broker_plan, describe_broker
     from api.capacity import describe, measured_costs, parse_duration
     from api.capacity import plan as make_plan
 
@@ -100,10 +115,24 @@ def plan(
         fail(str(exc))
     costs = measured_costs()
     result = make_plan(agents, mode.value, interval, costs=costs, utilisation=utilisation)
+    chosen: BrokerEngineName = engine.value if engine is not None else load_settings(Settings).broker_engine
+    broker = None
+    if mode is ModeChoice.push:
+        try:
+            broker = broker_plan(agents, chosen, nodes=broker_nodes)
+        except ValueError as exc:
+            fail(str(exc))
     if as_json:
-        sys.stdout.write(json.dumps({"plan": result.as_dict(), "costs": vars(costs)}, indent=2) + "\n")
+        out: dict[str, object] = {"plan": result.as_dict(), "costs": vars(costs)}
+        if broker is not None:
+            out["broker"] = broker.as_dict()
+            out["broker_costs"] = vars(broker_costs()[broker.engine])
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
         return
     table = Table(show_header=False, box=None)
-    for what, value in describe(result, costs):
+    lines = describe(result, costs)
+    if broker is not None:
+        lines[-1:-1] = describe_broker(broker, broker_costs()[broker.engine])
+    for what, value in lines:
         table.add_row(f"[bold]{what}[/]", value)
     stdout.print(table)
