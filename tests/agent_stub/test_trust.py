@@ -53,6 +53,7 @@ def test_the_pin_comes_from_the_join_token_or_the_option() -> None:
         ("pcet_abc", "md5:1234", "a CA hash looks like sha256:<64 hex digits>"),
         ("pcet_abc.sha256:zz", None, "a CA hash looks like"),
     ],
+    ids=["token-and-option-disagree", "not-sha256", "not-hex"],  # the CAs are made per run
 )
 def test_a_pin_that_cannot_be_settled_is_a_trust_error(token: str, option: str | None, message: str) -> None:
     with pytest.raises(TrustError, match=message.replace("(", r"\(").replace(")", r"\)")):
