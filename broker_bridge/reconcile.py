@@ -59,9 +59,33 @@ def _fix(link: BrokerLink, agent: Agent, *, broker: BrokerEngine) -> None:
 
 
 def _record(engine: Engine, agent_id: str, *, was: int | None, now: int | None) -> None:
+    _record_many(engine, [(agent_id, was, now)])
+
+
+def _record_many(engine: Engine, changes: list[tuple[str, int | None, int | None]]) -> None:
+    """(agent id, was, now) for each agent, in one transaction."""
     with Session(engine) as session:
-        session.execute(update(Agent).where(col(Agent.id) == agent_id, _same(was)).values(acl_group_id=now))
+        for agent_id, was, now in changes:
+            statement = update(Agent).where(col(Agent.id) == agent_id, _same(was)).values(acl_group_id=now)
+            session.execute(statement)
         session.commit()
+
+
+def active_agents(engine: Engine) -> list[tuple[str, int, int | None]]:
+    """(id, group_id, acl_group_id) of every agent not revoked: what a bulk write of broker accounts
+    covers (`broker_bridge.mosquitto.bulk`)."""
+    with Session(engine) as session:
+        rows = session.exec(
+            select(Agent.id, Agent.group_id, Agent.acl_group_id).where(col(Agent.revoked_at).is_(None))
+        ).all()
+    return [(agent_id, group_id, acl_group_id) for agent_id, group_id, acl_group_id in rows]
+
+
+def record_provisioned(engine: Engine, agents: list[tuple[str, int, int | None]]) -> None:
+    """Record that these agents (as `active_agents` read them) now have broker access to their group,
+    as a round records one it provisioned, so that no round provisions them again. An agent whose
+    `acl_group_id` changed since is left alone (a round then fixes it)."""
+    _record_many(engine, [(agent_id, was, group_id) for agent_id, group_id, was in agents])
 
 
 def _same(value: int | None) -> ColumnElement[bool]:

@@ -13,6 +13,7 @@ Roles (the only authorisation agents get; the broker denies everything else by d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from broker_bridge.errors import DynsecError
@@ -70,14 +71,63 @@ def agent_acls(prefix: str, agent_id: str) -> list[dict[str, Any]]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Role:
+    """A dynamic-security role: its name and ACLs."""
+
+    name: str
+    acls: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAccount:
+    """What one agent's broker account is, the one definition both provisioning paths build from: the
+    control API (`accounts.provision_agent`, commands) and the bulk file write (`bulk`, JSON entries).
+
+    Username and bound client id are the agent id; its roles are its own and its group's."""
+
+    username: str
+    client_id: str
+    own_role: Role
+    group_role: Role
+
+    @property
+    def roles(self) -> tuple[Role, Role]:
+        return (self.own_role, self.group_role)
+
+    @property
+    def role_names(self) -> list[str]:
+        return [role.name for role in self.roles]
+
+
+def group_role_def(prefix: str, group_id: str | int) -> Role:
+    """The role that reads one group's config topics."""
+    return Role(group_role_name(group_id), group_acls(prefix, group_id))
+
+
+def agent_account(prefix: str, agent_id: str, group_id: str | int) -> AgentAccount:
+    return AgentAccount(
+        username=agent_id,
+        client_id=agent_id,
+        own_role=Role(agent_role_name(agent_id), agent_acls(prefix, agent_id)),
+        group_role=group_role_def(prefix, group_id),
+    )
+
+
+def create_account(account: AgentAccount, password: str, *, group_role: bool = True) -> list[Command]:
+    """The commands that make `account` from nothing: its roles (`group_role=False`: not its group's,
+    made once for a batch of agents), then the client bound to its client id."""
+    roles = account.roles if group_role else (account.own_role,)
+    return [
+        *(create_role(role.name, role.acls) for role in roles),
+        create_client(account.username, password, account.role_names, client_id=account.client_id),
+    ]
+
+
 def group_role(prefix: str, group_id: str | int) -> Command:
     """`createRole` for the role that reads one group's config topics."""
-    return create_role(group_role_name(group_id), group_acls(prefix, group_id))
-
-
-def agent_role(prefix: str, agent_id: str) -> Command:
-    """`createRole` for the role that reads one agent's cmd topic and writes its state topic."""
-    return create_role(agent_role_name(agent_id), agent_acls(prefix, agent_id))
+    role = group_role_def(prefix, group_id)
+    return create_role(role.name, role.acls)
 
 
 # --- commands --------------------------------------------------------------------------------------------

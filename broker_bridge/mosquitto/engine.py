@@ -10,12 +10,13 @@ misses while it is away.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
 from broker_bridge.broker import BrokerLink
 from broker_bridge.engine import BrokerEngine, BrokerLaunch, TlsListener
-from broker_bridge.mosquitto import accounts
+from broker_bridge.mosquitto import accounts, bulk
 from broker_bridge.mosquitto.config import BrokerLayout, write_broker_files
 from broker_bridge.mosquitto.install import find_dynsec_plugin, mosquitto_binary
 from fabric_core.broker_credentials import agent_password, bridge_password
@@ -60,6 +61,17 @@ class MosquittoEngine(BrokerEngine):
             ready_marker=READY_MARKER,
             host=host,
             port=port,
+        )
+
+    def write_agents(self, directory: Path, agents: Iterable[tuple[str, int]]) -> int:
+        """Write these (agent id, group id) accounts, with their derived passwords, straight into the
+        dynamic-security file of the stopped broker configured in `directory` (`write_config` first):
+        O(N) where the control API is O(N^2) on 2.0.11 (`bulk`). Returns how many."""
+        key = self.signing_key
+        return bulk.write_agent_accounts(
+            BrokerLayout(directory),
+            prefix=self.settings.mqtt_prefix,
+            agents=((agent_id, group_id, agent_password(key, agent_id)) for agent_id, group_id in agents),
         )
 
     def bridge_credentials(self) -> tuple[str, str]:

@@ -107,20 +107,3 @@ def test_a_removed_agent_cannot_connect_and_leaves_no_state(mosquitto: Broker, b
     states.wait_for(state_topic(prefix, "a1"), marker)
     assert states.items == [(state_topic(prefix, "a1"), marker)]
     accounts.remove_agent(bridge, prefix=prefix, agent_id="a1")  # again: nothing to do, no error
-
-
-def test_an_agent_account_connects_only_under_its_own_client_id(mosquitto: Broker) -> None:
-    """With agent A's password and agent B's client id, nothing happens to B (no session takeover)."""
-    password_a = mosquitto.provision("a1", 1)
-    password_b = mosquitto.provision("a2", 1)
-    b = mosquitto.client("a2", password_b, client_id="a2")
-    assert not b.connect().is_failure
-
-    intruder = mosquitto.client("a1", password_a, client_id="a2")
-    assert intruder.connect().value == NOT_AUTHORISED
-    bridge_id = mosquitto.client("a1", password_a, client_id="policycast-bridge-0")
-    assert bridge_id.connect().value == NOT_AUTHORISED
-
-    assert not b.publish(state_topic(mosquitto.prefix, "a2"), b"still here").is_failure
-    assert b.disconnects.empty() and b.paho.is_connected()
-    assert not mosquitto.client("a1", password_a, client_id="a1").connect().is_failure
