@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 
 from broker_bridge.engine import BrokerLaunch, TlsListener, engine_for
+from broker_bridge.mosquitto import bulk
+from broker_bridge.mosquitto.engine import MosquittoEngine
 from broker_bridge.service import Bridge, connect_link
 from fabric_core.console import load_settings, stderr, stdout
 from fabric_core.settings import Settings
@@ -55,6 +57,13 @@ def broker_config(
         str | None, typer.Option(help="mosquitto: path of mosquitto_dynamic_security.so")
     ] = None,
     run_as: Annotated[str | None, typer.Option(help="user the broker drops to when started by root")] = None,
+    with_agents: Annotated[
+        bool,
+        typer.Option(
+            help="mosquitto: also write every active agent's account from the database into the stopped "
+            "broker's file, in one write (the control API costs O(N^2) on 2.0.11), recorded as provisioned"
+        ),
+    ] = False,
 ) -> None:
     """Write the broker's configuration for Policycast (the engine of POLICYCAST_BROKER_ENGINE).
 
@@ -77,3 +86,19 @@ def broker_config(
 
     launch = guarded(write, "writing the broker configuration")
     stdout.print(f"wrote the broker's configuration in {out}; run: {' '.join(launch.argv)}")
+    if with_agents:
+        count = guarded(lambda: _agent_accounts(settings, out), "writing the agents' broker accounts")
+        stdout.print(f"wrote the broker accounts of {count} active agent(s); the bridge will not redo them")
+
+
+def _agent_accounts(settings: Settings, out: Path) -> int:
+    """`--with-agents`: every active agent's account, into the (stopped) broker's file in `out`."""
+    broker = engine_for(settings, load_signing_key(settings, create=False))  # passwords derive from it
+    if not isinstance(broker, MosquittoEngine):
+        raise ValueError(f"the {broker.name} engine keeps no agent accounts in the broker's files")
+    database = make_engine(settings.resolved_database_url)
+    try:
+        require_schema(database)
+        return bulk.provision_fleet(database, broker, out)
+    finally:
+        database.dispose()

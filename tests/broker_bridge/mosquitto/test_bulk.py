@@ -19,17 +19,23 @@ from sqlmodel import Session, col, select
 
 from broker_bridge import reconcile
 from broker_bridge.broker import BrokerLink
+from broker_bridge.engine import BrokerLaunch
 from broker_bridge.mosquitto import accounts, bulk, dynsec
+from broker_bridge.mosquitto.config import BrokerLayout
 from broker_bridge.mosquitto.control import control
-from broker_bridge.mosquitto.engine import MosquittoEngine
+from broker_bridge.mosquitto.engine import READY_MARKER, MosquittoEngine
+from broker_bridge.mosquitto.install import mosquitto_binary
 from broker_bridge.reconcile import reconcile_accounts
 from fabric_core.broker_credentials import agent_password
-from fabric_core.settings import Settings
+from fabric_core.settings import MqttAddress, Settings
 from fabric_core.signing import SigningKey
-from fabric_core.topics import config_topic
+from fabric_core.tls import CA_FILE, client_context
+from fabric_core.topics import DEFAULT_PREFIX, config_topic
+from local_stack.broker_process import BrokerProcess
 from manager_db.database import make_engine
 from manager_db.models import Agent, Group
-from tests.support.broker import Broker, require_mosquitto
+from tests.support.broker import Broker, MqttClient, require_mosquitto
+from tests.support.processes import free_port, policycast, python_env
 
 NOT_AUTHORISED = 0x87
 
@@ -219,3 +225,42 @@ def test_the_control_api_path_batches_several_agents_per_message(tmp_path: Path)
         assert not client.subscribe(config_topic(broker.prefix, 1, 1)).is_failure
     finally:
         broker.close()
+
+
+def test_broker_config_with_agents_writes_the_fleet_and_records_it(
+    tmp_path: Path, database: Engine, database_url: str
+) -> None:
+    """`policycast broker-config --with-agents`: the active agents connect with what enrolment hands out
+    as soon as the broker starts, and the table says they are provisioned."""
+    require_mosquitto()
+    key = SigningKey.generate()
+    data, out, port = tmp_path / "data", tmp_path / "broker", free_port()
+    env = python_env(
+        POLICYCAST_DATA_DIR=str(data),
+        POLICYCAST_DATABASE_URL=database_url,
+        POLICYCAST_SIGNING_KEY=key.seed_base64,
+        POLICYCAST_TLS_NAMES="127.0.0.1",
+    )
+    done = policycast("broker-config", "--out", str(out), "--port", str(port), "--with-agents", env=env)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "3 active agent(s)" in done.stdout
+    group_of = groups(database)
+    assert acl_groups(database) == {**{a: group_of[a] for a in ("a1", "a2", "b1")}, "r1": None}
+    layout = BrokerLayout(out)
+    argv = (mosquitto_binary(), "-c", str(layout.config_path))
+    process = BrokerProcess(BrokerLaunch(argv, layout.log_path, READY_MARKER, "127.0.0.1", port))
+    process.start()
+    try:
+        trust = client_context((Settings(data_dir=data).tls_dir / CA_FILE).read_bytes())
+        address = MqttAddress("127.0.0.1", port, tls=True)
+        client = MqttClient(address, "b1", agent_password(key, "b1"), ssl_context=trust)
+        try:
+            assert not client.connect().is_failure
+            assert not client.subscribe(config_topic(DEFAULT_PREFIX, group_of["b1"], 1)).is_failure
+            assert client.subscribe(config_topic(DEFAULT_PREFIX, group_of["a1"], 1)).value == NOT_AUTHORISED
+        finally:
+            client.close()
+    finally:
+        process.stop()
+    again = policycast("broker-config", "--out", str(out), "--port", str(port), "--with-agents", env=env)
+    assert again.returncode == 0, again.stderr  # the file is kept and the accounts rewritten: idempotent
