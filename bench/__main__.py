@@ -7,6 +7,7 @@ modules are found, not listed. Results go to `bench/results/<NAME>-<date>.json`.
     python -m bench --full                the issue's sizes (10,000 agents)
     python -m bench --only push_fanout    one benchmark (repeat --only for several)
     python -m bench --agents 500          another fleet size
+    python -m bench --only broker_authorisation --baseline-agents 500   a smaller O(N^2) baseline
     python -m bench --list                the benchmarks found
     python -m bench --plain               plain HTTP and MQTT, as before TLS (default: TLS throughout)
 """
@@ -55,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", metavar="NAME", help="run this benchmark (repeatable)")
     parser.add_argument("--agents", type=int, default=None, help="fleet size (default: 2000; --full: 10000)")
     parser.add_argument("--full", action="store_true", help="the issue's full sizes")
+    parser.add_argument(
+        "--baseline-agents",
+        type=int,
+        default=None,
+        help="fleet size of a baseline too slow to measure at --agents (broker_authorisation: the "
+        "control API, default 1000)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="repetitions, where a benchmark repeats")
     parser.add_argument(
         "--connect-rate",
