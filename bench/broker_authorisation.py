@@ -419,23 +419,25 @@ def summary(measurements: list[Measurement], plan: Plan) -> dict[str, Any]:
 
 def show(measurements: list[Measurement], plan: Plan) -> None:
     table = Table(title=f"authorising new agents ({'MQTT over TLS' if plan.tls else 'plain MQTT'})")
-    for column in ("engine", "method", "agents", "seconds", "ms / agent", "verified"):
-        table.add_column(column, justify="right" if column in ("agents", "seconds", "ms / agent") else "left")
+    for column in ("engine", "method", "agents", "seconds", "ms/agent", "sample in", "refused other"):
+        table.add_column(column, justify="left" if column in ("engine", "method") else "right")
     for m in measurements:
         v = m.verified
-        check = f"{v.get('connected_and_subscribed', 0)}/{v.get('sampled', 0)} in, other group refused"
+        sample = f"{v.get('connected_and_subscribed', 0)}/{v.get('sampled', 0)}"
+        refused = f"{v.get('refused_other_group', 0)}/{v.get('sampled', 0)}"
         table.add_row(
-            m.engine, m.method, f"{m.agents:,}", f"{m.seconds:,.2f}", f"{m.per_agent_ms:.3f}", check
+            m.engine, m.method, f"{m.agents:,}", f"{m.seconds:,.2f}", f"{m.per_agent_ms:.2f}", sample, refused
         )
         if m.extrapolated:
             e = m.extrapolated
             table.add_row(
                 "",
-                f"[yellow]{m.method}, extrapolated[/]",
+                "[yellow]  extrapolated[/]",
                 f"{e['agents']:,}",
                 f"[yellow]~{e['seconds']:,.0f}[/]",
                 f"[yellow]{e['per_agent_ms']:.2f}[/]",
-                "[yellow]not measured: fit of the curve above[/]",
+                "[yellow]not[/]",
+                "[yellow]measured[/]",
             )
     console.print(table)
 
