@@ -1,6 +1,8 @@
-"""`BrokerLink`: the bridge's one MQTT 5 connection to the broker, which it keeps up by itself.
+"""`BrokerLink`: the bridge's one MQTT connection to the broker, which it keeps up by itself.
 
-It speaks plain MQTT 5 to any broker; what is particular to an engine (Mosquitto's dynamic-security
+It speaks plain MQTT 5 (Mosquitto), or MQTT 3.1.1 on a clean session without properties when the
+engine says so (`protocol="3.1.1"`: NATS). Given several addresses (a cluster's nodes) it connects to
+one and, when that fails, tries the next; what is particular to an engine (Mosquitto's dynamic-security
 control topic, say) is built on top of it in that engine's modules. Errors: `broker_bridge.errors`.
 
 Delivery: `publish` returns only once the broker acknowledged the message (PUBACK). Each TCP connection
@@ -23,7 +25,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from broker_bridge.errors import BrokerRefused, BrokerUnavailable
 from fabric_core.settings import MqttAddress
+from fabric_core.wire import MqttProtocol
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ _MAX_INFLIGHT = 100
 """Our own cap on unacknowledged publications; lowered to the broker's Receive Maximum if smaller."""
 _FATAL_CONNACK = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
 """Refusals that repeating the same CONNECT cannot fix: bad protocol, client id, credentials, banned.
-Others (server busy or unavailable, quota, connection rate) are worth retrying."""
+Others (server busy or unavailable, quota, connection rate) are worth retrying. (paho reports MQTT
+3.1.1's return codes 1, 2, 4 and 5 as these.)"""
 _STABLE_CONNECTION_S = 30.0
 """A connection that lasted this long resets the back-off; one dropped sooner keeps it growing."""
 
@@ -124,14 +128,14 @@ class _Connection:
 
 
 class BrokerLink:
-    """One MQTT 5 connection to the broker, reconnecting by itself.
+    """One MQTT connection to the broker (or to one node of a cluster), reconnecting by itself.
 
     `connected` is set while the link is up and every subscription has been restored.
     """
 
     def __init__(
         self,
-        address: MqttAddress,
+        address: MqttAddress | Sequence[MqttAddress],
         *,
         username: str,
         password: str,
@@ -140,10 +144,20 @@ class BrokerLink:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = RECONNECT_MAX_S,
         ssl_context: ssl.SSLContext | None = None,
+        protocol: MqttProtocol = "5",
     ) -> None:
-        """`ssl_context`: what an `mqtts://` address is verified with (the bridge passes one that
-        trusts only the manager's CA); None: the system's default trust."""
-        self.address = address
+        """`address`: the broker, or every node of a cluster (tried in turn, starting at a random
+        one, so that bridges spread over the nodes). `ssl_context`: what an `mqtts://` address is
+        verified with (the bridge passes one that trusts only the manager's CA); None: the system's
+        default trust. `protocol`: "5", or "3.1.1" (clean session, no MQTT 5 properties)."""
+        addresses = [address] if isinstance(address, MqttAddress) else list(address)
+        if not addresses:
+            raise ValueError("a broker link needs an address")
+        self.addresses = addresses
+        self._next_address = random.randrange(len(addresses))
+        self.address = addresses[self._next_address]
+        """The node this link is connected to, or tries next."""
+        self.protocol = protocol
         self._ssl_context = ssl_context
         self.client_id = client_id
         self.connected = threading.Event()
@@ -240,13 +254,24 @@ class BrokerLink:
         return random.uniform(0, ceiling)
 
     def _open(self) -> _Connection | None:
-        """A connection that the broker accepted (CONNACK success), or None."""
+        """A connection that the broker accepted (CONNACK success), or None (the next attempt goes to
+        the next address)."""
+        connection = self._attempt()
+        if connection is None and len(self.addresses) > 1:
+            self._next_address = (self._next_address + 1) % len(self.addresses)
+            self.address = self.addresses[self._next_address]
+        return connection
+
+    def _attempt(self) -> _Connection | None:
         connection = _Connection(self._new_client())
         connection.client.user_data_set(connection)
         try:
-            connection.client.connect(
-                self.address.host, self.address.port, keepalive=self._keepalive, clean_start=True
-            )
+            if self.protocol == "5":
+                connection.client.connect(
+                    self.address.host, self.address.port, keepalive=self._keepalive, clean_start=True
+                )
+            else:  # 3.1.1: the session is clean by construction (`_new_client`)
+                connection.client.connect(self.address.host, self.address.port, keepalive=self._keepalive)
         except OSError as exc:  # refused, unreachable, or a certificate its CA did not issue (ssl.SSLError)
             self._last_failure = str(exc)
             log.warning("cannot reach the broker at %s: %s", self.address.url, exc)
@@ -306,10 +331,12 @@ class BrokerLink:
         connection.client.loop_stop()
 
     def _new_client(self) -> mqtt.Client:
+        v5 = self.protocol == "5"
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,
             # One client per connection: the supervisor reconnects with a fresh one, so that messages
             # left unacknowledged by a dead connection are never replayed by paho later.
             reconnect_on_failure=False,
@@ -470,7 +497,10 @@ class BrokerLink:
         current.acks.wait([mid], time.monotonic() + timeout, f"unsubscribe from {topic_filter}")
 
     def _subscribe_on(self, connection: _Connection, topic_filter: str, qos: int, *, timeout: float) -> None:
-        rc, mid = connection.client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+        if self.protocol == "5":
+            rc, mid = connection.client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+        else:
+            rc, mid = connection.client.subscribe(topic_filter, qos=qos)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise BrokerUnavailable(f"subscribe to {topic_filter}: {mqtt.error_string(rc)}")
         (reasons,) = connection.acks.wait([mid], time.monotonic() + timeout, f"subscribe to {topic_filter}")

@@ -39,18 +39,22 @@ def reconcile_accounts(engine: Engine, link: BrokerLink, *, broker: BrokerEngine
             )
             .limit(batch)
         ).all()
+    broker.resync(link, database=engine)
+    revoked = [agent for agent in drifted if agent.revoked_at is not None]
+    if revoked:
+        # One removal for the round: an engine that rewrites one list (NATS's revocations) pushes once.
+        broker.remove_many(link, [agent.id for agent in revoked], database=engine)
+        log.info("removed the broker access of %d revoked agent(s)", len(revoked))
+        _record_many(engine, [(agent.id, agent.acl_group_id, None) for agent in revoked])
     for agent in drifted:
-        target = None if agent.revoked_at is not None else agent.group_id
-        _fix(link, agent, broker=broker)
-        _record(engine, agent.id, was=agent.acl_group_id, now=target)
+        if agent.revoked_at is None:
+            _fix(link, agent, broker=broker)
+            _record(engine, agent.id, was=agent.acl_group_id, now=agent.group_id)
     return len(drifted)
 
 
 def _fix(link: BrokerLink, agent: Agent, *, broker: BrokerEngine) -> None:
-    if agent.revoked_at is not None:
-        broker.remove(link, agent_id=agent.id)
-        log.info("removed the broker access of revoked agent %s", agent.id)
-    elif agent.acl_group_id is None:
+    if agent.acl_group_id is None:
         broker.provision(link, agent_id=agent.id, group_id=agent.group_id)
         log.info("provisioned broker access for agent %s (group %d)", agent.id, agent.group_id)
     else:

@@ -45,6 +45,14 @@ class MqttAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def parse_addresses(urls: str) -> list[MqttAddress]:
+    """Broker URLs, comma-separated (one at least), in order."""
+    addresses = [MqttAddress.parse(url.strip()) for url in urls.split(",") if url.strip()]
+    if not addresses:
+        raise ValueError(f"no broker URL in {urls!r}")
+    return addresses
+
+
 class Settings(BaseSettings):
     """The manager's settings (api, bridge, CLI)."""
 
@@ -62,8 +70,21 @@ class Settings(BaseSettings):
         description="Base64 Ed25519 seed; default: data_dir/signing_key (created on first start). "
         "Every api replica must use the same key.",
     )
-    broker_engine: Literal["mosquitto"] = Field(
+    broker_engine: Literal["mosquitto", "nats"] = Field(
         default="mosquitto", description="the MQTT broker behind push (broker_bridge.engine)"
+    )
+    nats_urls: str | None = Field(
+        default=None,
+        description="nats: the cluster's NATS client URLs (tls://host:port, comma-separated), where the "
+        "bridge pushes account updates as the system user; default: the MQTT hosts on port 4222",
+    )
+    nats_keys: SecretStr | None = Field(
+        default=None,
+        description="nats: the operator, account and system seeds (the JSON of data_dir/nats_keys.json); "
+        "default: that file, made by the first broker-config. Every replica must use the same keys.",
+    )
+    nats_credentials_ttl_s: int = Field(
+        default=3600, ge=60, description="nats: how long an agent's user JWT is valid (renewed by heartbeat)"
     )
     mosquitto_plugin: str | None = Field(
         default=None, description="path of mosquitto_dynamic_security.so; default: the usual install paths"
@@ -84,10 +105,14 @@ class Settings(BaseSettings):
         default=None, description="the CA that issued tls_cert_file (PEM), which agents pin"
     )
     mqtt_url: str = Field(
-        default="mqtts://127.0.0.1:8883", description="the broker, as the bridge reaches it (MQTT over TLS)"
+        default="mqtts://127.0.0.1:8883",
+        description="the broker, as the bridge reaches it (MQTT over TLS); a cluster: its nodes' URLs, "
+        "comma-separated (the bridge fails over among them)",
     )
     mqtt_public_url: str | None = Field(
-        default=None, description="the broker as agents reach it (sent at enrolment); default: mqtt_url"
+        default=None,
+        description="the broker as agents reach it, one URL or a comma-separated list (sent at "
+        "enrolment: agents fail over among them); default: mqtt_url",
     )
     mqtt_prefix: str = DEFAULT_PREFIX
     mqtt_username: str = Field(default="policycast-bridge", description="the bridge's broker account")
@@ -152,12 +177,30 @@ class Settings(BaseSettings):
         return self.data_dir / "blobs"
 
     @property
+    def mqtt_addresses(self) -> list[MqttAddress]:
+        """Every broker node the bridge may connect to (`mqtt_url`, comma-separated)."""
+        return parse_addresses(self.mqtt_url)
+
+    @property
     def mqtt_address(self) -> MqttAddress:
-        return MqttAddress.parse(self.mqtt_url)
+        """The first of `mqtt_addresses`."""
+        return self.mqtt_addresses[0]
+
+    @property
+    def mqtt_public_addresses(self) -> list[MqttAddress]:
+        """Every broker node agents are told about (`mqtt_public_url`, else `mqtt_url`)."""
+        return parse_addresses(self.mqtt_public_url or self.mqtt_url)
 
     @property
     def mqtt_public_address(self) -> MqttAddress:
-        return MqttAddress.parse(self.mqtt_public_url or self.mqtt_url)
+        return self.mqtt_public_addresses[0]
+
+    @property
+    def nats_url_list(self) -> list[str]:
+        """The NATS client URLs of the cluster (`nats_urls`), else each MQTT host on port 4222."""
+        if self.nats_urls:
+            return [url.strip() for url in self.nats_urls.split(",") if url.strip()]
+        return [f"tls://{address.host}:4222" for address in self.mqtt_addresses]
 
 
 class AgentSettings(BaseSettings):

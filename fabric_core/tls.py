@@ -197,9 +197,15 @@ class ManagerCA:
         return ca_hash(self.certificate_pem)
 
     def issue(
-        self, names: Sequence[str], *, validity: datetime.timedelta = SERVER_VALIDITY
+        self,
+        names: Sequence[str],
+        *,
+        validity: datetime.timedelta = SERVER_VALIDITY,
+        client_auth: bool = False,
     ) -> tuple[bytes, bytes]:
-        """A server certificate (PEM, followed by the CA's) for `names`, and its key (PEM)."""
+        """A server certificate (PEM, followed by the CA's) for `names`, and its key (PEM).
+
+        `client_auth`: usable as a client certificate too (a broker node dialling another's route)."""
         dns, ips = parse_names(names)
         if not dns and not ips:
             raise TlsError("a server certificate needs at least one DNS name or IP address")
@@ -217,7 +223,7 @@ class ManagerCA:
             .not_valid_after(min(now + validity, self.certificate.not_valid_after_utc))
             .add_extension(x509.SubjectAlternativeName(alternative), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(_usages(client_auth)), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
             )
@@ -229,24 +235,29 @@ class ManagerCA:
         )
         return chain, key_pem
 
-    def server_files(self, directory: Path, name: str, names: Sequence[str]) -> CertificateFiles:
+    def server_files(
+        self, directory: Path, name: str, names: Sequence[str], *, client_auth: bool = False
+    ) -> CertificateFiles:
         """`<name>.pem` and `<name>.key` in `directory`, issued again when missing, for other names, from
-        another CA, or near their end."""
+        another CA, for other usages, or near their end."""
         files = CertificateFiles(directory / f"{name}.pem", directory / f"{name}.key")
-        if not self._still_good(files, names):
+        if not self._still_good(files, names, client_auth=client_auth):
             directory.mkdir(parents=True, exist_ok=True)
-            chain, key = self.issue(names)
+            chain, key = self.issue(names, client_auth=client_auth)
             write_private(files.keyfile, key)
             _replace(files.certfile, chain, mode=0o644)
         return files
 
-    def _still_good(self, files: CertificateFiles, names: Sequence[str]) -> bool:
+    def _still_good(self, files: CertificateFiles, names: Sequence[str], *, client_auth: bool) -> bool:
         if not (files.certfile.exists() and files.keyfile.exists()):
             return False
         try:
             certificate = x509.load_pem_x509_certificate(files.certfile.read_bytes())
             alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except (ValueError, x509.ExtensionNotFound):
+            return False
+        if set(usages) != set(_usages(client_auth)):
             return False
         dns, ips = parse_names(names)
         held = set(alternative.get_values_for_type(x509.DNSName)) | {
@@ -260,6 +271,10 @@ class ManagerCA:
             held == set(dns) | {str(ip) for ip in ips}
             and certificate.not_valid_after_utc - _now() > RENEW_BEFORE
         )
+
+
+def _usages(client_auth: bool) -> list[x509.ObjectIdentifier]:
+    return [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,10 +291,15 @@ class ManagerTls:
     def ca_hash(self) -> str:
         return ca_hash(self.trust_pem)
 
-    def issue_files(self, directory: Path, name: str, names: Sequence[str]) -> CertificateFiles:
+    def issue_files(
+        self, directory: Path, name: str, names: Sequence[str], *, client_auth: bool = False
+    ) -> CertificateFiles:
         """Certificate files for another server (the broker) in `directory`: issued by the CA, or the
-        operator's own files, which must then carry the broker's names too."""
-        return self.files if self.ca is None else self.ca.server_files(directory, name, names)
+        operator's own files, which must then carry the broker's names too (and, with `client_auth`,
+        be usable as client certificates)."""
+        if self.ca is None:
+            return self.files
+        return self.ca.server_files(directory, name, names, client_auth=client_auth)
 
 
 def manager_tls(settings: Settings) -> ManagerTls:

@@ -108,3 +108,24 @@ def parse_topic(prefix: str, topic: str) -> ConfigTopic | AgentTopic:
     except InvalidIdentifier as exc:
         raise InvalidTopic(f"topic {topic!r}: {exc}") from exc
     raise InvalidTopic(f"topic {topic!r} is not a config, cmd or state topic")
+
+
+def nats_subject(topic_or_filter: str) -> str:
+    """The NATS subject of an MQTT topic or filter, as NATS's MQTT maps them: `/` -> `.`, `+` -> `*`,
+    `#` -> `>` (which, unlike MQTT's `#`, does not match the parent level itself). Ids hold no `.`."""
+    if "." in topic_or_filter:
+        raise InvalidTopic(f"topic {topic_or_filter!r} holds a '.', which NATS reads as a level separator")
+    levels = topic_or_filter.split("/")
+    mapped = {"+": "*", "#": ">"}
+    return ".".join(mapped.get(level, level) for level in levels)
+
+
+def group_config_subjects(prefix: str, group_id: str | int) -> str:
+    """The NATS subject of every location's config topic of one group (an agent's read permission)."""
+    group = check_id(group_id, "group id")
+    return nats_subject(f"{check_prefix(prefix)}/{VERSION}/config/{group}/+")
+
+
+def all_subjects(prefix: str) -> str:
+    """Every NATS subject under the prefix (the bridge's permissions)."""
+    return nats_subject(f"{check_prefix(prefix)}/#")

@@ -69,16 +69,24 @@ class BrokerProcess:
                 )
             time.sleep(0.02)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (the broker saves its persistence on the way out), SIGKILL after `timeout`."""
+    def stop(self, timeout: float = 10.0, *, signum: int = signal.SIGTERM) -> None:
+        """SIGTERM (the broker saves its persistence on the way out), SIGKILL after `timeout`.
+        `signum`: another graceful signal (nats-server's lame duck mode: SIGUSR2)."""
         popen, self._popen = self._popen, None
         if popen is None or popen.poll() is not None:
             return
-        popen.send_signal(signal.SIGTERM)
+        popen.send_signal(signum)
         try:
             popen.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("the broker (pid %d) ignored SIGTERM for %.0fs: killing it", popen.pid, timeout)
+            popen.kill()
+            popen.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing saved on the way out."""
+        popen, self._popen = self._popen, None
+        if popen is not None and popen.poll() is None:
             popen.kill()
             popen.wait()
 

@@ -11,7 +11,7 @@
   given: a manager's) or the `certificates` given; `ssl_context` trusts exactly that CA, and its links
   and clients use it. `plain=True` gives a broker with a plaintext listener instead.
 - `MqttClient`: a plain paho MQTT 5 client (an agent, an intruder) whose calls return reason codes, so
-  that tests can assert what the broker allowed.
+  that tests can assert what the broker allowed; `protocol="3.1.1"` for NATS (clean session).
 - `Inbox`: a `BrokerLink.subscribe` handler that keeps what arrives.
 - `mosquitto`: a function-scoped fixture giving a fresh, started `Broker`. Register it with
   `pytest_plugins = ["tests.support.broker"]` in the top-level conftest, or import it into a conftest.
@@ -46,6 +46,7 @@ from broker_bridge.mosquitto.install import find_dynsec_plugin, mosquitto_binary
 from fabric_core.settings import MqttAddress, Settings
 from fabric_core.tls import ManagerCA, client_context
 from fabric_core.topics import DEFAULT_PREFIX
+from fabric_core.wire import MqttProtocol
 from local_stack.broker_process import BrokerProcess
 from tests.support.processes import free_port
 
@@ -240,13 +241,17 @@ class MqttClient:
         client_id: str | None = None,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        protocol: MqttProtocol = "5",
     ) -> None:
         # An agent account is bound to its own client id: connect under it unless told otherwise.
         self.client_id = client_id or username or f"test-{secrets.token_hex(4)}"
+        self.protocol = protocol
+        v5 = protocol == "5"
         self.paho = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,  # 3.1.1 (NATS): a clean session
             reconnect_on_failure=False,
         )
         if username is not None:
@@ -312,7 +317,10 @@ class MqttClient:
     def connect(self, *, clean_start: bool = True, timeout: float = 5.0) -> ReasonCode:
         """CONNECT and return the CONNACK reason (success or why not)."""
         self._connack = None
-        self.paho.connect(self.address.host, self.address.port, keepalive=30, clean_start=clean_start)
+        if self.protocol == "5":
+            self.paho.connect(self.address.host, self.address.port, keepalive=30, clean_start=clean_start)
+        else:
+            self.paho.connect(self.address.host, self.address.port, keepalive=30)
         self.paho.loop_start()
         with self._cond:
             if not self._cond.wait_for(lambda: self._connack is not None, timeout):
@@ -320,9 +328,12 @@ class MqttClient:
             assert self._connack is not None
             return self._connack
 
-    def subscribe(self, topic_filter: str, *, timeout: float = 5.0) -> ReasonCode:
-        """SUBSCRIBE at QoS 1 and return the SUBACK reason (granted QoS or a failure)."""
-        rc, mid = self.paho.subscribe(topic_filter, options=SubscribeOptions(qos=1))
+    def subscribe(self, topic_filter: str, *, qos: int = 1, timeout: float = 5.0) -> ReasonCode:
+        """SUBSCRIBE (QoS 1 unless told) and return the SUBACK reason (granted QoS or a failure)."""
+        if self.protocol == "5":
+            rc, mid = self.paho.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+        else:
+            rc, mid = self.paho.subscribe(topic_filter, qos=qos)
         assert rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None, mqtt.error_string(rc)
         return self._wait_answer(mid, timeout, f"subscribe {topic_filter}")
 

@@ -1,0 +1,159 @@
+"""A real NATS cluster for tests, configured by the project's own engine, on free ports.
+
+- `NatsCluster`: N nats-server nodes in a temporary directory, written by `NatsEngine.write_cluster`
+  and run by `local_stack.broker_cluster.BrokerCluster`, exactly as `policycast broker-config --engine
+  nats` writes them: TLS on every listener (MQTT, NATS clients, routes) with certificates from a CA in
+  the cluster's data directory (`ca`), which `ssl_context` trusts. `engine` mints the JWTs;
+  `client()` gives an MQTT 3.1.1 test client (`tests.support.broker.MqttClient`), `agent()` one
+  connected with an agent's enrolment credentials, `link()` the bridge's `BrokerLink`, and
+  `received_before_marker()` tells that something did NOT arrive without waiting out a window.
+- Fixtures: `nats_cluster` (3 nodes) and `nats_node` (1 node), one per test module: give each test
+  its own prefix or agent ids. Tests that kill nodes start their own `NatsCluster`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker_bridge.broker import BrokerLink
+from broker_bridge.engine import ClusterNode, ClusterTls
+from broker_bridge.nats.engine import NatsEngine
+from fabric_core.settings import MqttAddress, Settings
+from fabric_core.tls import CA_FILE, ManagerCA, client_context
+from fabric_core.topics import DEFAULT_PREFIX
+from local_stack.broker_cluster import BrokerCluster
+from tests.support.broker import MqttClient, Received
+from tests.support.processes import free_port
+
+NAMES = ("localhost", "127.0.0.1")
+
+
+class NatsCluster:
+    """`nodes` nats-server processes of one cluster, with the engine that configured them."""
+
+    def __init__(self, directory: Path, *, nodes: int = 3, prefix: str = DEFAULT_PREFIX, ttl_s: int = 3600):
+        self.directory = directory
+        self.prefix = prefix
+        data_dir = directory / "data"
+        self.ca = ManagerCA.load_or_create(data_dir / "tls")  # as the api's first start makes it
+        self.ssl_context = client_context(self.ca.certificate_pem)
+        self.nodes = [ClusterNode(free_port(), free_port(), free_port(), free_port()) for _ in range(nodes)]
+        self.settings = Settings(
+            data_dir=data_dir,
+            broker_engine="nats",
+            mqtt_prefix=prefix,
+            mqtt_url=",".join(node.mqtt_url for node in self.nodes),
+            nats_urls=",".join(f"tls://127.0.0.1:{node.client_port}" for node in self.nodes),
+            nats_credentials_ttl_s=ttl_s,
+        )
+        self.engine = NatsEngine(self.settings, None)
+        server = self.ca.server_files(directory / "tls", "broker", NAMES)
+        route = self.ca.server_files(directory / "tls", "route", NAMES, client_auth=True)
+        tls = ClusterTls(server, route, data_dir / "tls" / CA_FILE)
+        launches = self.engine.write_cluster(directory / "nats", bind="127.0.0.1", nodes=self.nodes, tls=tls)
+        self.cluster = BrokerCluster(launches)
+        self._clients: list[MqttClient] = []
+        self._links: list[BrokerLink] = []
+        self._marker_links: dict[int, BrokerLink] = {}
+        self.started_in_s = 0.0
+
+    def start(self) -> NatsCluster:
+        began = time.monotonic()
+        self.cluster.start()
+        self.started_in_s = time.monotonic() - began
+        return self
+
+    def address(self, node: int = 0) -> MqttAddress:
+        return MqttAddress("127.0.0.1", self.nodes[node].mqtt_port, tls=True)
+
+    @property
+    def addresses(self) -> list[MqttAddress]:
+        return [self.address(i) for i in range(len(self.nodes))]
+
+    def client(
+        self, username: str | None, password: str | None, client_id: str | None = None, *, node: int = 0
+    ) -> MqttClient:
+        """An MQTT 3.1.1 client (not connected yet) on `node`, trusting the cluster's CA."""
+        client = MqttClient(
+            self.address(node), username, password, client_id, ssl_context=self.ssl_context, protocol="3.1.1"
+        )
+        self._clients.append(client)
+        return client
+
+    def agent(self, agent_id: str, group_id: int, *, node: int = 0) -> MqttClient:
+        """A client connected with the agent's enrolment credentials (its JWT)."""
+        credentials = self.engine.enrolment_credentials(agent_id, group_id)
+        client = self.client(credentials.username, credentials.password, agent_id, node=node)
+        reason = client.connect()
+        assert not reason.is_failure, f"agent {agent_id} could not connect: {reason}"
+        return client
+
+    def link(
+        self, *, node: int | None = None, client_id: str | None = None, timeout: float = 10.0
+    ) -> BrokerLink:
+        """A connected `BrokerLink` with the bridge's credentials over MQTT 3.1.1: to `node`, or to
+        any node (failing over) when not given."""
+        username, password = self.engine.bridge_credentials()
+        link = BrokerLink(
+            self.addresses if node is None else self.address(node),
+            username=username,
+            password=password,
+            client_id=client_id or f"bridge-{secrets.token_hex(4)}",
+            reconnect_min_s=0.05,
+            reconnect_max_s=0.5,
+            ssl_context=self.ssl_context,
+            protocol="3.1.1",
+        )
+        self._links.append(link)
+        link.connect(timeout)
+        return link
+
+    def received_before_marker(
+        self, client: MqttClient, topic: str, *, node: int, timeout: float = 5.0
+    ) -> list[Received]:
+        """What `client` receives before a marker, published now on `topic` by the bridge on `node`,
+        reaches it. A node forwards what one connection publishes in order, so once the marker
+        arrives, whatever the node took in before it (from a publisher on `node` that had its PUBACK)
+        has arrived too. `client` must read `topic`."""
+        link = self._marker_links.get(node)
+        if link is None:
+            link = self._marker_links[node] = self.link(node=node)
+        marker = f"marker-{secrets.token_hex(6)}".encode()
+        link.publish(topic, marker, qos=1)
+        got = client.received_until(lambda got: bool(got) and got[-1].payload == marker, timeout=timeout)
+        return got[:-1]
+
+    def log_tail(self, node: int) -> str:
+        return self.cluster.nodes[node].log_tail()
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        for link in self._links:
+            link.close()
+        self.cluster.stop()
+
+
+def _started(directory: Path, nodes: int) -> Iterator[NatsCluster]:
+    cluster = NatsCluster(directory, nodes=nodes)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """A 3-node NATS cluster for the test module (give each test its own agent ids)."""
+    yield from _started(tmp_path_factory.mktemp("nats-cluster"), 3)
+
+
+@pytest.fixture(scope="module")
+def nats_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """A single NATS node for the test module."""
+    yield from _started(tmp_path_factory.mktemp("nats-node"), 1)
