@@ -15,6 +15,10 @@ group change does), so the next connections trust those (a CA rotation; `agent_s
 
 Transports learn of every applied document, whatever its source, through `add_listener` (the push loop
 moves its subscription when the held (group, location) changes; the runtime switches push and pull).
+
+New broker credentials (a heartbeat's `mqtt`, a `credentials` command: a renewed or re-scoped NATS JWT)
+replace the identity's through `adopt_credentials`, which stores the identity (atomically, as every
+identity write) and tells `add_credentials_listener`'s listeners (the push loop reconnects with them).
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ from typing import Any
 
 from agent_stub import trust
 from agent_stub.errors import NotEnrolledError
-from agent_stub.state import AgentStatus, Identity, StateStore
+from agent_stub.state import AgentStatus, Identity, StateStore, StoredMqttCredentials, credentials_problem
 from fabric_core.canonical import canonical_json
 from fabric_core.errors import InvalidDocument, PolicycastError, StaleSerial
 from fabric_core.serials import NO_SERIAL, DocumentKey, require_applicable
 from fabric_core.settings import DEFAULT_HEARTBEAT_S
 from fabric_core.signing import VerifyKey, open_envelope
-from fabric_core.wire import EffectiveDocument, Mode
+from fabric_core.wire import EffectiveDocument, Mode, MqttCredentials
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ TRUSTED_FOR_GROUP_CHANGE = frozenset({"heartbeat", "config"})
 
 Listener = Callable[[EffectiveDocument], None]
 """Called with each document once it is applied and stored."""
+
+CredentialsListener = Callable[[MqttCredentials], None]
+"""Called with new broker credentials once the identity holds them."""
 
 OutcomeListener = Callable[["ApplyOutcome"], None]
 """Called with what became of every offered envelope (the agent's own log of events)."""
@@ -89,6 +96,7 @@ class AgentCore:
         self._transport: Mode = DEFAULT_MODE
         self._listeners: list[Listener] = []
         self._outcome_listeners: list[OutcomeListener] = []
+        self._credentials_listeners: list[CredentialsListener] = []
         self._status = store.load_status() or AgentStatus()
         self._load_current()
 
@@ -158,6 +166,57 @@ class AgentCore:
     def _remove_outcome_listener(self, listener: OutcomeListener) -> None:
         if listener in self._outcome_listeners:
             self._outcome_listeners.remove(listener)
+
+    def add_credentials_listener(self, listener: CredentialsListener) -> Callable[[], None]:
+        """Call `listener` after each change of broker credentials; returns a function that removes it."""
+        self._credentials_listeners.append(listener)
+        return lambda: self._remove_credentials_listener(listener)
+
+    def _remove_credentials_listener(self, listener: CredentialsListener) -> None:
+        if listener in self._credentials_listeners:
+            self._credentials_listeners.remove(listener)
+
+    # --- broker credentials ------------------------------------------------------------------------
+
+    def adopt_credentials(self, credentials: MqttCredentials, *, source: str) -> bool:
+        """Hold `credentials` as the agent's broker account from now on (the manager sent them, over its
+        authenticated heartbeat answer or on the agent's own cmd topic); True if they replaced others.
+
+        Unusable ones (a broker URL or topic prefix that cannot be parsed) are logged and dropped, and
+        the same ones again change nothing. The password is never logged.
+        """
+        held = self.identity.mqtt
+        problem = credentials_problem(credentials)
+        if problem is not None:
+            log.warning("dropped broker credentials from %s: %s", source, problem)
+            return False
+        # The prefix set by hand on an old identity stays with it.
+        fresh = StoredMqttCredentials.model_validate(
+            {**credentials.model_dump(), "mqtt_prefix": held.mqtt_prefix if held is not None else None}
+        )
+        if held is not None and fresh == held:
+            log.debug("broker credentials from %s: the ones held", source)
+            return False
+        expiry = fresh.expires_at.isoformat(timespec="seconds") if fresh.expires_at else "never"
+        log.info(
+            "new broker credentials from %s: user %s on %s, expiring %s",
+            source,
+            fresh.username,
+            ", ".join(fresh.broker_urls),
+            expiry,
+        )
+        self.identity = self.identity.model_copy(update={"mqtt": fresh})
+        try:
+            self._store.save_identity(self.identity)
+        except OSError as exc:
+            # Used in memory meanwhile; the manager sends new ones again when these expire.
+            log.warning("could not store the new broker credentials: %s", exc)
+        for listener in list(self._credentials_listeners):
+            try:
+                listener(fresh)
+            except Exception:
+                log.exception("a credentials listener failed")
+        return True
 
     # --- applying documents ------------------------------------------------------------------------
 

@@ -16,6 +16,18 @@ Every operation waits for the broker's answer (CONNACK, SUBACK, UNSUBACK, PUBACK
 `LinkError` branch of `agent_stub.errors`: `LinkUnavailable` (transient: the broker cannot be reached or
 did not answer in time; `LinkDisconnected` when there is no connection or it dropped meanwhile) or
 `LinkRefused` (the broker answered with a failure reason code).
+
+Two protocol versions (`LinkOptions.protocol`, from the broker engine's `MqttDelivery.protocol`): MQTT 5
+(Mosquitto) and MQTT 3.1.1 (NATS, which refuses an MQTT 5 CONNECT). Over 3.1.1 the session is chosen by
+the clean-session flag (`clean_start`), no properties are sent (no session expiry: a persistent 3.1.1
+session lasts until a clean connect ends it), and the 3.1.1 return codes land on the same errors: paho
+maps a CONNACK refusal (4 bad user name or password, 5 not authorised) to the MQTT 5 reason (0x86,
+0x87), a SUBACK 0x80 is a failure as in MQTT 5, and an UNSUBACK or PUBACK carries no code (success).
+
+A broker may have several nodes (`LinkOptions.addresses`): every connect picks one at random (with
+`LinkOptions.rng`, the agent's), never one that failed or dropped the connection since the last good
+session while another remains, so that the agents of a dead node spread over the others; the caller's
+back-off paces the attempts. Each node is verified with the same `ssl_context` and its own host name.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import random
 import socket
 import ssl
 from collections.abc import Callable
@@ -39,12 +52,16 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent_stub.errors import LinkDisconnected, LinkError, LinkRefused, LinkUnavailable
 from fabric_core.settings import MqttAddress
+from fabric_core.wire import MqttProtocol
 
 if TYPE_CHECKING:
     from paho.mqtt.client import SocketLike
 
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")
+
+_SHARED_RNG = random.Random()
+"""Picks a broker node for links given no rng of their own (one generator for all: each is 2.5 KB)."""
 
 if not callable(getattr(mqtt.Client, "_create_socket", None)):  # pragma: no cover - a paho upgrade
     raise ImportError("paho-mqtt no longer has Client._create_socket: agent_stub.mqtt_link must be adapted")
@@ -83,6 +100,21 @@ class LinkOptions:
     """Limit of the connection (TCP, TLS and CONNACK) and of each acknowledgement."""
     ssl_context: ssl.SSLContext | None = None
     """For mqtts:// addresses; default: the system's trust store, with host name checking."""
+    protocol: MqttProtocol = "5"
+    """"5" (Mosquitto) or "3.1.1" (NATS): clean session from `clean_start`, no properties."""
+    addresses: tuple[MqttAddress, ...] = ()
+    """Every node of the broker, `address` among them; empty: `address` alone."""
+    rng: random.Random | None = field(default=None, compare=False, repr=False)
+    """Picks the node of each connect (the agent's generator); None: a shared one."""
+
+    @property
+    def nodes(self) -> tuple[MqttAddress, ...]:
+        """The broker nodes to connect to: `addresses`, else `address` alone."""
+        return self.addresses or (self.address,)
+
+    @property
+    def mqtt5(self) -> bool:
+        return self.protocol == "5"
 
 
 class Link(Protocol):
@@ -131,11 +163,17 @@ class _HandoffClient(mqtt.Client):
 
 
 class MqttLink:
-    """One MQTT 5 client connection, driven by the running asyncio loop (no thread)."""
+    """One MQTT 5 (or 3.1.1) client connection, driven by the running asyncio loop (no thread)."""
 
     def __init__(self, options: LinkOptions, on_message: MessageHandler) -> None:
         self.options = options
         self._on_message = on_message
+        self._address = options.address
+        """The node of the current (or last) connection."""
+        self._failed: set[MqttAddress] = set()
+        """Nodes that failed a connect or dropped the session since the last good connect."""
+        self._closing = False
+        """This side ends the connection (`close`, `abort`): not the node's failure."""
         self._client = self._make_client()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
@@ -156,6 +194,11 @@ class MqttLink:
     def disconnected(self) -> asyncio.Event:
         return self._disconnected
 
+    @property
+    def address(self) -> MqttAddress:
+        """The broker node of the current connection (or of the last attempt)."""
+        return self._address
+
     # --- operations --------------------------------------------------------------------------------
 
     async def connect(self) -> bool:
@@ -163,32 +206,56 @@ class MqttLink:
         if self._connected:
             return self.session_present
         self._loop = asyncio.get_running_loop()
-        address = self.options.address
+        self._closing = False
+        address = self._address = self._pick_node()
         try:
             async with asyncio.timeout(self.options.timeout_s):
-                sock = await self._open_socket()
+                sock = await self._open_socket(address)
                 self._connack = self._loop.create_future()
-                self._start_session(sock)
+                self._start_session(sock, address)
                 self.session_present = await self._connack
         except TimeoutError:
+            self._failed.add(address)
             self.abort()
             raise LinkUnavailable(
                 f"{address.url} did not accept a session within {self.options.timeout_s:g} s"
             ) from None
         except OSError as exc:
+            self._failed.add(address)
             self.abort()
             raise LinkUnavailable(f"cannot connect to {address.url}: {exc}") from exc
-        except (LinkError, asyncio.CancelledError):
-            self.abort()  # cancelled too: paho may hold a half-open session
+        except LinkError:
+            self._failed.add(address)
+            self.abort()
+            raise
+        except asyncio.CancelledError:
+            self.abort()  # paho may hold a half-open session
             raise
         finally:
             self._connack = None
+        self._failed.clear()
         return self.session_present
+
+    def _pick_node(self) -> MqttAddress:
+        """The node to connect to: at random among those that have not failed since the last good
+        session; when all have, a new round, on another node than the last one tried."""
+        nodes = self.options.nodes
+        if len(nodes) == 1:
+            return nodes[0]
+        fresh = [node for node in nodes if node not in self._failed]
+        if not fresh:
+            self._failed = {self._address}
+            fresh = [node for node in nodes if node != self._address] or list(nodes)
+        return (self.options.rng or _SHARED_RNG).choice(fresh)
 
     async def subscribe(self, topic: str, qos: int = 1) -> int:
         """Subscribe and wait for SUBACK; returns the granted QoS."""
         self._require_connected(f"subscribe to {topic}")
-        rc, mid = self._client.subscribe(topic, options=SubscribeOptions(qos=qos))
+        if self.options.mqtt5:
+            rc, mid = self._client.subscribe(topic, options=SubscribeOptions(qos=qos))
+        else:
+            rc, mid = self._client.subscribe(topic, qos=qos)
+        # 3.1.1: the granted QoS, or 0x80 for a refusal (paho reads it as MQTT 5's 0x80, a failure).
         (code,) = await self._acknowledged(f"subscribe to {topic}", rc, mid)
         if code.is_failure:
             raise LinkRefused(f"subscribe to {topic}", code)
@@ -198,9 +265,11 @@ class MqttLink:
         """Unsubscribe and wait for UNSUBACK ("no subscription existed" is not an error)."""
         self._require_connected(f"unsubscribe from {topic}")
         rc, mid = self._client.unsubscribe(topic)
-        (code,) = await self._acknowledged(f"unsubscribe from {topic}", rc, mid)
-        if code.is_failure:
-            raise LinkRefused(f"unsubscribe from {topic}", code)
+        codes = await self._acknowledged(f"unsubscribe from {topic}", rc, mid)
+        # 3.1.1: an UNSUBACK carries no code at all, and is a success.
+        failures = [code for code in codes if code.is_failure]
+        if failures:
+            raise LinkRefused(f"unsubscribe from {topic}", failures[0])
 
     async def publish(self, message: Message) -> None:
         """Publish; with QoS 1 or 2, wait for the broker's acknowledgement."""
@@ -213,15 +282,18 @@ class MqttLink:
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise LinkDisconnected(f"publish to {topic}: {mqtt.error_string(info.rc)}")
             return
-        (code,) = await self._acknowledged(f"publish to {topic}", info.rc, info.mid)
-        if code.is_failure:
-            raise LinkRefused(f"publish to {topic}", code)
+        codes = await self._acknowledged(f"publish to {topic}", info.rc, info.mid)
+        failures = [code for code in codes if code.is_failure]
+        if failures:
+            raise LinkRefused(f"publish to {topic}", failures[0])
 
     async def close(self, *, end_session: bool = False) -> None:
-        """Disconnect cleanly (the broker discards the will); `end_session` also drops the session."""
+        """Disconnect cleanly (the broker discards the will); `end_session` also drops the session
+        (MQTT 5 only: a 3.1.1 DISCONNECT cannot, and the agents of a 3.1.1 broker use clean sessions)."""
+        self._closing = True
         if self._connected:
             properties = None
-            if end_session:
+            if end_session and self.options.mqtt5:
                 # MQTT 5: a DISCONNECT may shorten the session's expiry; 0 ends it now.
                 properties = _properties(PacketTypes.DISCONNECT)
                 properties.SessionExpiryInterval = 0
@@ -233,6 +305,7 @@ class MqttLink:
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT, as a crash would: the broker publishes the will."""
+        self._closing = True
         sock = self._client.socket()
         if sock is None:
             self._lost("aborted")
@@ -254,9 +327,17 @@ class MqttLink:
 
     def _make_client(self) -> _HandoffClient:
         options = self.options
-        client = _HandoffClient(
-            CallbackAPIVersion.VERSION2, client_id=options.client_id, protocol=MQTTProtocolVersion.MQTTv5
-        )
+        if options.mqtt5:
+            client = _HandoffClient(
+                CallbackAPIVersion.VERSION2, client_id=options.client_id, protocol=MQTTProtocolVersion.MQTTv5
+            )
+        else:
+            client = _HandoffClient(
+                CallbackAPIVersion.VERSION2,
+                client_id=options.client_id,
+                clean_session=options.clean_start,
+                protocol=MQTTProtocolVersion.MQTTv311,
+            )
         client.enable_logger(_paho_log)
         if options.username is not None:
             client.username_pw_set(options.username, options.password)
@@ -275,18 +356,21 @@ class MqttLink:
         client.on_socket_unregister_write = self._on_socket_unregister_write
         return client
 
-    def _start_session(self, sock: SocketLike) -> None:
+    def _start_session(self, sock: SocketLike, address: MqttAddress) -> None:
         """Hand `sock` to paho and send CONNECT over it."""
         options = self.options
-        properties = _properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = options.session_expiry_s
-        self._client.connect_async(
-            options.address.host,
-            options.address.port,
-            keepalive=options.keepalive_s,
-            clean_start=options.clean_start,
-            properties=properties,
-        )
+        if options.mqtt5:
+            properties = _properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = options.session_expiry_s
+            self._client.connect_async(
+                address.host,
+                address.port,
+                keepalive=options.keepalive_s,
+                clean_start=options.clean_start,
+                properties=properties,
+            )
+        else:  # the clean-session flag was given to the client; 3.1.1 has no properties
+            self._client.connect_async(address.host, address.port, keepalive=options.keepalive_s)
         self._client.handoff = sock
         try:
             rc = self._client.reconnect()
@@ -295,9 +379,8 @@ class MqttLink:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise LinkDisconnected(f"cannot send CONNECT: {mqtt.error_string(rc)}")
 
-    async def _open_socket(self) -> SocketLike:
-        """A connected, non-blocking TCP (or TLS) socket to the broker."""
-        address = self.options.address
+    async def _open_socket(self, address: MqttAddress) -> SocketLike:
+        """A connected, non-blocking TCP (or TLS) socket to the broker node `address`."""
         last_error: OSError | None = None
         for family, sockaddr in await self._resolve(address.host, address.port):
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -312,7 +395,7 @@ class MqttLink:
                 sock.close()
                 raise
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return await self._start_tls(sock) if address.tls else sock
+            return await self._start_tls(sock, address.host) if address.tls else sock
         raise last_error or OSError(f"no address found for {address.host}")
 
     async def _resolve(self, host: str, port: int) -> list[tuple[int, Any]]:
@@ -325,12 +408,10 @@ class MqttLink:
         # A literal needs no resolver round trip (the common case in tests and the simulator).
         return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))]
 
-    async def _start_tls(self, sock: socket.socket) -> ssl.SSLSocket:
+    async def _start_tls(self, sock: socket.socket, host: str) -> ssl.SSLSocket:
         """A TLS handshake that waits for the socket through the loop instead of blocking on it."""
         context = self.options.ssl_context or ssl.create_default_context()
-        tls = context.wrap_socket(
-            sock, server_hostname=self.options.address.host, do_handshake_on_connect=False
-        )
+        tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
         try:
             while True:
                 try:
@@ -436,13 +517,9 @@ class MqttLink:
     ) -> None:
         if self._connected:
             level = logging.DEBUG if reason.value == 0 else logging.INFO
-            log.log(
-                level,
-                "%s: disconnected from %s: %s",
-                self.options.client_id,
-                self.options.address.url,
-                reason,
-            )
+            log.log(level, "%s: disconnected from %s: %s", self.options.client_id, self._address.url, reason)
+            if not self._closing:
+                self._failed.add(self._address)  # the node went away: the next connect tries another
         self._lost(str(reason))
 
     def _on_suback(

@@ -10,6 +10,10 @@ The heartbeat's `status` is sent only when the manager may not hold it (docs/pro
 heartbeat after start (the agent cannot know what the manager holds), whenever it differs from the
 status of the last heartbeat answered 2xx, and after any heartbeat that failed (it may or may not have
 arrived). Otherwise it is left out, and the manager keeps the one it holds.
+
+An agent whose broker credentials expire (NATS JWTs) says when in every heartbeat (`mqtt_expires_at`),
+whatever its mode (a switch to push then finds good ones); an answer's `mqtt` replaces them
+(`AgentCore.adopt_credentials`).
 """
 
 from __future__ import annotations
@@ -195,6 +199,7 @@ class PullLoop:
             # Left out when the manager holds it already: absent means unchanged.
             status=None if status == self._acknowledged_status else status,
             logs=self.uploads.next_batch() if self.uploads is not None else None,
+            mqtt_expires_at=_expires_at(self._core),
         )
 
     def _succeeded(self, response: HeartbeatResponse) -> float:
@@ -209,6 +214,10 @@ class PullLoop:
             applied = self._core.offer(response.config.model_dump(), source="heartbeat").applied
         elif response.changed:
             log.debug("manager reports serial %d without a document; nothing to apply", response.serial)
+        if response.mqtt is not None:
+            # After the document: a group move's document and its re-scoped credentials come together,
+            # and the push loop then reconnects once, subscribed to the new group.
+            self._core.adopt_credentials(response.mqtt, source="heartbeat")
         # Clamped so that a broken answer (0, negative, huge) can neither spin nor silence the agent.
         delay = min(max(float(response.next_heartbeat_s), self._retry_min_s), float(HEARTBEAT_MAX_S))
         if applied:
@@ -254,3 +263,14 @@ class PullLoop:
             await asyncio.wait({woken, stopped}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         finally:
             woken.cancel()
+
+
+def _expires_at(core: AgentCore) -> int | None:
+    """When the agent's broker password expires, in Unix seconds (None: it never does, or no broker)."""
+    credentials = core.identity.mqtt
+    if credentials is None or credentials.expires_at is None:
+        return None
+    expires_at = credentials.expires_at
+    if expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)
+    return max(0, int(expires_at.timestamp()))

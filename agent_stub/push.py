@@ -18,7 +18,16 @@ session expiry 0), and its subscriptions at `delivery.qos` (`link_options`):
 - it publishes its state, retained, after connecting and after each applied document;
 - it reconnects with exponential back-off and full jitter, between reconnect_min_s and reconnect_max_s;
 - over mqtts:// it trusts exactly the identity's CAs (`agent_stub.trust`); when a document changed
-  them, the next connection is a new link that trusts the new ones.
+  them, the next connection is a new link that trusts the new ones;
+- it speaks the MQTT version of the broker engine (`delivery.protocol`: 5 for Mosquitto, 3.1.1 for NATS)
+  and connects to one of the credentials' broker URLs at random, failing over to another node on the
+  next attempt (`MqttLink`);
+- when the identity's broker credentials change (a heartbeat's `mqtt`, a `credentials` command: the
+  runtime adopts them through `AgentCore.adopt_credentials`), it ends the session cleanly (DISCONNECT:
+  no will, the retained state stays online) and opens a new one with them at once;
+- when the broker refuses the connection as not authorised and the credentials have expired (a NATS JWT
+  the manager could not renew in time), it does not retry them: it says so once, asks the manager for a
+  heartbeat, and waits until the manager's answer brings new ones.
 
 When the document switches to pull, the loop publishes an offline state, ends its broker session (no
 point queueing messages for an agent that no longer listens) and returns. When stopped, it publishes an
@@ -34,28 +43,39 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from agent_stub import trust
+from agent_stub.broker_account import (
+    NOT_AUTHORISED,
+    delivery_of,
+    expired,
+    link_options,
+    push_blocker,
+    topic_prefix,
+)
 from agent_stub.core import AgentCore
 from agent_stub.errors import LinkError, LinkRefused
-from agent_stub.mqtt_link import Link, LinkFactory, LinkOptions, Message
-from agent_stub.state import Identity
-from fabric_core.errors import InvalidTopic, PolicycastError
-from fabric_core.settings import AgentSettings, MqttAddress
+from agent_stub.mqtt_link import Link, LinkFactory, Message
+from fabric_core.errors import InvalidTopic
+from fabric_core.settings import AgentSettings
 from fabric_core.topics import (
-    DEFAULT_PREFIX,
     ConfigTopic,
-    check_prefix,
     cmd_topic,
     config_topic,
     parse_topic,
     state_topic,
 )
-from fabric_core.wire import AgentCommand, AgentStateReport, EffectiveDocument, Mode, MqttDelivery
+from fabric_core.wire import (
+    AgentCommand,
+    AgentStateReport,
+    EffectiveDocument,
+    Mode,
+    MqttCredentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,31 +83,10 @@ CommandHandler = Callable[[AgentCommand], None]
 ConnectionHandler = Callable[[bool], None]
 """Told True when the session is up (subscribed), False when it is down."""
 
-_RECENT_COMMANDS = 32  # QoS 1 may deliver a command twice; remember enough ids to act once
+_RECENT_COMMANDS = 64
+"""Command ids remembered, to act once on each: QoS 1 may deliver a command twice, and over NATS (QoS 0)
+the manager sends it again until it sees the agent act."""
 _MAX_DOUBLINGS = 32
-
-
-def topic_prefix(identity: Identity) -> str:
-    """The topic prefix of the agent's broker, as enrolment gave it (or set by hand), else the default."""
-    credentials = identity.mqtt
-    if credentials is None:
-        return DEFAULT_PREFIX
-    return credentials.prefix or credentials.mqtt_prefix or DEFAULT_PREFIX
-
-
-def push_blocker(core: AgentCore) -> str | None:
-    """Why push mode cannot run now, or None when it can."""
-    if core.mode != "push":
-        return "the document says pull" if core.document else "no document yet"
-    credentials = core.identity.mqtt
-    if credentials is None:
-        return "no broker credentials (the manager offered no push at enrolment)"
-    try:
-        MqttAddress.parse(credentials.url)
-        check_prefix(topic_prefix(core.identity))
-    except (ValueError, PolicycastError) as exc:
-        return f"unusable broker settings: {exc}"
-    return None
 
 
 def backoff_s(failures: int, low: float, high: float, rng: random.Random) -> float:
@@ -119,37 +118,6 @@ def will_payload(agent_id: str) -> bytes:
     return AgentStateReport(agent_id=agent_id, online=False).model_dump_json(exclude_none=True).encode()
 
 
-def delivery_of(identity: Identity) -> MqttDelivery:
-    """How the agent's broker engine delivers: the identity's, else (no credentials) the default."""
-    return identity.mqtt.delivery if identity.mqtt is not None else MqttDelivery()
-
-
-def link_options(identity: Identity, settings: AgentSettings, *, will: Message | None = None) -> LinkOptions:
-    """The options of the agent's MQTT session: its broker account, and the session its engine asks for.
-
-    A persistent session (the default) starts without clean start and outlives a disconnection by
-    `mqtt_session_expiry_s`; a clean one (`persistent_session` false) starts clean and ends with the
-    connection (session expiry 0). Over mqtts:// the link trusts the identity's CAs only (none held:
-    the system store, as before agents pinned a CA).
-    """
-    credentials = identity.mqtt
-    if credentials is None:  # pragma: no cover - callers check it (`push_blocker`)
-        raise RuntimeError("push mode without broker credentials")
-    persistent = credentials.delivery.persistent_session
-    return LinkOptions(
-        address=MqttAddress.parse(credentials.url),
-        client_id=identity.agent_id,
-        username=credentials.username,
-        password=credentials.password,
-        keepalive_s=settings.mqtt_keepalive_s,
-        session_expiry_s=settings.mqtt_session_expiry_s if persistent else 0,
-        clean_start=not persistent,
-        will=will,
-        timeout_s=settings.request_timeout_s,
-        ssl_context=trust.context_for(identity.trusted_cas),
-    )
-
-
 class PushLoop:
     """Drives one agent's MQTT session; many can share one event loop. `run` may be called again."""
 
@@ -172,6 +140,8 @@ class PushLoop:
         self._link: Link | None = None
         self._link_trust: tuple[str, ...] = ()
         """The CAs the link was made to trust: another set held now means a new link."""
+        self._link_credentials: MqttCredentials | None = None
+        """The broker credentials the link was made with: others held now mean a new link."""
         self._changed = asyncio.Event()
         self._session_up = False
         self._subscribed: str | None = None
@@ -203,28 +173,35 @@ class PushLoop:
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a session until `stop` is set or the document no longer says push."""
         detach = self._core.add_listener(self._on_applied)
+        detach_credentials = self._core.add_credentials_listener(self._on_credentials)
         stopped = asyncio.ensure_future(stop.wait())
         self._failures = 0
         try:
             while not stopped.done() and self.wanted:
                 failure = await self._session(stopped)
-                if failure is not None and not stopped.done() and self.wanted:
-                    await self._pause(self._failed(*failure), stopped)
+                if failure is None or stopped.done() or not self.wanted:
+                    continue
+                if self._refused_as_expired(failure):
+                    await self._await_credentials(stopped)
+                else:
+                    await self._pause(self._failed(failure.error, failure.level), stopped)
         finally:
             detach()
+            detach_credentials()
             stopped.cancel()
             # Cancelled or stopped: keep the broker session for the next run; switched to pull: end it.
             await self._leave(switched_to_pull=not stop.is_set() and not self.wanted)
 
-    async def _session(self, stopped: asyncio.Future[Any]) -> tuple[str, int] | None:
+    async def _session(self, stopped: asyncio.Future[Any]) -> _Failure | None:
         """One connection, from connect to its end; returns why it ended badly (and a log level)."""
         link = self._link
-        if link is None or self._link_trust != tuple(self._core.identity.trusted_cas):
-            if link is not None and link.connected:
-                link.abort()  # sessions end before the next begins: this only makes sure
+        if link is None or not self._link_current():
+            if link is not None:
+                await self._retire(link)
             link = self._new_link()
         error: str | None = None
         level = logging.WARNING
+        refusal: LinkRefused | None = None
         try:
             # Raced against stop: connecting to a silent broker must not hold up a shutdown.
             if not await _unless_stopped(self._connect(link), stopped):
@@ -232,7 +209,7 @@ class PushLoop:
             await self._follow(link, stopped)
         except LinkRefused as exc:
             # Credentials or ACL: not going to fix itself soon, and the operator must hear of it.
-            error, level = f"push session refused: {exc}", logging.ERROR
+            error, level, refusal = f"push session refused: {exc}", logging.ERROR, exc
         except LinkError as exc:
             error = f"push session: {exc}"
         except Exception as exc:
@@ -245,7 +222,50 @@ class PushLoop:
             return None
         if link.connected:
             link.abort()  # e.g. a refused subscription: start again from a fresh connection
-        return error, level
+        return _Failure(error, level, refusal)
+
+    def _link_current(self) -> bool:
+        """Whether the link was made with the CAs and the broker credentials the identity holds now."""
+        identity = self._core.identity
+        return self._link_trust == tuple(identity.trusted_cas) and self._link_credentials is identity.mqtt
+
+    async def _retire(self, link: Link) -> None:
+        """End a link made with what the identity no longer holds: a clean DISCONNECT (the broker drops
+        the will, and the retained state says online until the next session reports again)."""
+        self._link = None
+        try:
+            async with asyncio.timeout(self._settings.request_timeout_s):
+                await link.close()
+        except (LinkError, TimeoutError) as exc:
+            log.info("push: could not close the old connection cleanly (%s); dropping it", exc or "timed out")
+            link.abort()
+
+    def _refused_as_expired(self, failure: _Failure) -> bool:
+        """The broker refused the connection as not authorised, and the credentials have expired."""
+        refusal = failure.refusal
+        return (
+            refusal is not None
+            and refusal.operation == "connect"
+            and refusal.reason_code in NOT_AUTHORISED
+            and expired(self._core.identity.mqtt)
+        )
+
+    async def _await_credentials(self, stopped: asyncio.Future[Any]) -> None:
+        """Wait, without retrying, until the manager hands the agent new broker credentials."""
+        held = self._core.identity.mqtt
+        assert held is not None and held.expires_at is not None  # `_refused_as_expired` says so
+        log.warning(
+            "push: the broker refused the agent's credentials, which expired at %s; not retrying them: "
+            "waiting for the manager to renew them (asking it now; heartbeats go on meanwhile)",
+            held.expires_at.isoformat(timespec="seconds"),
+        )
+        self._last_error = None
+        self._ask_manager("credentials-expired")
+        while not stopped.done() and self.wanted and self._core.identity.mqtt is held:
+            self._changed.clear()
+            await _first_of(stopped, self._changed)
+        if self._core.identity.mqtt is not held:
+            log.info("push: new broker credentials arrived; connecting with them")
 
     async def _connect(self, link: Link) -> None:
         await link.connect()
@@ -280,6 +300,11 @@ class PushLoop:
             if not link.connected:
                 raise _Lost("the connection to the broker was lost")
             if not self.wanted:
+                return
+            if self._link_credentials is not self._core.identity.mqtt:
+                # New CAs wait for the next connection (the session up was verified under the old
+                # ones, which were the agent's until now); new credentials are used at once.
+                log.info("push: reconnecting with the new broker credentials")
                 return
             await self._sync(link)
 
@@ -379,6 +404,9 @@ class PushLoop:
     def _on_applied(self, doc: EffectiveDocument) -> None:
         self._changed.set()
 
+    def _on_credentials(self, credentials: MqttCredentials) -> None:
+        self._changed.set()
+
     def _on_message(self, message: Message) -> None:
         topic, payload = message.topic, message.payload
         if topic == self._cmd_topic:
@@ -397,10 +425,16 @@ class PushLoop:
         self._on_foreign_message(topic)
 
     def _on_withdrawn(self) -> None:
+        self._ask_manager("withdrawn")
+
+    def _ask_manager(self, why: str) -> None:
+        """Heartbeat at once, as the manager's "update now" would have it."""
         now = datetime.now(UTC)
-        self._on_command(
-            AgentCommand(command="update_now", id=f"withdrawn-{now.timestamp():.0f}", issued_at=now)
-        )
+        try:
+            command_id = f"{why}-{now.timestamp():.0f}"
+            self._on_command(AgentCommand(command="update_now", id=command_id, issued_at=now))
+        except Exception:
+            log.exception("push: command handler failed on %s", why)
 
     def _on_foreign_message(self, topic: str) -> None:
         try:
@@ -421,6 +455,9 @@ class PushLoop:
             command = AgentCommand.model_validate_json(payload)
         except ValidationError as exc:
             log.warning("push: dropped a malformed command: %s", _summary(exc))
+            return
+        if command.command == "credentials" and command.mqtt is None:
+            log.warning("push: dropped a malformed command: credentials without mqtt (id %s)", command.id)
             return
         if command.id in self._recent_commands:
             log.debug("push: ignored command %s delivered again", command.id)
@@ -458,8 +495,10 @@ class PushLoop:
     def _new_link(self) -> Link:
         identity = self._core.identity
         will = Message(self._state_topic, will_payload(identity.agent_id), qos=1, retain=True)
-        self._link = self._link_factory(link_options(identity, self._settings, will=will), self._on_message)
+        options = link_options(identity, self._settings, will=will, rng=self._rng)
+        self._link = self._link_factory(options, self._on_message)
         self._link_trust = tuple(identity.trusted_cas)
+        self._link_credentials = identity.mqtt
         return self._link
 
 
@@ -481,6 +520,15 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stopped: asyncio.Futu
 
 class _Lost(LinkError):
     """The connection dropped while the session was idle."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """Why a session ended badly: what to log, how loud, and the broker's refusal if it refused."""
+
+    error: str
+    level: int
+    refusal: LinkRefused | None = None
 
 
 async def _first_of(

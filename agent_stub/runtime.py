@@ -7,6 +7,10 @@ runtime starts it when a document switches the mode to push and lets it end (off
 disconnect) when one switches it to pull. `core.transport`, which heartbeats report, says "push" exactly
 while the MQTT session is up and "pull" otherwise.
 
+Broker credentials are renewed by the manager (NATS JWTs expire): the heartbeat reports when the agent's
+expire (`mqtt_expires_at`) and its answer may bring new ones (`mqtt`), as may a `credentials` command
+on the cmd topic; both land in `AgentCore.adopt_credentials`, and the push loop reconnects with them.
+
 When an applied document changed the CAs the agent trusts (`AgentCore` keeps them in the identity), the
 runtime hands them to its manager client (`_follow_trust`): the next requests trust those; the push loop
 takes them at its next connection.
@@ -27,6 +31,7 @@ from functools import partial
 from typing import Any
 
 from agent_stub import trust
+from agent_stub.broker_account import push_blocker
 from agent_stub.content import ContentClient, ContentSync
 from agent_stub.core import AgentCore, ApplyOutcome, Outcome
 from agent_stub.locator import FactsReader, LocationTracker
@@ -34,10 +39,10 @@ from agent_stub.log_spool import LogSpool, MemoryLogSpool
 from agent_stub.log_uploads import PRIORITY_DELAY_S, LogUploads
 from agent_stub.mqtt_link import LinkFactory, MqttLink
 from agent_stub.pull import HeartbeatClient, PullLoop
-from agent_stub.push import PushLoop, push_blocker
+from agent_stub.push import PushLoop
 from agent_stub.state import CONTENT_DIR
 from fabric_core.settings import AgentSettings
-from fabric_core.wire import AgentCommand, EffectiveDocument, Mode
+from fabric_core.wire import AgentCommand, EffectiveDocument, Mode, MqttCredentials
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +116,7 @@ class AgentRuntime:
         self._stop = stop
         self.core.transport = "pull"
         detach = self.core.add_listener(self._on_applied)
+        detach_credentials = self.core.add_credentials_listener(self._on_credentials)
         detach_events = self.core.add_outcome_listener(partial(record_outcome, self.spool))
         uploading = asyncio.get_running_loop().create_task(self.logs.run(stop))
         self._announced = False
@@ -125,6 +131,7 @@ class AgentRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await locating
             detach()
+            detach_credentials()
             detach_events()
             uploading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,6 +150,9 @@ class AgentRuntime:
         if self.content is not None:
             self.content.schedule(doc)
         self.location.evaluate()  # the document may bring other locations or conditions
+
+    def _on_credentials(self, credentials: MqttCredentials) -> None:
+        self._reconcile()  # credentials may be what push mode lacked
 
     def _follow_trust(self) -> None:
         """Switch the manager client to the CAs the identity holds now, if the document changed them."""
@@ -207,6 +217,8 @@ class AgentRuntime:
     def _on_command(self, command: AgentCommand) -> None:
         if command.command == "update_now":
             self.update_now()
+        elif command.command == "credentials" and command.mqtt is not None:
+            self.core.adopt_credentials(command.mqtt, source="command")
 
 
 # --- the agent's own events, in its log ---------------------------------------------------------------

@@ -23,8 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent_stub.errors import CorruptStateError
 from agent_stub.files import write_atomically
+from fabric_core.errors import PolicycastError
 from fabric_core.serials import NO_SERIAL
+from fabric_core.settings import MqttAddress
 from fabric_core.tls import split_certificates
+from fabric_core.topics import DEFAULT_PREFIX, check_prefix
 from fabric_core.wire import EnrollResponse, Mode, MqttCredentials, SigningKeyInfo
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,17 @@ class StoredMqttCredentials(MqttCredentials):
     @classmethod
     def from_wire(cls, credentials: MqttCredentials | None) -> StoredMqttCredentials | None:
         return None if credentials is None else cls.model_validate(credentials.model_dump())
+
+
+def credentials_problem(credentials: MqttCredentials) -> str | None:
+    """Why broker credentials cannot be used (a broker URL or topic prefix that does not parse), or None."""
+    try:
+        for url in credentials.broker_urls:
+            MqttAddress.parse(url)
+        check_prefix(credentials.prefix or getattr(credentials, "mqtt_prefix", None) or DEFAULT_PREFIX)
+    except (ValueError, PolicycastError) as exc:
+        return str(exc)
+    return None
 
 
 class Identity(BaseModel):

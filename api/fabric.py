@@ -1,8 +1,9 @@
 """`Fabric`: what a manager process holds for its whole life, made once in the app's lifespan.
 
 The broker engine is not the api's to choose: the composition root (`local_stack.composition`) hands
-`create_app` a factory for it, and enrolment talks to it only through `BrokerAccess`, the part of the
-engine's interface (`broker_bridge.engine.BrokerEngine`) that the api needs. The api alone (no
+`create_app` a factory for it, and enrolment and the heartbeat (renewed credentials) talk to it only
+through `BrokerAccess`, the part of the engine's interface (`broker_bridge.engine.BrokerEngine`) that
+the api needs. The api alone (no
 factory) enrols agents without broker credentials: they converge by heartbeat.
 """
 
@@ -29,10 +30,20 @@ from manager_db.database import make_engine, migrate, session_scope
 
 
 class BrokerAccess(Protocol):
-    """What enrolment asks of the broker engine."""
+    """What enrolment and the heartbeat ask of the broker engine."""
 
     def enrolment_credentials(self, agent_id: str, group_id: int) -> MqttCredentials:
         """The broker URL, account and delivery options a newly enrolled agent connects with."""
+        ...
+
+    def refreshed_credentials(
+        self, agent_id: str, group_id: int, *, expires_at: int | None, document_changed: bool
+    ) -> MqttCredentials | None:
+        """New credentials for the heartbeat's answer, when the agent's (expiring at `expires_at`, Unix
+        seconds, as it reported) are due for renewal or no longer fit its document (`document_changed`:
+        the answer carries a new document, e.g. after a group move); None: keep what it has (Mosquitto,
+        whose passwords never expire). Called on the event loop, only for heartbeats that report an
+        expiry: it must be quick (a JWT is minted in about 100 µs) and never block."""
         ...
 
 

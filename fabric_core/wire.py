@@ -402,18 +402,28 @@ AgentCommand.model_rebuild()
 
 
 def heartbeat_response_bytes(
-    *, changed: bool, serial: int, next_heartbeat_s: int, envelope: bytes | None
+    *,
+    changed: bool,
+    serial: int,
+    next_heartbeat_s: int,
+    envelope: bytes | None,
+    mqtt: bytes | None = None,
 ) -> bytes:
     """The JSON of a `HeartbeatResponse`, splicing in already-signed envelope bytes without re-encoding.
 
     The hot path answers thousands of heartbeats a second: the envelope is signed and serialised once
-    when the document changes, and every heartbeat that needs it reuses those bytes.
+    when the document changes, and every heartbeat that needs it reuses those bytes. `mqtt`: the JSON of
+    new `MqttCredentials` (rare: a renewal), spliced in the same way.
     """
     head = b'{"changed":%s,"serial":%d,"next_heartbeat_s":%d' % (
         b"true" if changed else b"false",
         serial,
         next_heartbeat_s,
     )
-    if envelope is None:
-        return head + b"}"
-    return head + b',"config":' + envelope + b"}"
+    if mqtt is None:
+        if envelope is None:
+            return head + b"}"
+        return head + b',"config":' + envelope + b"}"
+    if envelope is not None:
+        head += b',"config":' + envelope
+    return head + b',"mqtt":' + mqtt + b"}"

@@ -16,13 +16,15 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from agent_stub.broker_account import link_options, topic_prefix
 from agent_stub.core import AgentCore
 from agent_stub.errors import LinkError
 from agent_stub.manager_client import ManagerClient
 from agent_stub.mqtt_link import LinkOptions, Message, MessageHandler, MqttLink
-from agent_stub.push import backoff_s, link_options, topic_prefix
+from agent_stub.push import backoff_s
 from agent_stub.runtime import AgentRuntime
 from agent_stub.simulator.plan import DocumentKey, SimIdentity
 from agent_stub.simulator.stats import CountingClient, FleetStats
@@ -147,6 +149,10 @@ class Timestamps:
 
     def _link_for(self, options: LinkOptions, on_message: MessageHandler, prefix: str) -> SimLink:
         fleet = self._fleet
+        nodes = fleet.broker_override
+        if nodes:
+            # Applied to every link, so that credentials the manager renews keep the benchmark's broker.
+            options = replace(options, address=nodes[0], addresses=nodes if len(nodes) > 1 else ())
         return SimLink(
             options,
             on_message,
@@ -155,12 +161,6 @@ class Timestamps:
             stats=fleet.stats,
             config_head=fleet.config_head(prefix),
         )
-
-
-def _with_broker(identity: Identity, mqtt_url: str | None) -> Identity:
-    if mqtt_url and identity.mqtt is not None:
-        return identity.model_copy(update={"mqtt": identity.mqtt.model_copy(update={"url": mqtt_url})})
-    return identity
 
 
 class SimAgent(Timestamps):
@@ -172,7 +172,7 @@ class SimAgent(Timestamps):
         super().__init__(fleet, index, sim)
         self.applied: list[tuple[int, float, float]] = []
         """(serial, applied at, issued at) of the last few applied documents, wall clock."""
-        identity = _with_broker(sim.identity, fleet.plan.mqtt_url)
+        identity = sim.identity
         store = _ObservedStore(identity, self._set_transport)
         self.core = AgentCore(identity=identity, store=store)
         self.core.add_listener(self._on_applied)
@@ -245,7 +245,7 @@ class BareAgent(Timestamps):
 
     def __init__(self, fleet: SimulatedFleet, index: int, sim: SimIdentity, key: DocumentKey) -> None:
         super().__init__(fleet, index, sim)
-        identity = _with_broker(sim.identity, fleet.plan.mqtt_url)
+        identity = sim.identity
         if identity.mqtt is None:
             raise ValueError(f"agent {identity.agent_id} has no broker account")
         prefix = topic_prefix(identity)
@@ -255,7 +255,8 @@ class BareAgent(Timestamps):
         self._rng = random.Random(fleet.plan.seed * 1_000_003 + index)
         self.sessions = 0
         self._qos = identity.mqtt.delivery.qos
-        self.link = self._link_for(link_options(identity, fleet.settings), self._on_message, prefix)
+        options = link_options(identity, fleet.settings, rng=self._rng)
+        self.link = self._link_for(options, self._on_message, prefix)
 
     @property
     def has_document(self) -> bool:

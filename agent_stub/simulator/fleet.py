@@ -44,7 +44,7 @@ from agent_stub.simulator.plan import (
 from agent_stub.simulator.stats import FleetStats, Progress
 from agent_stub.trust import context_for
 from fabric_core.serials import NO_SERIAL
-from fabric_core.settings import AgentSettings
+from fabric_core.settings import AgentSettings, MqttAddress
 from fabric_core.topics import all_configs_filter
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,10 @@ class SimulatedFleet:
         self.stats = FleetStats()
         self.rng = random.Random(plan.seed)
         self.pacer = Pacer(plan.connect_rate, jitter_s=plan.jitter_s, rng=self.rng)
+        self.broker_override: tuple[MqttAddress, ...] = tuple(
+            MqttAddress.parse(url.strip()) for url in (plan.mqtt_url or "").split(",") if url.strip()
+        )
+        """The broker nodes every agent's links use instead of their credentials' (`plan.mqtt_url`)."""
         self._transport, self.http = self._pool(None)
         self.trusted_cas: list[str] = []
         """The CAs the fleet's pool trusts, pinned once (`pinning`): one manager, one CA."""

@@ -62,7 +62,8 @@ class FleetPlan:
     enrol_concurrency: int = 8
     identities: Path | None = None
     mqtt_url: str | None = None
-    """Overrides the broker address learnt at enrolment (a benchmark's broker may move to another port)."""
+    """Overrides the broker address learnt at enrolment (a benchmark's broker may move to another port),
+    in every link, also after the manager renewed the credentials; comma-separated: the broker's nodes."""
     seed: int = 0
     ready_timeout_s: float = 600.0
     loop: Literal["auto", "uvloop", "asyncio"] = "auto"

@@ -15,10 +15,13 @@ from fabric_core.canonical import MAX_JSON_DEPTH, PLAIN_JSON, is_plain_json
 from fabric_core.wire import AnyId, HeartbeatRequest
 
 _SERIAL = HeartbeatRequest.model_fields["serial"]
+_EXPIRES = HeartbeatRequest.model_fields["mqtt_expires_at"]
 FIELDS = frozenset(HeartbeatRequest.model_fields)
 MODES = frozenset(get_args(HeartbeatRequest.model_fields["mode"].annotation))
 SERIAL_MIN: int = next(bound.ge for bound in _SERIAL.metadata if hasattr(bound, "ge"))
 SERIAL_MAX: int = next(bound.le for bound in _SERIAL.metadata if hasattr(bound, "le"))
+EXPIRES_MIN: int = next(bound.ge for bound in _EXPIRES.metadata if hasattr(bound, "ge"))
+EXPIRES_MAX: int = next(bound.le for bound in _EXPIRES.metadata if hasattr(bound, "le"))
 _LOCATION = get_args(AnyId)[1]  # the Field of HeartbeatRequest.location_id's type
 LOCATION_MIN: int = next(bound.ge for bound in _LOCATION.metadata if hasattr(bound, "ge"))
 LOCATION_MAX: int = next(bound.le for bound in _LOCATION.metadata if hasattr(bound, "le"))
@@ -47,6 +50,7 @@ def everyday(request: Any) -> bool:
     location_id = request.get("location_id")
     mode = request.get("mode")
     status = request.get("status")  # absent or null: unchanged, the manager keeps what it holds
+    expires = request.get("mqtt_expires_at")
     return (
         type(serial) is int
         and SERIAL_MIN <= serial <= SERIAL_MAX
@@ -56,6 +60,7 @@ def everyday(request: Any) -> bool:
         and type(mode) is str
         and mode in MODES
         and (status is None or (type(status) is dict and plain_without_floats(status)))
+        and (expires is None or (type(expires) is int and EXPIRES_MIN <= expires <= EXPIRES_MAX))
     )
 
 

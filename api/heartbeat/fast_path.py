@@ -108,4 +108,5 @@ def fast_heartbeat(fabric: Fabric, authorization: bytes, body: bytes) -> bytes |
         mode=request["mode"],
         status=request.get("status"),
         found=found,
+        mqtt_expires_at=request.get("mqtt_expires_at"),
     )

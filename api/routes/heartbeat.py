@@ -66,6 +66,7 @@ async def heartbeat(body: HeartbeatRequest, request: Request) -> Response:
         mode=body.mode,
         status=body.status,
         found=found,
+        mqtt_expires_at=body.mqtt_expires_at,
     )
     return Response(payload, media_type=JSON)
 

@@ -12,10 +12,11 @@ from typing import Any
 import orjson
 import pytest
 
+from agent_stub.broker_account import push_blocker
 from agent_stub.core import AgentCore
 from agent_stub.errors import LinkUnavailable
 from agent_stub.mqtt_link import LinkOptions, MessageHandler
-from agent_stub.push import PushLoop, backoff_s, push_blocker, state_report, will_payload
+from agent_stub.push import PushLoop, backoff_s, state_report, will_payload
 from agent_stub.state import MemoryStateStore, StoredMqttCredentials
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey

@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from agent_stub import trust
+from agent_stub.broker_account import link_options
 from agent_stub.core import AgentCore
 from agent_stub.errors import TrustError
 from agent_stub.manager_client import ManagerClient
-from agent_stub.push import link_options
 from agent_stub.runtime import AgentRuntime
 from agent_stub.state import Identity, MemoryStateStore
 from fabric_core.settings import AgentSettings
