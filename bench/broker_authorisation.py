@@ -419,8 +419,9 @@ def summary(measurements: list[Measurement], plan: Plan) -> dict[str, Any]:
 
 def show(measurements: list[Measurement], plan: Plan) -> None:
     table = Table(title=f"authorising new agents ({'MQTT over TLS' if plan.tls else 'plain MQTT'})")
-    for column in ("engine", "method", "agents", "seconds", "ms/agent", "sample in", "refused other"):
-        table.add_column(column, justify="left" if column in ("engine", "method") else "right")
+    for column in ("engine", "method", "agents", "seconds", "ms/ag", "in", "refused"):
+        left = column in ("engine", "method")
+        table.add_column(column, justify="left" if left else "right", no_wrap=left)
     for m in measurements:
         v = m.verified
         sample = f"{v.get('connected_and_subscribed', 0)}/{v.get('sampled', 0)}"
@@ -432,12 +433,12 @@ def show(measurements: list[Measurement], plan: Plan) -> None:
             e = m.extrapolated
             table.add_row(
                 "",
-                "[yellow]  extrapolated[/]",
+                "[yellow]  extrapolated[/]",  # the row above's method
                 f"{e['agents']:,}",
                 f"[yellow]~{e['seconds']:,.0f}[/]",
                 f"[yellow]{e['per_agent_ms']:.2f}[/]",
-                "[yellow]not[/]",
-                "[yellow]measured[/]",
+                "[yellow]fit[/]",
+                "[yellow]only[/]",
             )
     console.print(table)
 
