@@ -51,6 +51,8 @@ CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
 DEFAULT_CLIENT_PORT = 4222
 DEFAULT_MONITOR_PORT = 8222
 PUSH_TIMEOUT_S = 5.0
+RESYNC_EVERY_S = 30.0
+"""How often the lease-holding bridge pushes the account JWT even when nothing changed."""
 CLOCK_SKEW_S = 60
 """Revocations are kept this much longer than the credentials' lifetime, for replicas' clocks."""
 
@@ -65,6 +67,7 @@ class NatsEngine(BrokerEngine):
         self._lock = threading.Lock()
         self._last_account_iat = 0
         self._synced_sessions = -1
+        self._synced_at = 0.0
         self._revocations: dict[str, int] = {}
         self._ssl_context: ssl.SSLContext | None = None
 
@@ -205,12 +208,14 @@ class NatsEngine(BrokerEngine):
         self._push(self.revocations_from(database))
 
     def resync(self, link: BrokerLink, *, database: Engine) -> None:
-        """Push the account JWT once per bridge connection: a node restarted from a configuration
-        written before the latest revocations gets them back (the full resolver also syncs nodes)."""
-        if link.sessions == self._synced_sessions:
+        """Push the account JWT whenever the bridge (re)connected, and every `RESYNC_EVERY_S`: a node
+        that was down during a push restarts with the older account JWT of its resolver directory
+        and would accept a revoked agent until the full resolver's own sync (every 2 minutes)."""
+        now = time.monotonic()
+        if link.sessions == self._synced_sessions and now - self._synced_at < RESYNC_EVERY_S:
             return
         self._push(self.revocations_from(database))
-        self._synced_sessions = link.sessions
+        self._synced_sessions, self._synced_at = link.sessions, now
 
     @property
     def _revocation_margin(self) -> int:

@@ -16,9 +16,12 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
+from sqlmodel import Session
 
 from broker_bridge.broker import BrokerLink
 from broker_bridge.engine import ClusterNode, ClusterTls
@@ -27,6 +30,7 @@ from fabric_core.settings import MqttAddress, Settings
 from fabric_core.tls import CA_FILE, ManagerCA, client_context
 from fabric_core.topics import DEFAULT_PREFIX
 from local_stack.broker_cluster import BrokerCluster
+from manager_db.models import Agent
 from tests.support.broker import MqttClient, Received
 from tests.support.processes import free_port
 
@@ -137,6 +141,22 @@ class NatsCluster:
         for link in self._links:
             link.close()
         self.cluster.stop()
+
+
+def add_agent(database: Engine, agent_id: str, *, revoked: bool, acl_group_id: int | None = 1) -> None:
+    """An agent row in group 1 (revoked now, when `revoked`), as the api would have written it."""
+    with Session(database) as session:
+        session.add(
+            Agent(
+                id=agent_id,
+                hostname=agent_id,
+                group_id=1,
+                secret_hash=secrets.token_hex(16),
+                revoked_at=datetime.now(UTC) if revoked else None,
+                acl_group_id=acl_group_id,
+            )
+        )
+        session.commit()
 
 
 def _started(directory: Path, nodes: int) -> Iterator[NatsCluster]:

@@ -45,7 +45,10 @@ def test_an_agent_reads_its_groups_retained_config_from_any_node_and_its_cmd_top
         got = agent.expect(topic, timeout=10)
         assert (got.payload, got.retain) == (b"document-1", True)
         assert agent.subscribe(cmd_topic(prefix, agent_id), qos=0).value == 0
-        bridge.publish(cmd_topic(prefix, agent_id), b"update-now", qos=1)
+        # From the agent's node: a SUBACK does not mean the other nodes know of the subscription yet
+        # (interest crosses the routes asynchronously; a QoS 0 command sent meanwhile is lost, which
+        # is why commands are re-sent until the agent shows it acted).
+        nats_cluster.link(node=node).publish(cmd_topic(prefix, agent_id), b"update-now", qos=1)
         assert agent.expect(cmd_topic(prefix, agent_id)).payload == b"update-now"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import secrets
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import orjson
 import pytest
@@ -17,10 +16,8 @@ from sqlmodel import Session
 from broker_bridge.reconcile import reconcile_accounts
 from fabric_core.topics import cmd_topic, config_topic
 from fabric_core.wire import AgentCommand
-from manager_db.database import make_engine
-from manager_db.models import Agent, Group
-from tests.support.databases import fresh_database
-from tests.support.nats import NatsCluster
+from manager_db.models import Agent
+from tests.support.nats import NatsCluster, add_agent
 
 pytestmark = pytest.mark.cluster
 DISCONNECT_BOUND_S = 5.0
@@ -28,31 +25,6 @@ DISCONNECT_BOUND_S = 5.0
 
 def new_id(name: str) -> str:
     return f"{name}-{secrets.token_hex(3)}"
-
-
-@pytest.fixture
-def database(tmp_path: Path, sqlite_template: Path) -> Engine:
-    url = fresh_database("sqlite", tmp_path / "db", sqlite_template=sqlite_template, postgres_url=None)
-    engine = make_engine(url)
-    with Session(engine) as session:
-        session.add(Group(id=1, name="root"))
-        session.commit()
-    return engine
-
-
-def add_agent(database: Engine, agent_id: str, *, revoked: bool, acl_group_id: int | None = 1) -> None:
-    with Session(database) as session:
-        session.add(
-            Agent(
-                id=agent_id,
-                hostname=agent_id,
-                group_id=1,
-                secret_hash=secrets.token_hex(16),
-                revoked_at=datetime.now(UTC) if revoked else None,
-                acl_group_id=acl_group_id,
-            )
-        )
-        session.commit()
 
 
 def test_a_connected_agent_is_disconnected_within_seconds_of_its_revocation_and_refused_after(
@@ -105,7 +77,7 @@ def test_a_reconcile_round_pushes_once_for_all_its_removals(
 
 def test_a_moved_agent_gets_credentials_for_its_new_group_on_its_cmd_topic(nats_cluster: NatsCluster) -> None:
     prefix, engine = nats_cluster.prefix, nats_cluster.engine
-    link = nats_cluster.link(node=0)
+    link = nats_cluster.link(node=1)  # the agent's node: interest crosses routes asynchronously
     agent_id = new_id("mover")
     agent = nats_cluster.agent(agent_id, 31, node=1)
     assert agent.subscribe(cmd_topic(prefix, agent_id), qos=0).value == 0
