@@ -368,10 +368,11 @@ class PushLoop:
             self._stale.clear()
 
     async def _pause(self, delay: float, stopped: asyncio.Future[Any]) -> None:
-        """Wait `delay` before reconnecting; end early if stopped or push mode is over."""
+        """Wait `delay` before reconnecting; end early if stopped, push mode is over, or new broker
+        credentials arrived (the refused ones may be why the last attempt failed)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delay
-        while not stopped.done() and self.wanted:
+        while not stopped.done() and self.wanted and self._link_credentials is self._core.identity.mqtt:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return

@@ -12,7 +12,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent_stub.errors import LinkRefused, LinkUnavailable, ManagerRejected, ManagerUnreachable
 from agent_stub.mqtt_link import LinkOptions, Message, MessageHandler
 from fabric_core.topics import cmd_topic, config_topic, state_topic
-from fabric_core.wire import HeartbeatRequest, HeartbeatResponse, LogEntry
+from fabric_core.wire import HeartbeatRequest, HeartbeatResponse, LogEntry, MqttCredentials
 from tests.agent_stub.conftest import GROUP_ID, LOCATION_ID
 
 PREFIX = "policycast"
@@ -31,6 +31,8 @@ class Broker:
         self.refused_topics: set[str] = set()
         self.subscribed_qos: list[tuple[str, int]] = []
         """(topic, QoS asked) of every subscription, in order."""
+        self.connected_with: list[str | None] = []
+        """The password of every successful connect, in order."""
         self.session_present = False
 
     def factory(self, options: LinkOptions, on_message: MessageHandler) -> FakeLink:
@@ -70,6 +72,7 @@ class FakeLink:
         self.broker.calls.append(("connect",))
         if self.broker.connect_failures:
             raise self.broker.connect_failures.pop(0)
+        self.broker.connected_with.append(self.options.password)
         self._connected = True
         self._disconnected.clear()
         return self.broker.session_present
@@ -111,12 +114,16 @@ class FakeLink:
 
 
 class FakeManager:
-    """Answers heartbeats with `envelope` while the agent holds an older serial; records requests."""
+    """Answers heartbeats with `envelope` while the agent holds an older serial; records requests.
+
+    `credentials`: new broker credentials, answered (`mqtt`) once, to the next heartbeat that reports an
+    expiry (`mqtt_expires_at`), as the manager renews a NATS JWT."""
 
     def __init__(self, envelope: bytes | None = None, *, next_heartbeat_s: int = 3600) -> None:
         self.envelope = envelope
         self.next_heartbeat_s = next_heartbeat_s
         self.requests: list[HeartbeatRequest] = []
+        self.credentials: MqttCredentials | None = None
 
     @property
     def serial(self) -> int:
@@ -125,12 +132,16 @@ class FakeManager:
     async def heartbeat(self, request: HeartbeatRequest) -> HeartbeatResponse:
         self.requests.append(request)
         changed = self.envelope is not None and request.serial < self.serial
+        mqtt = None
+        if self.credentials is not None and request.mqtt_expires_at is not None:
+            mqtt, self.credentials = self.credentials.model_dump(mode="json"), None
         return HeartbeatResponse.model_validate(
             {
                 "changed": changed,
                 "serial": self.serial,
                 "next_heartbeat_s": self.next_heartbeat_s,
                 "config": orjson.loads(self.envelope) if changed and self.envelope else None,
+                "mqtt": mqtt,
             }
         )
 
