@@ -144,6 +144,10 @@ class BrokerEngine(ABC):
         return (self.write_config(directory, bind=bind, tls=listener, run_as=run_as),)
 
     @abstractmethod
+    def check_installed(self) -> None:
+        """Raise `BrokerNotInstalled` (saying how to install it) when this machine lacks the broker."""
+
+    @abstractmethod
     def bridge_credentials(self) -> tuple[str, str]:
         """(username, password) of the bridge's own broker account."""
 

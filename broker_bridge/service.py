@@ -53,17 +53,19 @@ def bridge_client_id() -> str:
 
 
 def connect_link(settings: Settings, broker: BrokerEngine, *, client_id: str | None = None) -> BrokerLink:
-    """The bridge's link to the broker, with its account (not connected yet: `start` it). Over TLS it
-    trusts only the manager's CA (`fabric_core.tls.manager_trust`)."""
+    """The bridge's link to the broker, with its account, speaking the engine's MQTT version and
+    failing over among every node of `mqtt_url` (not connected yet: `start` it). Over TLS it trusts
+    only the manager's CA (`fabric_core.tls.manager_trust`)."""
     username, password = broker.bridge_credentials()
-    address = settings.mqtt_address
-    context = client_context(manager_trust(settings)) if address.tls else None
+    addresses = settings.mqtt_addresses
+    context = client_context(manager_trust(settings)) if any(a.tls for a in addresses) else None
     return BrokerLink(
-        address,
+        addresses,
         username=username,
         password=password,
         client_id=client_id or bridge_client_id(),
         ssl_context=context,
+        protocol=broker.delivery.protocol,
     )
 
 
@@ -123,7 +125,12 @@ class Bridge:
         self.ingest.flush(self.engine)
         if not self._hold_lease():
             return False
-        self._reconcile_if_needed()
+        try:
+            self._reconcile_if_needed()
+        except BrokerError as exc:
+            # Broker access (a NATS revocation push, a dynsec command) waits for the next round; it
+            # must not hold back the documents and commands, which go over the MQTT link.
+            log.warning("reconciling broker access failed (%s); relaying anyway", exc)
         batch, prefix = self.settings.bridge_batch, self.settings.mqtt_prefix
         sessions = self.link.sessions
         if sessions != self._sessions_seen:

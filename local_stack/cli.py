@@ -13,6 +13,7 @@ import typer
 
 from api import admin_cli, tls_cli
 from api import cli as api_cli
+from api.cli import EngineChoice
 from broker_bridge import cli as bridge_cli
 from fabric_core.console import load_settings, stdout
 from fabric_core.settings import Settings
@@ -25,6 +26,13 @@ def up(
     exit_when_converged: Annotated[
         bool, typer.Option(help="stop once the demo change reached every agent (for scripts)")
     ] = False,
+    engine: Annotated[
+        EngineChoice | None,
+        typer.Option(help="the push broker; default: the setting (Mosquitto, or NATS when it is missing)"),
+    ] = None,
+    broker_nodes: Annotated[
+        int, typer.Option(min=1, max=9, help="broker nodes (a NATS cluster; Mosquitto runs one)")
+    ] = 1,
 ) -> None:
     """Run the local stack: the manager on SQLite, a broker, the bridge and demo agents.
 
@@ -33,7 +41,13 @@ def up(
 
     settings = load_settings(Settings)
     code = run_stack(
-        settings, agents=agents, port=port, exit_when_converged=exit_when_converged, console=stdout
+        settings,
+        agents=agents,
+        port=port,
+        exit_when_converged=exit_when_converged,
+        console=stdout,
+        engine=engine.value if engine is not None else None,
+        broker_nodes=broker_nodes,
     )
     raise typer.Exit(code)
 

@@ -166,15 +166,15 @@ class AgentFleet:
             self.thread.join(timeout=10)
 
 
-def forget_stale_agents(agents_dir: Path, manager_url: str, broker_url: str | None) -> None:
+def forget_stale_agents(agents_dir: Path, manager_url: str, broker_urls: list[str] | None) -> None:
     """Demo agents enrolled against another manager or broker address (another port, or from before
     TLS) re-enrol (they are demo agents only)."""
     if not agents_dir.is_dir():
         return
     for state_dir in agents_dir.iterdir():
         identity = FileStateStore(state_dir).load_identity() if state_dir.is_dir() else None
-        known = identity.mqtt.url if identity is not None and identity.mqtt is not None else None
-        if identity is not None and (known != broker_url or identity.server != manager_url):
+        known = identity.mqtt.broker_urls if identity is not None and identity.mqtt is not None else None
+        if identity is not None and (known != broker_urls or identity.server != manager_url):
             shutil.rmtree(state_dir)
 
 

@@ -25,7 +25,7 @@ from broker_bridge.service import BridgeThread
 from fabric_core.settings import Settings
 from fabric_core.tls import client_context
 from local_stack.demo import DEMO_HEARTBEAT_S, AgentFleet, Demo, enrol_agents, forget_stale_agents, ok, seed
-from local_stack.local_broker import LocalBroker, start_broker
+from local_stack.local_broker import LocalBroker, choose_engine, start_broker
 from local_stack.manager import ManagerThread, admin_key_for, pick_port, start_bridge
 
 log = logging.getLogger(__name__)
@@ -55,21 +55,25 @@ def fleet_table(agents: list[dict[str, Any]], group_names: dict[int, str], title
 
 
 def run_stack(
-    settings: Settings, *, agents: int, port: int, exit_when_converged: bool, console: Console
+    settings: Settings,
+    *,
+    agents: int,
+    port: int,
+    exit_when_converged: bool,
+    console: Console,
+    engine: str | None = None,
+    broker_nodes: int = 1,
 ) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as cleanly as Ctrl-C does
     key = admin_key_for(settings)
     settings = settings.model_copy(update={"bootstrap_admin_key": SecretStr(key)})
-    chosen = pick_port(port)
-    if port and chosen != port:
-        console.print(f"[yellow]port {port} is taken; using {chosen}[/]")
-    for noisy in ("agent_stub", "httpx", "broker_bridge"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    chosen = _api_port(port, console)
     console.print(f"[bold]Policycast[/] starting: data in {settings.data_dir.resolve()}")
-    broker = start_broker(settings, console)
-    settings = settings.model_copy(
-        update={"mqtt_url": broker.url, "mqtt_enabled": True} if broker else {"mqtt_enabled": False}
-    )
+    try:
+        settings, broker = _start_broker(settings, console, engine=engine, nodes=broker_nodes)
+    except (ValueError, BrokerUnavailable) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 1
     manager = ManagerThread(settings, chosen)
     bridge: BridgeThread | None = None
     fleet: AgentFleet | None = None
@@ -85,7 +89,7 @@ def run_stack(
             bridge = start_bridge(settings, manager)
         demo = seed(admin, push=broker is not None)
         agents_dir = settings.data_dir / "demo-agents"
-        forget_stale_agents(agents_dir, manager.url, broker.url if broker else None)
+        forget_stale_agents(agents_dir, manager.url, broker.urls if broker else None)
         state_dirs = enrol_agents(admin, manager.url, demo, agents, agents_dir)
         fleet = AgentFleet(state_dirs)
         fleet.start()
@@ -122,8 +126,26 @@ def run_stack(
         admin.close()
         manager.stop()
         if broker is not None:
-            broker.process.stop()
+            broker.stop()
         console.print("stopped")
+
+
+def _api_port(port: int, console: Console) -> int:
+    chosen = pick_port(port)
+    if port and chosen != port:
+        console.print(f"[yellow]port {port} is taken; using {chosen}[/]")
+    for noisy in ("agent_stub", "httpx", "broker_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return chosen
+
+
+def _start_broker(
+    settings: Settings, console: Console, *, engine: str | None, nodes: int
+) -> tuple[Settings, LocalBroker | None]:
+    """The broker (None: none installed, push off) and the settings that use it."""
+    settings = choose_engine(settings, console, engine=engine)
+    broker = start_broker(settings, console, nodes=nodes)
+    return settings.model_copy(update=broker.settings_update if broker else {"mqtt_enabled": False}), broker
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
@@ -151,7 +173,7 @@ def _banner(
         f"CA        {settings.tls_dir / 'ca.pem' if manager.ca_hash else 'none: plain HTTP'}\n"
         f"admin key {key}\n"
         f"database  {settings.resolved_database_url}\n"
-        f"broker    {broker.url + ' (Mosquitto, dynamic security)' if broker else 'none: pull only'}\n"
+        f"broker    {broker.describe() if broker else 'none: pull only'}\n"
         f"agents    {agents}: push in Headquarters, pull elsewhere (heartbeat {DEMO_HEARTBEAT_S}-"
         f"{DEMO_HEARTBEAT_S * 2}s)",
         title="local stack",

@@ -74,6 +74,10 @@ class MosquittoEngine(BrokerEngine):
             agents=((agent_id, group_id, agent_password(key, agent_id)) for agent_id, group_id in agents),
         )
 
+    def check_installed(self) -> None:
+        mosquitto_binary()
+        find_dynsec_plugin(self.settings.mosquitto_plugin)
+
     def bridge_credentials(self) -> tuple[str, str]:
         return self.settings.mqtt_username, bridge_password(self.settings, self._signing_key)
 

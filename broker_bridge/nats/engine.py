@@ -147,6 +147,9 @@ class NatsEngine(BrokerEngine):
 
     # --- credentials ----------------------------------------------------------------------------
 
+    def check_installed(self) -> None:
+        nats_server_binary()
+
     def bridge_credentials(self) -> tuple[str, str]:
         return self.settings.mqtt_username, credentials.bridge_jwt(
             self.keys, prefix=self.settings.mqtt_prefix
