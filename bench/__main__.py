@@ -10,6 +10,8 @@ modules are found, not listed. Results go to `bench/results/<NAME>-<date>.json`.
     python -m bench --only broker_authorisation --baseline-agents 500   a smaller O(N^2) baseline
     python -m bench --list                the benchmarks found
     python -m bench --plain               plain HTTP and MQTT, as before TLS (default: TLS throughout)
+    python -m bench --only push_fanout --engine nats [--broker-nodes 3]   on a NATS cluster (default
+                                          Mosquitto, one node; NATS 3 nodes)
 """
 
 from __future__ import annotations
@@ -76,12 +78,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="plain HTTP and MQTT everywhere, as before TLS (default: HTTPS and MQTT over TLS, as "
         "production runs)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("mosquitto", "nats"),
+        default="mosquitto",
+        help="the broker engine of the fleet benchmarks (default: mosquitto)",
+    )
+    parser.add_argument(
+        "--broker-nodes",
+        type=int,
+        default=None,
+        help="the broker's nodes (default: 1 for mosquitto, 3 for nats; mosquitto runs one)",
+    )
     parser.add_argument("--fresh", action="store_true", help="discard the kept benchmark state first")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="kept state (default: bench/.work)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--list", action="store_true", help="list the benchmarks found and exit")
     parser.add_argument("--no-write", action="store_true", help="do not write result files")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.engine == "mosquitto" and args.broker_nodes not in (None, 1):
+        parser.error("Mosquitto runs one node: --broker-nodes needs --engine nats")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

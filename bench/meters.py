@@ -83,21 +83,30 @@ def children_cpu() -> float:
 
 
 class CpuMeter:
-    """CPU seconds used by the simulator, Mosquitto and this process (manager and bridge) since start."""
+    """CPU seconds used by the simulator, the broker (summed over a cluster's nodes, and per node) and
+    this process (manager and bridge) since start."""
 
     def __init__(self, stack: Stack, sim: SimulatorControl) -> None:
         self._stack = stack
-        self.pids = {"simulator": sim.pid, "broker": stack.broker_pid, "manager_and_bridge": os.getpid()}
+        self.pids = {"simulator": sim.pid, "manager_and_bridge": os.getpid()}
         self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.node_pids = list(stack.broker_pids)
+        self.node_start = [cpu_seconds(pid) for pid in self.node_pids]
         self.began = time.monotonic()
 
-    def read(self) -> dict[str, float]:
-        used = {name: round(cpu_seconds(pid) - self.start[name], 2) for name, pid in self.pids.items()}
-        broker = self._stack.broker_pid
-        if (
-            broker != self.pids["broker"]
-        ):  # restarted meanwhile: the new process's time (the old one's is gone)
-            used["broker"] = round(cpu_seconds(broker), 2)
+    def read(self) -> dict[str, Any]:
+        used: dict[str, Any] = {
+            name: round(cpu_seconds(pid) - self.start[name], 2) for name, pid in self.pids.items()
+        }
+        nodes = []
+        for index, pid in enumerate(self._stack.broker_pids):
+            if index < len(self.node_pids) and pid == self.node_pids[index]:
+                nodes.append(cpu_seconds(pid) - self.node_start[index])
+            else:  # restarted meanwhile: the new process's time (the old one's is gone)
+                nodes.append(cpu_seconds(pid))
+        used["broker"] = round(sum(nodes), 2)
+        if len(nodes) > 1:
+            used["broker_nodes"] = [round(n, 2) for n in nodes]
         return {**used, "wall": round(time.monotonic() - self.began, 2)}
 
 

