@@ -16,6 +16,14 @@ broker-config` writes them, MQTT over TLS (`--plain`: plain MQTT):
   (`MosquittoEngine.write_agents`, as `broker-config --with-agents`), then the broker started, at
   `--agents` (default 10,000).
 
+NATS 2.15 (operator mode, issue [3/6]), on a 3-node cluster of its own configured by
+`NatsEngine.write_cluster` (MQTT over TLS, always):
+
+- `jwt_mint`: `--agents` agents' enrolment credentials minted (`NatsEngine.enrolment_credentials`: a
+  bearer user JWT each, MQTT only, the agent's allow-lists, as enrolment hands it out); nothing is
+  written to the broker, which knows only the account. Timed: the minting. The sample then connects
+  with its JWT as the password, spread over the nodes, over MQTT 3.1.1 (refused: SUBACK 0x80).
+
 `ENGINES` lists a function per engine; each returns its measurements (`Measurement`) on a `Plan`.
 """
 
@@ -43,13 +51,17 @@ from bench.console import console, say
 from bench.results import machine
 from bench.servers import BenchTls
 from broker_bridge.broker import BrokerLink
-from broker_bridge.engine import TlsListener
+from broker_bridge.engine import ClusterNode, ClusterTls, TlsListener
 from broker_bridge.mosquitto import accounts
 from broker_bridge.mosquitto.engine import MosquittoEngine
+from broker_bridge.nats.engine import NatsEngine
 from fabric_core.broker_credentials import agent_password
 from fabric_core.settings import MqttAddress, Settings
 from fabric_core.signing import SigningKey
+from fabric_core.tls import CA_FILE
 from fabric_core.topics import DEFAULT_PREFIX, config_topic
+from fabric_core.wire import MqttProtocol
+from local_stack.broker_cluster import BrokerCluster
 from local_stack.broker_process import BrokerProcess
 from local_stack.manager import pick_port
 
@@ -62,6 +74,12 @@ BATCH = 50
 """Agents per control message in `control_api_batched`."""
 CHECKPOINTS = 10
 NOT_AUTHORISED = 0x87
+"""MQTT 5's SUBACK reason for a topic the account may not read."""
+SUBACK_FAILURE = 0x80
+"""MQTT 3.1.1's only SUBACK failure code (NATS)."""
+NATS_NODES = 3
+NATS_TARGET_S = 10.0
+"""Issue [3/6]: 10,000 new agents authorised on NATS within 10 s (1,000 agents/s)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +167,12 @@ class MosquittoUnderTest:
         )
         link.connect(10)
         return link
+
+    protocol: MqttProtocol = "5"
+    refused_code = NOT_AUTHORISED
+
+    def address_of(self, i: int) -> MqttAddress:
+        return self.address
 
     def password(self, i: int) -> str:
         return agent_password(self.key, agent_id(i))
@@ -254,14 +278,99 @@ def mosquitto_measurements(plan: Plan) -> list[Measurement]:
 
 # --- NATS ------------------------------------------------------------------------------------------------
 
-# HOOK (NATS engine, broker_bridge/nats/): add `nats_measurements(plan) -> list[Measurement]` here and to
-# ENGINES below. Its method is "mint N user JWTs, no broker write": time minting `plan.agents` bearer
-# user JWTs (MQTT only, the agents' allow-lists), start a nats-server of its own, and `verify` a sample
-# with each JWT as the password (the verifier takes any broker with an `address` and a `context`, and a
-# `password(i)`).
+
+class NatsUnderTest:
+    """A NATS cluster of `nodes` configured by `NatsEngine.write_cluster` in a directory of its own
+    (MQTT over TLS, routes with mutual TLS, certificates from the run's CA), stopped; the sample's
+    credentials are the JWTs minted for them."""
+
+    protocol: MqttProtocol = "3.1.1"
+    refused_code = SUBACK_FAILURE
+
+    def __init__(self, directory: Path, tls: BenchTls, nodes: int = NATS_NODES) -> None:
+        self.members = [
+            ClusterNode(pick_port(0), pick_port(0), pick_port(0), pick_port(0)) for _ in range(nodes)
+        ]
+        self.settings = Settings(
+            data_dir=directory,
+            broker_engine="nats",
+            mqtt_prefix=DEFAULT_PREFIX,
+            mqtt_url=",".join(node.mqtt_url for node in self.members),
+            nats_urls=",".join(f"tls://127.0.0.1:{node.client_port}" for node in self.members),
+        )
+        self.engine = NatsEngine(self.settings, None)
+        self.context: ssl.SSLContext | None = tls.client
+        route = tls.ca.server_files(
+            tls.directory / "tls", "route", ["127.0.0.1", "localhost"], client_auth=True
+        )
+        cluster_tls = ClusterTls(tls.server_files("broker"), route, tls.directory / "tls" / CA_FILE)
+        launches = self.engine.write_cluster(
+            directory / "nats", bind="127.0.0.1", nodes=self.members, tls=cluster_tls
+        )
+        self.cluster = BrokerCluster(launches)
+        self.tokens: dict[int, str] = {}
+
+    def start(self) -> float:
+        began = time.monotonic()
+        self.cluster.start(timeout=120)
+        return time.monotonic() - began
+
+    def address_of(self, i: int) -> MqttAddress:
+        """The sample spreads over the nodes."""
+        node = self.members[i % len(self.members)]
+        return MqttAddress("127.0.0.1", node.mqtt_port, tls=True)
+
+    def password(self, i: int) -> str:
+        return self.tokens[i]
 
 
-ENGINES: list[Callable[[Plan], list[Measurement]]] = [mosquitto_measurements]
+def jwt_mint(plan: Plan) -> Measurement:
+    n = plan.agents
+    tls = BenchTls(plan.work)  # NATS listens on TLS only, whatever --plain says
+    broker = NatsUnderTest(plan.work / "nats", tls)
+    try:
+        start_s = broker.start()
+        say(f"nats, {len(broker.members)} nodes up in {start_s:.2f}s; minting {n} agents' user JWTs")
+        sample = set(_sample(n, plan.sample))
+        began = time.monotonic()
+        size = 0
+        for i in range(n):
+            credentials = broker.engine.enrolment_credentials(agent_id(i), group_of(i))
+            size += len(credentials.password)
+            if i in sample:
+                broker.tokens[i] = credentials.password
+        seconds = time.monotonic() - began
+        say(f"  {n} JWTs in {seconds:.2f}s ({n / seconds:,.0f}/s), {size / n:.0f} bytes each")
+        verified = verify(broker, n, plan.sample)
+    finally:
+        broker.cluster.stop()
+    return Measurement(
+        "nats",
+        "jwt_mint",
+        n,
+        round(seconds, 3),
+        parts={
+            "mint_s": round(seconds, 3),
+            "agents_per_s": round(n / seconds) if seconds else 0.0,
+            "jwt_bytes_mean": round(size / n) if n else 0.0,
+            "cluster_nodes": len(broker.members),
+            "cluster_start_s_not_counted": round(start_s, 3),
+            "broker_writes": 0,
+        },
+        verified=verified,
+        note="NatsEngine.enrolment_credentials per agent (a bearer user JWT); nothing written to the "
+        "broker, started once for the whole fleet (its start is not per agent and not counted)",
+    )
+
+
+def nats_measurements(plan: Plan) -> list[Measurement]:
+    return [jwt_mint(plan)]
+
+
+UnderTest = MosquittoUnderTest | NatsUnderTest
+"""A broker the verifier can try agents on: `address_of(i)`, `context`, `password(i)`, `protocol`."""
+
+ENGINES: list[Callable[[Plan], list[Measurement]]] = [mosquitto_measurements, nats_measurements]
 """One function per broker engine; each measures its ways of authorising `plan`'s agents."""
 
 
@@ -269,14 +378,17 @@ ENGINES: list[Callable[[Plan], list[Measurement]]] = [mosquitto_measurements]
 
 
 class _Probe:
-    """One paho MQTT 5 client as an agent: CONNECT, then SUBSCRIBEs, each answer awaited."""
+    """One paho MQTT client as an agent (MQTT 5, or 3.1.1 on NATS): CONNECT, then SUBSCRIBEs, each
+    answer awaited."""
 
-    def __init__(self, broker: MosquittoUnderTest, i: int, timeout: float = 10.0) -> None:
+    def __init__(self, broker: UnderTest, i: int, timeout: float = 10.0) -> None:
         self.timeout = timeout
+        self.v5 = broker.protocol == "5"
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=agent_id(i),
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+            clean_session=None if self.v5 else True,
             reconnect_on_failure=False,
         )
         self.client.username_pw_set(agent_id(i), broker.password(i))
@@ -286,7 +398,7 @@ class _Probe:
         self.event = threading.Event()
         self.client.on_connect = lambda _c, _u, _f, rc, _p: self._got(rc)
         self.client.on_subscribe = lambda _c, _u, _m, rcs, _p: self._got(rcs[0])
-        self.address = broker.address
+        self.address = broker.address_of(i)
 
     def _got(self, value: Any) -> None:
         self.answer = value
@@ -304,7 +416,10 @@ class _Probe:
         return self._wait("CONNECT")
 
     def subscribe(self, topic: str) -> Any:
-        self.client.subscribe(topic, options=SubscribeOptions(qos=1))
+        if self.v5:
+            self.client.subscribe(topic, options=SubscribeOptions(qos=1))
+        else:
+            self.client.subscribe(topic, qos=0)  # NATS: QoS 0 (QoS 1 would be a JetStream consumer)
         return self._wait(f"SUBSCRIBE {topic}")
 
     def close(self) -> None:
@@ -312,13 +427,10 @@ class _Probe:
         self.client.loop_stop()
 
 
-def verify(broker: MosquittoUnderTest, agents: int, sample: int) -> dict[str, Any]:
+def verify(broker: UnderTest, agents: int, sample: int) -> dict[str, Any]:
     """A sample of the agents connect and subscribe to their group's config topic; each is refused the
     next group's. Raises if any is not authorised as it should be."""
-    if agents <= sample:
-        indices = list(range(agents))
-    else:  # evenly spread, first and last included; distinct, as the step is at least 1
-        indices = [k * (agents - 1) // (sample - 1) for k in range(sample)]
+    indices = _sample(agents, sample)
     began = time.monotonic()
     refused = 0
     for i in indices:
@@ -331,17 +443,26 @@ def verify(broker: MosquittoUnderTest, agents: int, sample: int) -> dict[str, An
             if own.is_failure:
                 raise AssertionError(f"agent {agent_id(i)} was refused its own config topic: {own}")
             other = probe.subscribe(config_topic(DEFAULT_PREFIX, group_of(i + 1), 1))
-            if not (other.is_failure and other.value == NOT_AUTHORISED):
+            if not (other.is_failure and other.value == broker.refused_code):
                 raise AssertionError(f"agent {agent_id(i)} may read another group's config: {other}")
             refused += 1
         finally:
             probe.close()
+    nodes = sorted({broker.address_of(i).port for i in indices})
     return {
         "sampled": len(indices),
+        "nodes": len(nodes),
         "connected_and_subscribed": len(indices),
         "refused_other_group": refused,
         "verify_s": round(time.monotonic() - began, 3),
     }
+
+
+def _sample(agents: int, sample: int) -> list[int]:
+    if agents <= sample:
+        return list(range(agents))
+    # evenly spread, first and last included; distinct, as the step is at least 1
+    return [k * (agents - 1) // (sample - 1) for k in range(sample)]
 
 
 # --- the fit ---------------------------------------------------------------------------------------------
@@ -414,6 +535,25 @@ def summary(measurements: list[Measurement], plan: Plan) -> dict[str, Any]:
             reference = base.seconds
         if reference:
             out["speedup_bulk_vs_control_api"] = round(reference / bulk.seconds, 1)
+    nats = next((m for m in measurements if m.engine == "nats" and m.method == "jwt_mint"), None)
+    if nats is not None:
+        out["nats_jwt_mint_s"] = nats.seconds
+        out["nats_agents_per_s"] = nats.parts.get("agents_per_s")
+        out["nats_target_s"] = NATS_TARGET_S
+        out["nats_met"] = nats.seconds <= NATS_TARGET_S and nats.verified.get("refused_other_group") == (
+            nats.verified.get("sampled")
+        )
+        if base is not None:  # the baseline: the control API, at the same fleet size
+            reference = base.extrapolated["seconds"] if base.extrapolated else None
+            if reference is None and base.agents == nats.agents:
+                reference = base.seconds
+            if reference:
+                out["nats_vs_control_api"] = round(nats.seconds / reference, 5)
+                out["nats_vs_control_api_label"] = (
+                    "against the control API's EXTRAPOLATED figure" if base.extrapolated else "measured"
+                )
+        if bulk is not None and bulk.seconds:
+            out["nats_vs_bulk_file"] = round(nats.seconds / bulk.seconds, 3)
     return out
 
 

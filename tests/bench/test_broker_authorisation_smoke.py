@@ -1,5 +1,6 @@
 """The broker authorisation benchmark, small: 120 agents written in bulk, a baseline of 40 through the
-control API. Asserts what the benchmark checks and reports, never a time.
+control API, and 120 NATS user JWTs tried on a real 3-node cluster. Asserts what the benchmark checks
+and reports, never a time.
 
 The same code as `python -m bench --only broker_authorisation`: every method's sample connected and
 subscribed to its own group and was refused another's, the baseline's extrapolation is labelled, and
@@ -16,7 +17,7 @@ from bench import broker_authorisation
 from bench.results import result_json
 from tests.support.broker import require_mosquitto
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.cluster]
 AGENTS, BASELINE = 120, 40
 
 
@@ -32,6 +33,7 @@ def test_the_benchmark_authorises_every_method_and_labels_the_extrapolation() ->
         ("mosquitto", "control_api"),
         ("mosquitto", "control_api_batched"),
         ("mosquitto", "bulk_file"),
+        ("nats", "jwt_mint"),
     }
     assert methods["mosquitto", "bulk_file"]["agents"] == AGENTS
     assert methods["mosquitto", "control_api"]["agents"] == BASELINE
@@ -45,6 +47,13 @@ def test_the_benchmark_authorises_every_method_and_labels_the_extrapolation() ->
     assert "EXTRAPOLATED" in baseline["extrapolated"]["label"]
     assert "EXTRAPOLATED" in result["summary"]["control_api_extrapolated_label"]
     assert result["summary"]["bulk_file_s"] > 0
+    # NATS: nothing written to the broker; the sample spread over the 3 nodes, MQTT 3.1.1 (SUBACK 0x80)
+    nats = methods["nats", "jwt_mint"]
+    assert nats["agents"] == AGENTS
+    assert nats["parts"]["broker_writes"] == 0
+    assert nats["parts"]["cluster_nodes"] == nats["verified"]["nodes"] == 3
+    assert result["summary"]["nats_agents_per_s"] > 0
+    assert result["summary"]["nats_vs_control_api"] > 0
     assert '"broker_authorisation"' in result_json(result)
 
 
