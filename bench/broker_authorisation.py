@@ -73,10 +73,8 @@ SAMPLE = 50
 BATCH = 50
 """Agents per control message in `control_api_batched`."""
 CHECKPOINTS = 10
-NOT_AUTHORISED = 0x87
-"""MQTT 5's SUBACK reason for a topic the account may not read."""
-SUBACK_FAILURE = 0x80
-"""MQTT 3.1.1's only SUBACK failure code (NATS)."""
+NOT_AUTHORISED = 0x87  # MQTT 5: SUBACK for a topic the account may not read
+SUBACK_FAILURE = 0x80  # MQTT 3.1.1 (NATS): its only SUBACK failure code
 NATS_NODES = 3
 NATS_TARGET_S = 10.0
 """Issue [3/6]: 10,000 new agents authorised on NATS within 10 s (1,000 agents/s)."""
@@ -315,8 +313,7 @@ class NatsUnderTest:
         self.cluster.start(timeout=120)
         return time.monotonic() - began
 
-    def address_of(self, i: int) -> MqttAddress:
-        """The sample spreads over the nodes."""
+    def address_of(self, i: int) -> MqttAddress:  # the sample spreads over the nodes
         node = self.members[i % len(self.members)]
         return MqttAddress("127.0.0.1", node.mqtt_port, tls=True)
 
@@ -349,14 +346,9 @@ def jwt_mint(plan: Plan) -> Measurement:
         "jwt_mint",
         n,
         round(seconds, 3),
-        parts={
-            "mint_s": round(seconds, 3),
-            "agents_per_s": round(n / seconds) if seconds else 0.0,
-            "jwt_bytes_mean": round(size / n) if n else 0.0,
-            "cluster_nodes": len(broker.members),
-            "cluster_start_s_not_counted": round(start_s, 3),
-            "broker_writes": 0,
-        },
+        parts={"mint_s": round(seconds, 3), "agents_per_s": round(n / seconds) if seconds else 0.0}
+        | {"jwt_bytes_mean": round(size / n) if n else 0.0, "cluster_nodes": len(broker.members)}
+        | {"cluster_start_s_not_counted": round(start_s, 3), "broker_writes": 0},
         verified=verified,
         note="NatsEngine.enrolment_credentials per agent (a bearer user JWT); nothing written to the "
         "broker, started once for the whole fleet (its start is not per agent and not counted)",
