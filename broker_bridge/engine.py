@@ -97,6 +97,9 @@ class BrokerEngine(ABC):
 
     name: ClassVar[str]
     delivery: ClassVar[MqttDelivery]
+    access_in_credentials: ClassVar[bool] = False
+    """True: an agent's credentials carry its access (NATS JWTs name their subjects): nothing to
+    provision, and enrolment records the access as granted (`agents.acl_group_id`)."""
 
     def __init__(self, settings: Settings, signing_key: SigningKey | None) -> None:
         self.settings = settings

@@ -23,12 +23,18 @@ def enroll(body: EnrollRequest, fabric: FabricDep) -> EnrollResponse:
         raise Invalid(f"facts must be {PLAIN_JSON}")
     with Session(fabric.engine, expire_on_commit=False) as session:
         change = Change(session=session, actor="enrollment", signing_key=fabric.signing_key)
-        enrolment = agents.enroll(change, token=body.token, hostname=body.hostname, facts=body.facts)
+        enrolment = agents.enroll(
+            change,
+            token=body.token,
+            hostname=body.hostname,
+            facts=body.facts,
+            access_granted=fabric.broker is not None and fabric.broker.access_in_credentials,
+        )
         change.commit()
     verify_key = fabric.signing_key.verify_key
     # The broker engine answers for the broker's side: with Mosquitto the account appears within a
     # bridge round (it provisions from the agents table); until then the agent's connects are refused
-    # and it keeps converging by heartbeat.
+    # and it keeps converging by heartbeat. A NATS JWT is the access itself, granted at enrolment.
     mqtt = (
         None
         if fabric.broker is None

@@ -40,7 +40,11 @@ class Enrolment:
     secret: str
 
 
-def enroll(change: Change, *, token: str, hostname: str, facts: dict[str, Any]) -> Enrolment:
+def enroll(
+    change: Change, *, token: str, hostname: str, facts: dict[str, Any], access_granted: bool = False
+) -> Enrolment:
+    """A new agent in the token's group. `access_granted`: its broker credentials carry its group's
+    access (NATS), recorded as such so that the bridge provisions nothing and a move re-scopes it."""
     row = change.session.exec(
         select(EnrollmentToken).where(col(EnrollmentToken.token_hash) == hash_secret(token))
     ).first()
@@ -59,6 +63,7 @@ def enroll(change: Change, *, token: str, hostname: str, facts: dict[str, Any]) 
         secret_hash=hash_secret(secret),
         facts=facts,
         generation=change.generation,
+        acl_group_id=row.group_id if access_granted else None,
     )
     change.session.add_all([row, agent])
     change.audit("agent.enroll", f"agent:{agent.id}", group_id=row.group_id, hostname=hostname)

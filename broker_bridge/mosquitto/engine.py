@@ -82,8 +82,10 @@ class MosquittoEngine(BrokerEngine):
         return self.settings.mqtt_username, bridge_password(self.settings, self._signing_key)
 
     def enrolment_credentials(self, agent_id: str, group_id: int) -> MqttCredentials:
+        url = self.settings.mqtt_public_address.url
         return MqttCredentials(
-            url=self.settings.mqtt_public_address.url,
+            url=url,
+            urls=[url],
             username=agent_id,
             password=agent_password(self.signing_key, agent_id),
             prefix=self.settings.mqtt_prefix,

@@ -60,6 +60,7 @@ CLOCK_SKEW_S = 60
 class NatsEngine(BrokerEngine):
     name: ClassVar[str] = "nats"
     delivery: ClassVar[MqttDelivery] = MqttDelivery(qos=0, persistent_session=False, protocol="3.1.1")
+    access_in_credentials: ClassVar[bool] = True
 
     def __init__(self, settings: Settings, signing_key: object | None = None) -> None:
         super().__init__(settings, None)  # JWTs are signed with the NATS keys, not the signing key

@@ -32,4 +32,4 @@ def agent(mosquitto: Broker) -> AgentFactory:
     return make
 
 
-from tests.support.stack import stack  # noqa: E402, F401  (the fixture)
+from tests.support.stack import push_broker, stack  # noqa: E402, F401  (the fixtures)

@@ -336,41 +336,51 @@ def test_moving_or_revoking_an_agent_changes_what_the_broker_lets_it_read(stack:
     admin = stack.admin
     root = admin.root()
     servers = admin.group("Servers", root["id"], inherit=False)
-    agent, _ = stack.push_agent(root["id"])
-    mqtt = agent.enrolment["mqtt"]
+    agent, client = stack.push_agent(root["id"])
+    assert not client.subscribe(cmd_topic(PREFIX, agent.id)).is_failure
+    held = agent.enrolment["mqtt"]
 
     admin.patch(f"/agents/{agent.id}", {"group_id": servers["id"]})
 
-    def reads(group_id: int) -> bool | None:
-        """Whether the broker grants the subscription; None: no answer (ask again)."""
-        client = stack.broker.client(mqtt["username"], mqtt["password"])
-        if client.connect().is_failure:
-            client.close()
-            return None
-        try:
-            granted: bool | None = not client.subscribe(config_topic(PREFIX, group_id, 1)).is_failure
-        except AssertionError:
-            # Mosquitto disconnects an account's clients when its roles change: the bridge's move
-            # can land between this probe's CONNECT and SUBSCRIBE.
-            granted = None
-        client.close()
-        return granted
+    if stack.broker.engine == "nats":
+        # A JWT names its subjects: the move brings a new one on the agent's cmd topic.
+        command = orjson.loads(client.expect(cmd_topic(PREFIX, agent.id), timeout=10).payload)
+        assert command["command"] == "credentials"
+        old, held = held, command["mqtt"]
+        assert held["password"] != old["password"]
+        assert reads(stack, old, root["id"]) is True and reads(stack, old, servers["id"]) is False
 
-    wait_for(
-        lambda: reads(servers["id"]) is True and reads(root["id"]) is False,
-        timeout=10,
-        what="the move on the broker",
-    )
+    def moved() -> bool:
+        return reads(stack, held, servers["id"]) is True and reads(stack, held, root["id"]) is False
+
+    wait_for(moved, timeout=10, what="the move on the broker")
 
     admin.delete(f"/agents/{agent.id}")
 
     def refused() -> bool:
-        client = stack.broker.client(mqtt["username"], mqtt["password"])
-        failed = client.connect().is_failure
-        client.close()
+        probe = stack.broker.client(held["username"], held["password"])
+        failed = probe.connect().is_failure
+        probe.close()
         return failed
 
-    wait_for(refused, timeout=10, what="the revoked agent's broker account to go")
+    wait_for(refused, timeout=10, what="the revoked agent's broker access to go")
+
+
+def reads(stack: Stack, mqtt: dict[str, Any], group_id: int) -> bool | None:
+    """Whether the broker grants these credentials a subscription to the group's config; None: no
+    answer (ask again)."""
+    client = stack.broker.client(mqtt["username"], mqtt["password"])
+    if client.connect().is_failure:
+        client.close()
+        return None
+    try:
+        granted: bool | None = not client.subscribe(config_topic(PREFIX, group_id, 1)).is_failure
+    except AssertionError:
+        # Mosquitto disconnects an account's clients when its roles change: the bridge's move
+        # can land between this probe's CONNECT and SUBSCRIBE.
+        granted = None
+    client.close()
+    return granted
 
 
 def test_deleting_a_location_clears_its_retained_document(stack: Stack) -> None:

@@ -328,8 +328,12 @@ class MqttClient:
             assert self._connack is not None
             return self._connack
 
-    def subscribe(self, topic_filter: str, *, qos: int = 1, timeout: float = 5.0) -> ReasonCode:
-        """SUBSCRIBE (QoS 1 unless told) and return the SUBACK reason (granted QoS or a failure)."""
+    def subscribe(self, topic_filter: str, *, qos: int | None = None, timeout: float = 5.0) -> ReasonCode:
+        """SUBSCRIBE and return the SUBACK reason (granted QoS or a failure). QoS unless told: what
+        agents use, 1 on MQTT 5 (Mosquitto), 0 on 3.1.1 (NATS: a QoS 1 subscription is a JetStream
+        consumer, which agents may not make)."""
+        if qos is None:
+            qos = 1 if self.protocol == "5" else 0
         if self.protocol == "5":
             rc, mid = self.paho.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
         else:

@@ -40,10 +40,20 @@ NAMES = ("localhost", "127.0.0.1")
 class NatsCluster:
     """`nodes` nats-server processes of one cluster, with the engine that configured them."""
 
-    def __init__(self, directory: Path, *, nodes: int = 3, prefix: str = DEFAULT_PREFIX, ttl_s: int = 3600):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        nodes: int = 3,
+        prefix: str = DEFAULT_PREFIX,
+        ttl_s: int = 3600,
+        data_dir: Path | None = None,
+    ):
+        """`data_dir`: a manager's (its CA and the NATS keys, made there by `write_cluster`, so that
+        the manager's api and bridge use them); default: one of the cluster's own."""
         self.directory = directory
         self.prefix = prefix
-        data_dir = directory / "data"
+        data_dir = data_dir or directory / "data"
         self.ca = ManagerCA.load_or_create(data_dir / "tls")  # as the api's first start makes it
         self.ssl_context = client_context(self.ca.certificate_pem)
         self.nodes = [ClusterNode(free_port(), free_port(), free_port(), free_port()) for _ in range(nodes)]

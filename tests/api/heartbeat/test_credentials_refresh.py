@@ -29,6 +29,8 @@ JWT = "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.secret-part.sig"
 class FakeBroker:
     """Answers `refreshed_credentials` with `renew` (None: nothing due); `fail` makes it raise."""
 
+    access_in_credentials = True
+
     def __init__(self) -> None:
         self.asked: list[tuple[str, int, int | None, bool]] = []
         self.renew: MqttCredentials | None = None
