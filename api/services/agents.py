@@ -103,8 +103,9 @@ def move_agent(change: Change, *, agent_id: str, group_id: int) -> Agent:
     change.audit("agent.move", f"agent:{agent_id}", old_group_id=agent.group_id, new_group_id=group_id)
     agent.group_id = group_id
     agent.location_id = None
-    agent.generation = change.generation
-    change.session.add(agent)
+    # "Update now": the agent heartbeats at once and gets its new group's document (and, on NATS,
+    # credentials for the new group's topics), instead of at its next heartbeat.
+    _queue_update(change, agent)
     return agent
 
 

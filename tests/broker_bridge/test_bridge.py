@@ -424,3 +424,20 @@ def test_deleting_a_group_clears_its_retained_documents(stack: Stack) -> None:
 
     wait_for(lambda: pending_outbox(stack) == 0, timeout=10, what="the clearing to be published")
     assert retained() == []
+
+
+def test_a_revoked_agent_is_disconnected_within_five_seconds(stack: Stack) -> None:
+    admin = stack.admin
+    root = admin.root()
+    agent, client = stack.push_agent(root["id"])
+    assert not client.subscribe(cmd_topic(PREFIX, agent.id)).is_failure
+
+    revoked_at = time.monotonic()
+    admin.delete(f"/agents/{agent.id}")
+    # Mosquitto: the bridge deletes its dynsec client; NATS: the bridge pushes the account's
+    # revocation list to the cluster, and every node drops the agent's connections.
+    client.wait_disconnected(timeout=5)
+    took = time.monotonic() - revoked_at
+    assert took <= 5.0, f"disconnected {took:.1f}s after the revocation"
+    again = stack.broker.client(agent.enrolment["mqtt"]["username"], agent.enrolment["mqtt"]["password"])
+    assert again.connect().is_failure, "a revoked agent's credentials connect again"

@@ -1,5 +1,6 @@
-"""The push stack of the e2e tests: Mosquitto with the project's configuration (the `mosquitto` fixture),
-`policycast serve` and `policycast bridge`, each a real process; agents are started by the tests."""
+"""The push stack of the e2e tests, on each engine (a real Mosquitto, a real 3-node NATS cluster:
+`push_broker`), `policycast serve` and `policycast bridge`, each a real process; agents are started
+by the tests."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
-from fabric_core.tls import ManagerCA
-from tests.support.broker import Broker, require_mosquitto
+from tests.support.engines import ENGINES, PushBroker, start_push_broker
 from tests.support.processes import AgentProcess, Manager, Process, enrolled_agent
 from tests.support.waiting import wait_for
+
+
+def _env(value: Any) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
 
 
 @dataclass
 class PushStack:
     manager: Manager
-    broker: Broker
+    broker: PushBroker
     bridge: Process
     tmp: Path
 
@@ -49,13 +54,12 @@ class PushStack:
         return int(self.manager.admin.effective(group_id)["serial"])
 
 
-@pytest.fixture
-def push_broker(tmp_path: Path) -> Iterator[Broker]:
-    """Mosquitto with a certificate from the manager's CA (made here, before the manager's first
-    start finds it), as `policycast broker-config` issues one: agents and the bridge trust only it."""
-    require_mosquitto()
-    broker = Broker(tmp_path / "mosquitto", ca=ManagerCA.load_or_create(tmp_path / "manager" / "tls"))
-    broker.start()
+@pytest.fixture(params=ENGINES)
+def push_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PushBroker]:
+    """The broker on each engine, with certificates from the manager's CA (made here, in the
+    manager's data directory, before its first start finds it; NATS's keys too): agents and the
+    bridge trust only that CA."""
+    broker = start_push_broker(request.param, tmp_path / "broker", tmp_path / "manager")
     try:
         yield broker
     finally:
@@ -63,20 +67,22 @@ def push_broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 @pytest.fixture
-def push_stack(tmp_path: Path, push_broker: Broker) -> Iterator[PushStack]:
-    mosquitto = push_broker
+def push_stack(tmp_path: Path, push_broker: PushBroker) -> Iterator[PushStack]:
     broker_settings = {
-        "mqtt_url": mosquitto.url,
-        "mqtt_password": mosquitto.bridge_password,
+        **{name: _env(value) for name, value in push_broker.manager_settings().items() if value is not None},
         "heartbeat_flush_s": "0.3",
         "cache_refresh_s": "0.3",
         "bridge_poll_s": "0.05",
+        # On NATS a command travels at QoS 0: one sent just as an agent subscribed on another node
+        # can be lost, and the bridge sends it again (soon, here).
+        "command_resend_s": "1",
+        "anti_entropy_s": "0.5",
     }
     manager = Manager(tmp_path / "manager", tmp_path, admin_key="pck_e2e-push", **broker_settings).start()
     env = dict(manager.process.env)
     bridge_argv = [sys.executable, "-m", "local_stack", "bridge"]
     bridge = Process("bridge", bridge_argv, env=env, log_dir=tmp_path).start()
-    stack = PushStack(manager, mosquitto, bridge, tmp_path)
+    stack = PushStack(manager, push_broker, bridge, tmp_path)
     try:
         yield stack
     finally:

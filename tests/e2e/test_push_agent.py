@@ -132,3 +132,41 @@ def test_a_forged_or_unsigned_document_on_the_config_topic_is_not_applied(push_s
         assert agent.applied() == held
     finally:
         assert agent.stop() == 0, agent.output()
+
+
+def test_a_moved_push_agent_gets_its_new_groups_document_and_loses_the_old_groups(
+    push_stack: PushStack,
+) -> None:
+    admin = push_stack.manager.admin
+    root = push_stack.manager.root()
+    admin.communication(root, mode="push", heartbeat_s=3600)
+    lab = admin.group("Lab", root, inherit=False)["id"]
+    admin.communication(lab, mode="push", heartbeat_s=3600)
+    lab_serial = push_stack.change(lab, {"default": "allow", "group": "lab"})
+    agent = push_stack.agent("mover", root)
+    try:
+        push_stack.wait_transport(agent, "push", timeout=15)
+        started = time.monotonic()
+
+        admin.patch(f"/agents/{agent.agent_id}", {"group_id": lab})
+
+        doc = wait_for(
+            agent.applied,
+            until=lambda d: d is not None and d["group_id"] == lab,
+            timeout=PUSH_WITHIN_S + SLACK_S,
+            what=lambda: f"the Lab document at the moved agent\n{agent.output()}",
+        )
+        assert doc["serial"] >= lab_serial
+        assert time.monotonic() - started <= PUSH_WITHIN_S + SLACK_S  # at once, not at the heartbeat
+        # The old group's changes no longer reach it; the new group's do, pushed.
+        push_stack.change(root, {"default": "deny", "group": "root"})
+        newer = push_stack.change(lab, {"default": "deny", "group": "lab"})
+        wait_for(
+            agent.applied,
+            until=lambda d: d is not None and d["serial"] == newer,
+            timeout=PUSH_WITHIN_S + SLACK_S,
+            what=lambda: f"Lab's next change at the moved agent\n{agent.output()}",
+        )
+        assert agent.applied()["group_id"] == lab
+    finally:
+        assert agent.stop() == 0, agent.output()
