@@ -32,9 +32,11 @@ from manager_db.database import make_engine, migrate, session_scope
 class BrokerAccess(Protocol):
     """What enrolment and the heartbeat ask of the broker engine."""
 
-    access_in_credentials: bool
-    """True: the credentials carry the agent's access (NATS JWTs), so an enrolled agent has its
-    group's access at once and the bridge provisions nothing (enrolment records it as granted)."""
+    @property
+    def access_in_credentials(self) -> bool:
+        """True: the credentials carry the agent's access (NATS JWTs), so an enrolled agent has its
+        group's access at once and the bridge provisions nothing (enrolment records it as granted)."""
+        ...
 
     def enrolment_credentials(self, agent_id: str, group_id: int) -> MqttCredentials:
         """The broker URL, account and delivery options a newly enrolled agent connects with."""

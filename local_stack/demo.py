@@ -128,6 +128,16 @@ class AgentFleet:
     thread: threading.Thread | None = None
     stop_event: asyncio.Event | None = None
 
+    @property
+    def agent_ids(self) -> set[str]:
+        """The demo agents' ids (the fleet the stack shows: not agents of earlier runs)."""
+        ids = set()
+        for state_dir in self.state_dirs:
+            identity = FileStateStore(state_dir).load_identity()
+            if identity is not None:
+                ids.add(identity.agent_id)
+        return ids
+
     def start(self) -> None:
         ready = threading.Event()
 
@@ -166,9 +176,12 @@ class AgentFleet:
             self.thread.join(timeout=10)
 
 
-def forget_stale_agents(agents_dir: Path, manager_url: str, broker_urls: list[str] | None) -> None:
-    """Demo agents enrolled against another manager or broker address (another port, or from before
-    TLS) re-enrol (they are demo agents only)."""
+def forget_stale_agents(
+    admin: httpx.Client, agents_dir: Path, manager_url: str, broker_urls: list[str] | None
+) -> None:
+    """Demo agents enrolled against another manager or broker address (another port, another broker
+    engine, or from before TLS) re-enrol (they are demo agents only); the old ones are revoked, so
+    that the fleet shown is the one running."""
     if not agents_dir.is_dir():
         return
     for state_dir in agents_dir.iterdir():
@@ -176,6 +189,9 @@ def forget_stale_agents(agents_dir: Path, manager_url: str, broker_urls: list[st
         known = identity.mqtt.broker_urls if identity is not None and identity.mqtt is not None else None
         if identity is not None and (known != broker_urls or identity.server != manager_url):
             shutil.rmtree(state_dir)
+            answer = admin.delete(f"/agents/{identity.agent_id}")
+            if answer.status_code not in (204, 404, 409):  # gone or revoked already: fine
+                ok(answer)
 
 
 def ok(response: httpx.Response) -> Any:

@@ -89,13 +89,15 @@ def run_stack(
             bridge = start_bridge(settings, manager)
         demo = seed(admin, push=broker is not None)
         agents_dir = settings.data_dir / "demo-agents"
-        forget_stale_agents(agents_dir, manager.url, broker.urls if broker else None)
+        forget_stale_agents(admin, agents_dir, manager.url, broker.urls if broker else None)
         state_dirs = enrol_agents(admin, manager.url, demo, agents, agents_dir)
         fleet = AgentFleet(state_dirs)
         fleet.start()
         _announce(console, manager, broker, key, settings, agents)
         names = {g["id"]: g["name"] for g in ok(admin.get("/groups"))}
-        if agents and not _converge(admin, names, console, "agents fetching their first documents"):
+        if agents and not _converge(
+            admin, names, fleet.agent_ids, console, "agents fetching their first documents"
+        ):
             return 1
         if agents:
             version = _change_policy(admin, demo)
@@ -104,13 +106,18 @@ def run_stack(
                 f"(now version {version}); every group using it gets a new document"
             )
             if not _converge(
-                admin, names, console, f"policy version {version} reaching every agent", report=True
+                admin,
+                names,
+                fleet.agent_ids,
+                console,
+                f"policy version {version} reaching every agent",
+                report=True,
             ):
                 return 1
         if exit_when_converged:
             return 0
         console.print("Running. Press Ctrl-C to stop.  Try: .venv/bin/policycast admin agents")
-        _watch(admin, names, console)
+        _watch(admin, names, fleet.agent_ids, console)
         return 0
     except KeyboardInterrupt:
         return 0
@@ -180,8 +187,19 @@ def _banner(
     )
 
 
+def _fleet(admin: httpx.Client, fleet_ids: set[str]) -> list[dict[str, Any]]:
+    """The operator's view of the demo agents (not of agents enrolled by earlier runs)."""
+    return [a for a in ok(admin.get("/agents", params={"limit": 1000})) if a["id"] in fleet_ids]
+
+
 def _converge(
-    admin: httpx.Client, names: dict[int, str], console: Console, what: str, *, report: bool = False
+    admin: httpx.Client,
+    names: dict[int, str],
+    fleet_ids: set[str],
+    console: Console,
+    what: str,
+    *,
+    report: bool = False,
 ) -> bool:
     """Show the fleet until every agent holds its serial; with `report`, say how long each mode took."""
     started = time.monotonic()
@@ -189,7 +207,7 @@ def _converge(
     deadline = started + CONVERGE_TIMEOUT_S
     with Live(console=console, refresh_per_second=4, transient=not console.is_terminal) as live:
         while True:
-            agents = ok(admin.get("/agents", params={"limit": 1000}))
+            agents = _fleet(admin, fleet_ids)
             for agent in agents:
                 if agent["up_to_date"]:
                     landed.setdefault(agent["id"], time.monotonic() - started)
@@ -218,10 +236,10 @@ def _change_policy(admin: httpx.Client, demo: Demo) -> int:
     return int(ok(admin.put(f"/policies/{policy_id}", json={"body": body}))["version"])
 
 
-def _watch(admin: httpx.Client, names: dict[int, str], console: Console) -> None:
+def _watch(admin: httpx.Client, names: dict[int, str], fleet_ids: set[str], console: Console) -> None:
     with Live(console=console, refresh_per_second=2) as live:
         while True:
-            agents = ok(admin.get("/agents", params={"limit": 1000}))
+            agents = _fleet(admin, fleet_ids)
             done = sum(1 for a in agents if a["up_to_date"])
             live.update(Group(fleet_table(agents, names, f"fleet: {done}/{len(agents)} up to date")))
             time.sleep(1)
