@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/policycast up
 
-## Run the whole suite (SQLite, a throw-away PostgreSQL database, Mosquitto brokers started by the tests).
+## Run the whole suite (SQLite, a throw-away PostgreSQL database, Mosquitto brokers and NATS clusters
+## started by the tests), on two workers: most tests wait on brokers and processes, not on the CPU.
+TEST_WORKERS ?= 2
 test: $(STAMP) mosquitto
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The tests start their own Mosquitto 2 brokers (never the system one): install it if we can.
 mosquitto:
