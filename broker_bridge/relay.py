@@ -120,15 +120,7 @@ def relay_commands(engine: Engine, publisher: Publisher, *, prefix: str, batch: 
             .order_by(col(AgentCommandEntry.id))
             .limit(batch)
         ).all()
-    if not rows:
-        return 0
-    messages = [
-        Publication(cmd_topic(prefix, row.agent_id), _command_payload(row), qos=1, retain=False)
-        for row in rows
-    ]
-    publisher.publish_many(messages, timeout=timeout)
-    _mark(engine, AgentCommandEntry, [row.id for row in rows if row.id is not None])
-    return len(rows)
+    return _send_commands(engine, publisher, rows, prefix=prefix, timeout=timeout)
 
 
 def resend_commands(
@@ -164,6 +156,17 @@ def resend_commands(
             .order_by(col(AgentCommandEntry.id))
             .limit(batch)
         ).all()
+    sent = _send_commands(engine, publisher, rows, prefix=prefix, timeout=timeout)
+    if sent:
+        log.info("sent %d unanswered command(s) again", sent)
+    return sent
+
+
+def _send_commands(
+    engine: Engine, publisher: Publisher, rows: Sequence[AgentCommandEntry], *, prefix: str, timeout: float
+) -> int:
+    """Publish the commands (QoS 1 from the bridge: the broker acknowledges them; agents receive at
+    their own subscription's QoS), then mark them sent."""
     if not rows:
         return 0
     messages = [
@@ -172,7 +175,6 @@ def resend_commands(
     ]
     publisher.publish_many(messages, timeout=timeout)
     _mark(engine, AgentCommandEntry, [row.id for row in rows if row.id is not None])
-    log.info("sent %d unanswered command(s) again", len(rows))
     return len(rows)
 
 
