@@ -12,7 +12,9 @@ The fabric speaks plain MQTT to any broker. What differs per engine (DESIGN.md s
   is revoked (`provision`, `move`, `remove`/`remove_many`, called by `reconcile`, which first lets the
   engine bring the broker in line after a reconnect: `resync`);
 - the delivery options agents should use (`delivery`: QoS, session, MQTT version), sent at enrolment;
-- a cluster of N nodes (`write_cluster`; an engine that does not cluster writes one node).
+- a cluster of N nodes (`write_cluster`; an engine that does not cluster writes one node);
+- a watch the lease-holding bridge keeps on the broker's connections (`watch`, renewed with the lease,
+  `stop_watching`; NATS: the takeover guard, which binds agents' client ids to their keys).
 
 The bridge, the enrolment route and the local stack talk only to this interface; `engine_for` picks
 the implementation from the `broker_engine` setting. Mosquitto with dynamic security
@@ -182,6 +184,16 @@ class BrokerEngine(ABC):
         """Bring what the broker holds beyond agent accounts in line with the agents table, when the
         link (re)connected (NATS: push the account JWT with its revocations, which a node restarted
         from an older configuration may lack). Default: nothing."""
+        return None
+
+    def watch(self, *, until: float) -> None:
+        """Watch the broker's connections until `until` (time.monotonic(): the lease's deadline),
+        called by the lease-holding bridge at each renewal, which extends it; it lapses by itself when
+        the lease is lost. Must not block nor raise. Default: nothing (Mosquitto binds client ids)."""
+        return None
+
+    def stop_watching(self) -> None:
+        """End `watch` at once (the bridge releases the lease). Default: nothing."""
         return None
 
     def refreshed_credentials(

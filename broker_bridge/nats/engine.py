@@ -9,6 +9,10 @@ revocation list, rebuilt whole from the agents table every time, which the bridg
 cluster as the system user (`$SYS.REQ.CLAIMS.UPDATE`; the full resolver stores it on every node and
 disconnects the revoked agent's connection).
 
+An agent's client id is bound to its key by the takeover guard (`broker_bridge.nats.takeover`), which
+the lease-holding bridge runs (`watch`): another key under an agent's client id is kicked, and its
+agent revoked (`quarantine`) when it does it again.
+
 Delivery: QoS 0 on clean sessions over MQTT 3.1.1 (each QoS 1 subscription would be a JetStream
 consumer), retained documents replicated on up to 3 nodes; the bridge's anti-entropy repairs losses.
 """
@@ -23,7 +27,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -43,6 +47,9 @@ from fabric_core.tls import CertificateFiles, client_context, manager_trust
 from fabric_core.topics import cmd_topic
 from fabric_core.wire import AgentCommand, MqttCredentials, MqttDelivery
 from manager_db.models import Agent, as_utc
+
+if TYPE_CHECKING:
+    from broker_bridge.nats.takeover import TakeoverGuard
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,10 @@ class NatsEngine(BrokerEngine):
         self._synced_sessions = -1
         self._synced_at = 0.0
         self._revocations: dict[str, int] = {}
+        self._quarantined: dict[str, int] = {}
+        """Keys the takeover guard revoked (key -> revocation time), added to every push until every
+        JWT they revoke has expired (not in the agents table: kept by this process only)."""
+        self._guard: TakeoverGuard | None = None
         self._ssl_context: ssl.SSLContext | None = None
 
     @property
@@ -221,6 +232,37 @@ class NatsEngine(BrokerEngine):
         self._push(self.revocations_from(database))
         self._synced_sessions, self._synced_at = link.sessions, now
 
+    def quarantine(self, user_key: str) -> None:
+        """Revoke a user key at once (the takeover guard's answer to an agent that steals sessions),
+        and keep it in every later push for the credentials' lifetime."""
+        with self._lock:
+            self._quarantined[user_key] = int(time.time()) + self._revocation_margin
+            revocations = dict(self._revocations)
+        self._push(revocations)
+
+    # --- the takeover guard ---------------------------------------------------------------------
+
+    def watch(self, *, until: float) -> None:
+        """Run the takeover guard until `until` (monotonic: the lease's deadline; each call extends
+        it), starting it if it is not running."""
+        from broker_bridge.nats.takeover import TakeoverGuard  # it imports this module's type
+
+        with self._lock:
+            if self._guard is not None and self._guard.alive:
+                self._guard.extend(until)
+                return
+            self._guard = TakeoverGuard(self, until=until).start()
+
+    def stop_watching(self) -> None:
+        with self._lock:
+            guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.stop()
+
+    @property
+    def guard(self) -> TakeoverGuard | None:
+        return self._guard
+
     @property
     def _revocation_margin(self) -> int:
         return self.settings.nats_credentials_ttl_s + CLOCK_SKEW_S
@@ -253,6 +295,10 @@ class NatsEngine(BrokerEngine):
         with self._lock:
             issued_at = max(int(time.time()), self._last_account_iat + 1)
             self._last_account_iat = issued_at
+            now = int(time.time())
+            margin = self._revocation_margin  # kept until every JWT it revokes has expired
+            self._quarantined = {k: t for k, t in self._quarantined.items() if t + margin > now}
+            revocations = {**self._quarantined, **revocations}
         return credentials.account_jwt(self.keys, revocations=revocations, issued_at=issued_at)
 
     def _push(self, revocations: dict[str, int]) -> None:

@@ -1,7 +1,10 @@
 """A small synchronous NATS-protocol client: the bridge's system-account connection.
 
-The bridge needs one thing of the NATS protocol: send a request (an account JWT on
-`$SYS.REQ.CLAIMS.UPDATE`) and gather the answers of every node. That is a few lines of the text
+The bridge needs two things of the NATS protocol: send a request (an account JWT on
+`$SYS.REQ.CLAIMS.UPDATE`, a kick on `$SYS.REQ.SERVER.<id>.KICK`) and gather the answers, and
+subscribe to system events (the takeover guard's `$SYS.ACCOUNT.<account>.CONNECT`) and read them
+with a timeout (`subscribe`, `next_message`). Messages of a subscription that arrive while a request
+waits for its answers are kept for `next_message`. That is a few lines of the text
 protocol (INFO, CONNECT, PING/PONG, SUB, PUB, MSG/HMSG) over TLS, synchronous like the rest of the
 bridge, rather than an asyncio client library and its event loop in a thread of a sync process.
 
@@ -19,6 +22,7 @@ import secrets
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +57,8 @@ class SystemClient:
         self.server = server
         self._buffer = b""
         self._sid = 0
+        self._pending: deque[Reply] = deque()
+        """Subscription messages read while a request waited for its own answers."""
 
     @classmethod
     def connect(
@@ -145,11 +151,37 @@ class SystemClient:
             reply = self._next_message(deadline)
             if reply is None:
                 break
+            if reply.subject != inbox:  # a subscription's message: `next_message` returns it
+                self._pending.append(reply)
+                continue
             if reply.status == 503:  # no responders: nobody subscribes to the subject
                 break
             replies.append(reply)
         self._send(f"UNSUB {sid}\r\n".encode())
         return replies
+
+    def request(self, subject: str, payload: bytes, *, timeout: float = 5.0) -> Reply | None:
+        """Publish a request and return its first answer (None: none within `timeout`, or no
+        responders)."""
+        replies = self.request_all(subject, payload, expected=1, timeout=timeout)
+        return replies[0] if replies else None
+
+    # --- subscriptions ------------------------------------------------------------------------------
+
+    def subscribe(self, subject: str, *, timeout: float = 5.0) -> int:
+        """Subscribe to `subject` (wildcards allowed) and return the subscription id, once the server
+        has taken it (a PING answered after the SUB). Its messages come from `next_message`."""
+        self._sid += 1
+        self._send(f"SUB {subject} {self._sid}\r\nPING\r\n".encode())
+        self._await_pong(time.monotonic() + timeout)
+        return self._sid
+
+    def next_message(self, timeout: float) -> Reply | None:
+        """The next message of a subscription, waiting up to `timeout` (None: nothing came). PINGs
+        are answered meanwhile; a closed connection raises `NatsError`."""
+        if self._pending:
+            return self._pending.popleft()
+        return self._next_message(time.monotonic() + timeout)
 
     # --- the wire -----------------------------------------------------------------------------------
 
@@ -196,6 +228,11 @@ class SystemClient:
                 raise NatsError("no PONG from the NATS server")
             if line == b"PONG":
                 return
+            if line.startswith((b"MSG ", b"HMSG ")):
+                message = self._message(line, deadline)
+                if message is not None:
+                    self._pending.append(message)
+                continue
             self._control(line)
 
     def _control(self, line: bytes) -> None:
@@ -221,7 +258,8 @@ class SystemClient:
         total = int(fields[-1])
         header_size = int(fields[-2]) if headered else 0
         body = self._exactly(total + 2, deadline)
-        if body is None:
+        if body is None:  # the deadline came mid-message: put its line back for the next read
+            self._buffer = line + _CRLF + self._buffer
             return None
         status = None
         if headered:
