@@ -22,6 +22,20 @@ Two storms each: a restart (the broker started again as soon as it has stopped) 
 seconds, during which agents fall back to pull and their reconnect back-off grows.
 
 Target (issue [4/4]): all back within 10 s.
+
+On NATS (`--engine nats --broker-nodes 3`, issue [3/6]) the storm is a node lost, not a broker restarted:
+one node of the cluster (`KILLED_NODE`) is killed (SIGKILL, `BrokerCluster.kill`: a crash, nothing
+saved), the operator edits the root's policy at once, and the agents that were on that node reconnect to
+the others (every agent has every node's URL and picks at random, failing over). Measured from the kill:
+
+- until every agent has a push session again (the killed node's agents on another node; the others
+  never lost theirs): the last reconnect, and p50/p99 of the reconnects;
+- until every agent holds the document of the change made during the outage (QoS 0 on NATS: what a
+  JetStream election loses, the bridge's anti-entropy republishes or nudges);
+- then the node is restarted (`BrokerCluster.restart`) and its rejoining reported: how long until it is
+  healthy and knows the JetStream meta leader, and that it takes a new connection.
+
+Baseline, same run: bare MQTT 3.1.1 clients (`simulate --bare`) through the same kill, back = session up.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from bench.console import say
 from bench.fleet import SimulatorProcess, fleet_size, size_note
 from bench.meters import CpuMeter, ManagerProbe
 from bench.results import machine, ratio
-from bench.stack import Stack, kept_stack
+from bench.stack import Stack, broker_command, broker_of, kept_stack, wait_until
 
 NAME = "reconnect_storm"
 OUTAGES_S = (0.0, 5.0)
@@ -42,9 +56,19 @@ OUTAGES_S = (0.0, 5.0)
 TARGET_S = 10.0
 CONNECT_RATE = 1000.0
 BACK_TIMEOUT_S = 600.0
+KILLED_NODE = 1
+"""The node a NATS storm kills (the second of three: nothing singles it out)."""
+POLL_S = 0.5
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if broker_of(args)[0] == "nats":
+        return run_node_kill(args)
+    return run_restart(args)
+
+
+def run_restart(args: argparse.Namespace) -> dict[str, Any]:
+    """Mosquitto: the broker stopped and started again under the fleet (a restart and an outage)."""
     agents = fleet_size(args)
     rate = float(getattr(args, "connect_rate", None) or CONNECT_RATE)
     storms: dict[str, dict[str, Any]] = {}
@@ -168,4 +192,179 @@ def _storm(
         "cpu_s_from_stop_until_quiet": cpu,
         "manager_probe": probe.result(),
         "converged_after": None if bare else summary.get("converged"),
+    }
+
+
+# --- NATS: one node of the cluster killed ---------------------------------------------------------------
+
+
+def run_node_kill(args: argparse.Namespace) -> dict[str, Any]:
+    agents = fleet_size(args)
+    rate = float(getattr(args, "connect_rate", None) or CONNECT_RATE)
+    storms: dict[str, dict[str, Any]] = {}
+    with kept_stack(args) as stack:
+        transport = stack.transport
+        described = stack.broker_description
+        policy = stack.ensure_root_policy()
+        for kind, policy_id in (("agents", policy["id"]), ("bare_mqtt_baseline", None)):
+            extra = ["--bare"] if policy_id is None else []
+            with SimulatorProcess(stack, agents, connect_rate=rate, extra=extra) as fleet:
+                storms[kind] = _node_kill(stack, fleet, KILLED_NODE, policy_id=policy_id)
+                storms[kind]["setup"] = fleet.setup
+    agent_storm, bare_storm = storms["agents"], storms["bare_mqtt_baseline"]
+    connected_s = agent_storm["all_connected_s"]
+    converged_s = agent_storm["all_hold_change_s"]
+    bare_s = bare_storm["all_connected_s"]
+    scenario = {
+        "agents_all_connected_s": connected_s,
+        "agents_all_hold_change_s": converged_s,
+        "agents_reconnect_p50_s": agent_storm["reconnected_s"].get("p50"),
+        "agents_reconnect_p99_s": agent_storm["reconnected_s"].get("p99"),
+        "agents_reconnected": agent_storm["reconnected"],
+        "bare_all_connected_s": bare_s,
+        "bare_reconnected": bare_storm["reconnected"],
+        "ratio_all_connected": ratio(connected_s, bare_s),
+        "ratio_all_hold_change_to_bare_connected": ratio(converged_s, bare_s),
+        "node_rejoined": agent_storm["restart"]["rejoined"] and bare_storm["restart"]["rejoined"],
+        "node_rejoin_s": [agent_storm["restart"]["rejoin_s"], bare_storm["restart"]["rejoin_s"]],
+        "all_back_and_converged": agent_storm["all_back"] and agent_storm["all_converged"],
+        "met_10s": bool(agent_storm["all_back"] and agent_storm["all_converged"])
+        and converged_s is not None
+        and converged_s <= TARGET_S,
+    }
+    result: dict[str, Any] = {
+        "name": NAME,
+        "agents": agents,
+        **described,
+        "storm": f"node {KILLED_NODE} of {stack.nodes} killed (SIGKILL)",
+        "connect_rate_per_s": rate,
+        "scenarios": {"node_killed": scenario},
+        "storms": storms,
+        "targets": {"all_back_s": TARGET_S},
+        "met": {"node_killed": scenario["met_10s"]},
+        "command": f"python -m bench --only {NAME} --agents {agents}{broker_command(args)}"
+        + (f" --connect-rate {rate:g}" if getattr(args, "connect_rate", None) else ""),
+        "machine": machine(),
+        "transport": transport,
+        "notes": (
+            "Times from the SIGKILL of one node (wall clock): all connected = the last agent that lost "
+            "its session has one again on another node (the others never lost theirs); all hold the "
+            "change = every agent holds the serial of the policy edit made right after the kill. The "
+            "node is then restarted and must be healthy, know the JetStream meta leader and take a new "
+            "connection."
+        ),
+    }
+    result["notes"] += size_note(args, agents)
+    return result
+
+
+def _node_kill(stack: Stack, fleet: SimulatorProcess, node: int, *, policy_id: int | None) -> dict[str, Any]:
+    bare = policy_id is None
+    agents = fleet.agents
+    assert stack.broker is not None and stack.counter is not None
+    cluster = stack.broker.cluster
+    keys = fleet.keys()
+    if not bare:
+        steady = fleet.control.request("wait_converged", timeout_s=120)
+        if not steady["ok"]:
+            raise RuntimeError(f"the fleet did not converge before the storm: {steady}")
+    fleet.wait_quiet()
+    before = stack.current_serials(keys)
+    per_node_before = stack.node_connections()
+    say(
+        f"killing node {node} ({'bare clients' if bare else 'agents'}); "
+        f"connections per node {per_node_before}"
+    )
+    meter = CpuMeter(stack, fleet.control)
+    probe = ManagerProbe(stack.url, verify=stack.verify).__enter__()
+    killed = time.time()
+    cluster.kill(node)
+    changed_at = None
+    if policy_id is not None:
+        changed_at, _ = stack.change_policy(policy_id)
+    limit = min(BACK_TIMEOUT_S, 60 + agents / 20)
+
+    def everyone_connected() -> bool:
+        # polled for the end only; the times come from each agent's own session timestamp
+        if time.time() - killed < 1.0:
+            return False
+        sessions = fleet.control.request("summary", refresh=False)["push_sessions"]
+        return bool(sessions >= agents)
+
+    try:
+        wait_until(everyone_connected, timeout=limit, what="every agent connected again", interval=POLL_S)
+    except TimeoutError as exc:
+        say(f"[yellow]{exc}[/]")
+    # the agents whose session came up after the kill: the killed node's, now elsewhere
+    back = fleet.control.request("wait_sessions", since=killed, timeout_s=0.5)
+    converged: dict[str, Any] | None = None
+    if not bare:
+        newer = {key: serial + 1 for key, serial in before.items()}
+        converged = fleet.control.request("wait_converged", serials=newer, since=killed, timeout_s=limit)
+    summary = fleet.control.request("summary", refresh=False)
+    per_node_after = stack.node_connections()
+    fleet.wait_quiet()
+    settled = time.time()
+    cpu = meter.read()
+    probe.__exit__(None, None, None)
+    heartbeats = stack.counter.window(killed, settled)
+    rates = fleet.control.request("rates", since=killed, until=settled)
+    restart = _restart(stack, node)
+    reconnected = back["session_s"] or {}
+    all_connected_s = reconnected.get("max") if summary["push_sessions"] >= agents else None
+    hold = converged["latency_s"] if converged else None
+    all_converged = bool(converged and converged["ok"] and converged["converged"] == agents)
+    say(
+        f"{'bare clients' if bare else 'agents'}: {back['back']} reconnected, all connected within "
+        f"{all_connected_s}s"
+        + ("" if bare else f", all hold the change within {hold and hold.get('max')}s")
+        + f"; node {node} rejoined in {restart['rejoin_s']}s"
+    )
+    return {
+        "agents": agents,
+        "killed_node": node,
+        "connections_per_node_before": per_node_before,
+        "connections_per_node_after": per_node_after,
+        "reconnected": back["back"],
+        "push_sessions_after": summary["push_sessions"],
+        "all_back": summary["push_sessions"] >= agents,
+        "all_connected_s": all_connected_s,
+        "reconnected_s": reconnected,
+        "all_converged": all_converged if not bare else None,
+        "all_hold_change_s": None if hold is None or not all_converged else hold.get("max"),
+        "hold_change_s": hold,
+        "converged": None if converged is None else converged["converged"],
+        "change_after_kill_s": None if changed_at is None else round(changed_at - killed, 2),
+        "manager_heartbeats": {"peak_per_s": heartbeats["peak_per_s"], "total": heartbeats["total"]},
+        "simulator_rates": rates,
+        "cpu_s_from_kill_until_quiet": cpu,
+        "manager_probe": probe.result(),
+        "mqtt": summary.get("mqtt"),
+        "restart": restart,
+    }
+
+
+def _restart(stack: Stack, node: int) -> dict[str, Any]:
+    """Start the killed node again: healthy and in the cluster (JetStream meta leader known), and a
+    new connection to it (the bridge's credentials) works."""
+    assert stack.broker is not None
+    began = time.monotonic()
+    try:
+        stack.broker.cluster.restart(node, timeout=120)
+    except Exception as exc:  # reported, not raised: the storm's figures stand
+        return {"rejoined": False, "rejoin_s": None, "error": str(exc)}
+    rejoin_s = round(time.monotonic() - began, 2)
+    connected = False
+    began = time.monotonic()
+    try:
+        link = stack.publisher(f"bench-rejoin-{node}", node=node, timeout=60)
+        link.close()
+        connected = True
+    except Exception as exc:
+        say(f"[yellow]no new connection to node {node} after its restart: {exc}[/]")
+    return {
+        "rejoined": connected,
+        "rejoin_s": rejoin_s,
+        "new_connection_s": round(time.monotonic() - began, 2) if connected else None,
+        "connections_per_node": stack.node_connections(),
     }

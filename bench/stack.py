@@ -362,7 +362,9 @@ class Stack:
         """The QoS the engine delivers config with (1 on Mosquitto, 0 on NATS)."""
         return self.broker_engine.delivery.qos
 
-    def publisher(self, client_id: str = "bench-baseline", *, node: int | None = None) -> BrokerLink:
+    def publisher(
+        self, client_id: str = "bench-baseline", *, node: int | None = None, timeout: float = 10.0
+    ) -> BrokerLink:
         """A connection with the bridge's rights, to publish straight to the broker: to the first node
         (Mosquitto's only one), or to `node` of a cluster, in the engine's MQTT version."""
         assert self.broker is not None and self.manager is not None
@@ -377,7 +379,7 @@ class Stack:
             ssl_context=self.client_context if address.tls else None,
             protocol=broker.delivery.protocol,
         )
-        link.connect(10)
+        link.connect(timeout)
         return link
 
 
