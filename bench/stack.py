@@ -61,6 +61,8 @@ from local_stack.manager import ManagerThread, admin_key_for, pick_port, start_b
 POLICY_NAME = "bench-firewall"
 ENGINES = ("mosquitto", "nats")
 DEFAULT_NODES = {"mosquitto": 1, "nats": 3}
+KEPT_JWT_TTL_S = 14 * 24 * 3600
+"""NATS: the benchmarks' agents' JWT lifetime (kept fleets are reused for days)."""
 T = TypeVar("T")
 
 
@@ -112,6 +114,10 @@ class Stack:
         self.engine_name = engine
         self.nodes = nodes
         settings = Settings(data_dir=data_dir / "manager", tls_enabled=tls, broker_engine=engine)
+        if engine == "nats":
+            # The kept identities hold the JWTs minted at enrolment; bare baseline clients renew nothing
+            # (no heartbeat), so an hour's JWT (the default) locked them out of a later run.
+            settings = settings.model_copy(update={"nats_credentials_ttl_s": KEPT_JWT_TTL_S})
         self.admin_key = admin_key_for(settings)
         self.settings = settings.model_copy(update={"bootstrap_admin_key": SecretStr(self.admin_key)})
         self.broker: LocalBroker | None = None
