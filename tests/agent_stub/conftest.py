@@ -1,6 +1,6 @@
 """Helpers for agent tests: signed documents, an identity that pins the test key, tiny intervals, and the
-agent's own account on the project's broker (`broker_identity`, with the `mosquitto` fixture of
-tests/support/broker.py)."""
+agent's own account on the broker under test (`broker_identity`, with a `tests.support.engines.PushBroker`:
+a Mosquitto account or a NATS JWT)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import pytest
 from agent_stub.state import FileStateStore, Identity, StoredMqttCredentials
 from fabric_core.settings import AgentSettings
 from fabric_core.signing import SigningKey
-from fabric_core.wire import SigningKeyInfo
+from fabric_core.wire import MqttCredentials, SigningKeyInfo
 from tests.agent_stub.agent_process import HeartbeatServer
 from tests.support.broker import Broker
+from tests.support.engines import PushBroker, mosquitto_agent_credentials, mosquitto_trusted_cas
 
 AGENT_ID = "agent-1"
 GROUP_ID = 3
@@ -71,22 +72,25 @@ def make_doc(
 def make_identity(
     key: SigningKey,
     *,
+    agent_id: str = AGENT_ID,
     group_id: int = GROUP_ID,
     mqtt_url: str | None = None,
     mqtt_password: str = "mqtt-s3cret",
+    mqtt: MqttCredentials | None = None,
 ) -> Identity:
-    """The test agent; with `mqtt_url`, it also has broker credentials (push mode possible)."""
+    """The test agent; with `mqtt_url` (an account named after it) or `mqtt` (any credentials), it also
+    has broker credentials (push mode possible)."""
     verify = key.verify_key
-    mqtt = None
+    stored = StoredMqttCredentials.from_wire(mqtt)
     if mqtt_url is not None:
-        mqtt = StoredMqttCredentials(url=mqtt_url, username=AGENT_ID, password=mqtt_password)
+        stored = StoredMqttCredentials(url=mqtt_url, username=agent_id, password=mqtt_password)
     return Identity(
-        agent_id=AGENT_ID,
+        agent_id=agent_id,
         secret="s3cret",
         server="http://manager.test",
         group_id=group_id,
         signing_key=SigningKeyInfo(kid=verify.kid, public_key=verify.public_base64),
-        mqtt=mqtt,
+        mqtt=stored,
         hostname="host-1",
     )
 
@@ -164,14 +168,20 @@ def push_settings(state_dir: Path) -> AgentSettings:
     )
 
 
-def broker_identity(key: SigningKey, broker: Broker, *, group_id: int = GROUP_ID) -> Identity:
-    """The test agent with its own account on `broker`, provisioned as the bridge does: it may read its
-    group's config topics and its cmd topic, and write its state topic; nothing else. A TLS broker's CA
-    is the identity's trust (`Identity.trusted_cas`)."""
-    password = broker.provision(AGENT_ID, group_id)
-    identity = make_identity(key, group_id=group_id, mqtt_url=broker.url, mqtt_password=password)
+def broker_identity(
+    key: SigningKey, broker: PushBroker | Broker, *, agent_id: str = AGENT_ID, group_id: int = GROUP_ID
+) -> Identity:
+    """The test agent with its own account on `broker` (a `PushBroker`, or the `mosquitto` fixture's
+    `Broker`), as enrolment hands it out (Mosquitto: provisioned as the bridge does; NATS: a JWT): it
+    may read its group's config topics and its cmd topic, and write its state topic; nothing else. The
+    broker's CA is the identity's trust (`Identity.trusted_cas`)."""
+    if isinstance(broker, Broker):  # `MosquittoBroker` is one too
+        credentials = mosquitto_agent_credentials(broker, agent_id, group_id)
+        trusted = mosquitto_trusted_cas(broker)
+    else:
+        credentials, trusted = broker.agent_credentials(agent_id, group_id), broker.trusted_cas
+    identity = make_identity(key, agent_id=agent_id, group_id=group_id, mqtt=credentials)
     # Over TLS the agent trusts the broker's CA only, as if it had pinned it at enrolment.
-    trusted = [broker.ca.certificate_pem.decode()] if broker.ca is not None else []
     return identity.model_copy(update={"trusted_cas": trusted})
 
 
