@@ -152,6 +152,8 @@ class PushLoop:
         self._recent_commands: deque[str] = deque(maxlen=_RECENT_COMMANDS)
         self._failures = 0
         self._last_error: str | None = None
+        self._asked_about: tuple[MqttCredentials | None, str] | None = None
+        """The credentials and config topic a refusal already made the agent ask the manager about."""
         self.sessions = 0
         """Sessions established so far (for tests and the simulator's counters)."""
 
@@ -184,6 +186,7 @@ class PushLoop:
                 if self._refused_as_expired(failure):
                     await self._await_credentials(stopped)
                 else:
+                    self._ask_if_moved(failure)
                     await self._pause(self._failed(failure.error, failure.level), stopped)
         finally:
             detach()
@@ -249,6 +252,21 @@ class PushLoop:
             and refusal.reason_code in NOT_AUTHORISED
             and expired(self._core.identity.mqtt)
         )
+
+    def _ask_if_moved(self, failure: _Failure) -> None:
+        """Heartbeat at once when the broker refuses the held group's config topic: the agent's access
+        no longer covers it, so it was most likely moved (NATS: a move's new JWT arrives on the cmd
+        topic, and the "update now" sent with it can be lost while the agent reconnects with it). The
+        answer brings the new group's document, and the next attempt subscribes to its topic. Asked once
+        per credentials and topic, so that an ACL that is simply wrong does not make it heartbeat on
+        every retry."""
+        refusal, topic = failure.refusal, self._held_topic()
+        if refusal is None or topic is None or refusal.operation != f"subscribe to {topic}":
+            return
+        asked = (self._core.identity.mqtt, topic)
+        if asked != self._asked_about:
+            self._asked_about = asked
+            self._ask_manager("refused-subscription")
 
     async def _await_credentials(self, stopped: asyncio.Future[Any]) -> None:
         """Wait, without retrying, until the manager hands the agent new broker credentials."""

@@ -276,3 +276,45 @@ def test_a_subscription_follows_the_group_move_that_comes_with_new_credentials(
 
     rig.run(scenario)
     assert rig.broker.connected_with[-1] == "jwt-g4"
+
+
+def test_new_credentials_that_refuse_the_held_group_make_the_agent_ask_the_manager_where_it_belongs(
+    key: SigningKey, push_settings: AgentSettings
+) -> None:
+    # NATS: a move's new JWT arrives on the cmd topic before the new group's document, and the
+    # "update now" sent with it can be lost while the agent reconnects (QoS 0).
+    rig = Rig(key, push_settings, _credentials("jwt-g3"))
+
+    async def scenario(r: Rig) -> None:
+        await r.connected()
+        r.manager.envelope = key.sign_envelope(make_doc(serial=2, group_id=4, mode="push"))
+        r.broker.refused_topics.add(HELD)  # the new JWT does not cover the old group
+        r.broker.link.deliver(CMD, _command(_credentials("jwt-g4")))
+        moved = HELD.replace("/3/", "/4/")
+        await wait_for_async(
+            lambda: ("subscribe", moved) in r.broker.calls and r.runtime.push.connected,
+            timeout=WAIT_S,
+            what="a session on the new group's topic",
+        )
+
+    rig.run(scenario)
+    assert rig.broker.connected_with[-1] == "jwt-g4"
+    assert rig.core.identity.group_id == 4
+
+
+def test_a_held_topic_refused_under_unchanged_credentials_asks_the_manager_once(
+    key: SigningKey, push_settings: AgentSettings
+) -> None:
+    rig = Rig(key, push_settings, _credentials("jwt-1"))
+    rig.broker.refused_topics.add(HELD)  # an ACL that is simply wrong: the manager has nothing new
+
+    async def scenario(r: Rig) -> None:
+        await wait_for_async(
+            lambda: len([c for c in r.broker.calls if c == ("subscribe", HELD)]) >= 4,
+            timeout=WAIT_S,
+            what="several refused attempts",
+        )
+
+    rig.run(scenario)
+    first_heartbeat = 1  # the one that brought the push document
+    assert len(rig.manager.requests) == first_heartbeat + 1
