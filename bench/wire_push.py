@@ -83,6 +83,7 @@ class Client:
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
         self.pingresps = 0
+        self._pinged = threading.Condition()
         self.messages: list[Any] = []
         self.received = threading.Event()
         self.connected = threading.Event()
@@ -101,7 +102,18 @@ class Client:
 
     def _log(self, _client: Any, _userdata: Any, _level: int, message: str) -> None:
         if "PINGRESP" in message and "Received" in message:
-            self.pingresps += 1
+            with self._pinged:
+                self.pingresps += 1
+                self._pinged.notify_all()
+
+    def next_pingresp(self, timeout: float) -> int:
+        """Wait for the next PINGRESP and return the count: the counters read right after it fall
+        between two rounds (the next PINGREQ is a keep-alive away), never inside one."""
+        with self._pinged:
+            seen = self.pingresps
+            if not self._pinged.wait_for(lambda: self.pingresps > seen, timeout):
+                raise RuntimeError(f"no PINGRESP within {timeout} s")
+            return self.pingresps
 
     def _message(self, _client: Any, _userdata: Any, message: Any) -> None:
         self.messages.append(message)
@@ -145,12 +157,12 @@ def measure_push(
                 assert result[0] == 0, result
                 time.sleep(SETTLE_S)
 
-                # idle: only keep-alives on the agent's connection
-                before, pings = Counters.of(agent.socket), agent.pingresps
+                # idle: only keep-alives on the agent's connection, counted from just after one
+                # round to just after another (a PINGREQ still unanswered must not count as half one)
+                pings = agent.next_pingresp(2 * keepalive + SETTLE_S)
+                before = Counters.of(agent.socket)
                 time.sleep(idle_s)
-                rounds = agent.pingresps - pings
-                if rounds == 0:
-                    raise RuntimeError(f"no PINGRESP in {idle_s}s at keepalive {keepalive}s")
+                rounds = agent.next_pingresp(2 * keepalive + SETTLE_S) - pings
                 keepalive_round = WireCost.of(Counters.of(agent.socket) - before, rounds)
 
                 change = _policy_change(agent, bridge, topic, envelope)
