@@ -179,6 +179,7 @@ class Bridge:
                 log.info("bridge %s holds the relay lease", self.holder)
                 self.repair = self._new_repair()  # what another holder published, this one did not see
             self._lease_until = now + LEASE_TTL_S
+            self.broker.watch(until=self._lease_until)  # NATS: the takeover guard, while the lease holds
             return True
         self._lease_until = 0.0
         return False
@@ -196,6 +197,7 @@ class Bridge:
 
     def _release(self) -> None:
         try:
+            self.broker.stop_watching()
             self.ingest.flush(self.engine)
             lease.release(self.engine, holder=self.holder)
         except OperationalError as exc:
