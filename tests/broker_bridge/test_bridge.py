@@ -342,7 +342,7 @@ def test_moving_or_revoking_an_agent_changes_what_the_broker_lets_it_read(stack:
 
     admin.patch(f"/agents/{agent.id}", {"group_id": servers["id"]})
 
-    if stack.broker.engine == "nats":
+    if stack.broker.engine_name == "nats":
         # A JWT names its subjects: the move brings a new one on the agent's cmd topic.
         command = orjson.loads(client.expect(cmd_topic(PREFIX, agent.id), timeout=10).payload)
         assert command["command"] == "credentials"

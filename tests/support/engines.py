@@ -41,7 +41,8 @@ ENGINES = ["mosquitto", pytest.param("nats", marks=pytest.mark.cluster)]
 
 
 class PushBroker(Protocol):
-    engine: str
+    engine_name: str
+    """"mosquitto" or "nats" (not `engine`: Mosquitto's `Broker.engine` is its `MosquittoEngine`)."""
     ssl_context: ssl.SSLContext | None
 
     @property
@@ -110,7 +111,7 @@ class PushBroker(Protocol):
 class MosquittoBroker(Broker):
     """`Broker`, as a `PushBroker`."""
 
-    engine = "mosquitto"
+    engine_name = "mosquitto"
 
     def manager_settings(self) -> dict[str, Any]:
         return {
@@ -165,7 +166,7 @@ def mosquitto_agent_credentials(broker: Broker, agent_id: str, group_id: int) ->
 class NatsBroker:
     """A 3-node NATS cluster, as a `PushBroker`."""
 
-    engine = "nats"
+    engine_name = "nats"
 
     def __init__(self, directory: Path, data_dir: Path, *, nodes: int = 3) -> None:
         self.nats = NatsCluster(directory, nodes=nodes, data_dir=data_dir)
