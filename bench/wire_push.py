@@ -159,10 +159,11 @@ def measure_push(
 
                 # idle: only keep-alives on the agent's connection, counted from just after one
                 # round to just after another (a PINGREQ still unanswered must not count as half one)
-                pings = agent.next_pingresp(2 * keepalive + SETTLE_S)
+                ping_within = 2 * keepalive + SETTLE_S
+                pings = agent.next_pingresp(ping_within)
                 before = Counters.of(agent.socket)
                 time.sleep(idle_s)
-                rounds = agent.next_pingresp(2 * keepalive + SETTLE_S) - pings
+                rounds = agent.next_pingresp(ping_within) - pings
                 keepalive_round = WireCost.of(Counters.of(agent.socket) - before, rounds)
 
                 change = _policy_change(agent, bridge, topic, envelope)

@@ -31,6 +31,8 @@ from tests.support.waiting import wait_for_async
 NATS = MqttDelivery(qos=0, persistent_session=False, protocol="3.1.1")
 URLS = ["mqtts://n1.test:8883", "mqtts://n2.test:8883", "mqtts://n3.test:8883"]
 LATER = datetime(2100, 1, 1, tzinfo=UTC)
+MOVED = HELD.replace("/3/", "/4/")
+"""The config topic of group 4, where `Rig.move_at_manager` puts the agent."""
 
 
 def _credentials(password: str, *, expires_at: datetime | None = LATER, **fields: Any) -> MqttCredentials:
@@ -63,6 +65,10 @@ class Rig:
                 await scenario(self)
 
         asyncio.run(main())
+
+    def move_at_manager(self) -> None:
+        """Move the agent to group 4 at the manager: its next heartbeat brings that group's document."""
+        self.manager.envelope = self.key.sign_envelope(make_doc(serial=2, group_id=4, mode="push"))
 
     async def heartbeat(self) -> None:
         """Ask for a heartbeat now and wait until it has been sent."""
@@ -261,7 +267,7 @@ def test_a_subscription_follows_the_group_move_that_comes_with_new_credentials(
 
     async def scenario(r: Rig) -> None:
         await r.connected()
-        r.manager.envelope = key.sign_envelope(make_doc(serial=2, group_id=4, mode="push"))
+        r.move_at_manager()
         r.manager.credentials = _credentials("jwt-g4")
         r.runtime.update_now()
         await wait_for_async(
@@ -269,9 +275,8 @@ def test_a_subscription_follows_the_group_move_that_comes_with_new_credentials(
             timeout=WAIT_S,
             what="a session in group 4",
         )
-        moved = HELD.replace("/3/", "/4/")
         await wait_for_async(
-            lambda: ("subscribe", moved) in r.broker.calls, timeout=WAIT_S, what="the new group's topic"
+            lambda: ("subscribe", MOVED) in r.broker.calls, timeout=WAIT_S, what="the new group's topic"
         )
 
     rig.run(scenario)
@@ -287,12 +292,11 @@ def test_new_credentials_that_refuse_the_held_group_make_the_agent_ask_the_manag
 
     async def scenario(r: Rig) -> None:
         await r.connected()
-        r.manager.envelope = key.sign_envelope(make_doc(serial=2, group_id=4, mode="push"))
+        r.move_at_manager()
         r.broker.refused_topics.add(HELD)  # the new JWT does not cover the old group
         r.broker.link.deliver(CMD, _command(_credentials("jwt-g4")))
-        moved = HELD.replace("/3/", "/4/")
         await wait_for_async(
-            lambda: ("subscribe", moved) in r.broker.calls and r.runtime.push.connected,
+            lambda: ("subscribe", MOVED) in r.broker.calls and r.runtime.push.connected,
             timeout=WAIT_S,
             what="a session on the new group's topic",
         )
