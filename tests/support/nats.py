@@ -25,6 +25,7 @@ from sqlmodel import Session
 
 from broker_bridge.broker import BrokerLink
 from broker_bridge.engine import ClusterNode, ClusterTls
+from broker_bridge.errors import BrokerUnavailable
 from broker_bridge.nats.engine import NatsEngine
 from fabric_core.settings import MqttAddress, Settings
 from fabric_core.tls import CA_FILE, ManagerCA, client_context
@@ -56,29 +57,48 @@ class NatsCluster:
         data_dir = data_dir or directory / "data"
         self.ca = ManagerCA.load_or_create(data_dir / "tls")  # as the api's first start makes it
         self.ssl_context = client_context(self.ca.certificate_pem)
-        self.nodes = [ClusterNode(free_port(), free_port(), free_port(), free_port()) for _ in range(nodes)]
-        self.settings = Settings(
-            data_dir=data_dir,
-            broker_engine="nats",
-            mqtt_prefix=prefix,
-            mqtt_url=",".join(node.mqtt_url for node in self.nodes),
-            nats_urls=",".join(f"tls://127.0.0.1:{node.client_port}" for node in self.nodes),
-            nats_credentials_ttl_s=ttl_s,
-        )
-        self.engine = NatsEngine(self.settings, None)
         server = self.ca.server_files(directory / "tls", "broker", NAMES)
         route = self.ca.server_files(directory / "tls", "route", NAMES, client_auth=True)
-        tls = ClusterTls(server, route, data_dir / "tls" / CA_FILE)
-        launches = self.engine.write_cluster(directory / "nats", bind="127.0.0.1", nodes=self.nodes, tls=tls)
-        self.cluster = BrokerCluster(launches)
+        self._tls = ClusterTls(server, route, data_dir / "tls" / CA_FILE)
+        self._data_dir, self._ttl_s, self._node_count = data_dir, ttl_s, nodes
+        self._lay_out()
         self._clients: list[MqttClient] = []
         self._links: list[BrokerLink] = []
         self._marker_links: dict[int, BrokerLink] = {}
         self.started_in_s = 0.0
 
+    def _lay_out(self) -> None:
+        """Pick free ports for every node and write the cluster's configuration for them."""
+        ports = ((free_port(), free_port(), free_port(), free_port()) for _ in range(self._node_count))
+        self.nodes = [ClusterNode(*four) for four in ports]
+        self.settings = Settings(
+            data_dir=self._data_dir,
+            broker_engine="nats",
+            mqtt_prefix=self.prefix,
+            mqtt_url=",".join(node.mqtt_url for node in self.nodes),
+            nats_urls=",".join(f"tls://127.0.0.1:{node.client_port}" for node in self.nodes),
+            nats_credentials_ttl_s=self._ttl_s,
+        )
+        self.engine = NatsEngine(self.settings, None)
+        nodes, tls = self.nodes, self._tls
+        launches = self.engine.write_cluster(self.directory / "nats", bind="127.0.0.1", nodes=nodes, tls=tls)
+        self.cluster = BrokerCluster(launches)
+
     def start(self) -> NatsCluster:
+        """Start every node. The first start picks other ports when another process took one of them
+        between the probe and the bind (as `Broker.start` does); a restart keeps them, since clients
+        hold the URLs."""
         began = time.monotonic()
-        self.cluster.start()
+        first = self.started_in_s == 0.0
+        for attempt in range(3):
+            try:
+                self.cluster.start()
+                break
+            except BrokerUnavailable as exc:
+                self.cluster.stop()
+                if not first or attempt == 2 or "address already in use" not in str(exc):
+                    raise
+                self._lay_out()
         self.started_in_s = time.monotonic() - began
         return self
 

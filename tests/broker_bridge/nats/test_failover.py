@@ -7,8 +7,10 @@ resolver syncs it from the others, and the bridge's resync pushes the account ag
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
@@ -106,3 +108,19 @@ def connect_when_ready(cluster: NatsCluster, agent_id: str, *, node: int, timeou
             pass
         client.close()
         assert time.monotonic() < deadline, f"node {node} took no new session within {timeout:.0f}s"
+
+
+def test_a_first_start_whose_port_was_taken_meanwhile_starts_on_other_ports(tmp_path: Path) -> None:
+    cluster = NatsCluster(tmp_path, nodes=3)
+    taken = cluster.nodes[2].monitor_port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", taken))  # another process's, between the probe and the bind
+        squatter.listen()
+        try:
+            cluster.start()
+            assert taken not in {node.monitor_port for node in cluster.nodes}
+            agent_id = f"ported-{secrets.token_hex(3)}"
+            agent = cluster.agent(agent_id, 1, node=2)  # the node that moved takes connections
+            assert agent.subscribe(cmd_topic(cluster.prefix, agent_id), qos=0).value == 0
+        finally:
+            cluster.close()
