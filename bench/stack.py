@@ -62,6 +62,8 @@ POLICY_NAME = "bench-firewall"
 ENGINES = ("mosquitto", "nats")
 DEFAULT_NODES = {"mosquitto": 1, "nats": 3}
 KEPT_JWT_TTL_S = 14 * 24 * 3600
+CONNZ_LIMIT = 1_000_000
+"""`/connz` lists 1,024 connections unless told: a node of a benchmark fleet holds thousands."""
 """NATS: the benchmarks' agents' JWT lifetime (kept fleets are reused for days)."""
 T = TypeVar("T")
 
@@ -347,15 +349,19 @@ class Stack:
         return [node.pid for node in self.broker.cluster.nodes] if self.broker is not None else []
 
     def node_connections(self) -> list[int | None]:
-        """The client connections each node holds (NATS: its monitoring endpoint's `/varz`, MQTT
-        clients included; None for a node that does not answer, and for Mosquitto, which has no such
-        endpoint)."""
+        """The MQTT connections each node holds (NATS: its monitoring endpoint's `/connz`; None for a
+        node that does not answer, and for Mosquitto, which has no such endpoint). Only MQTT: the
+        manager's NATS-protocol connections (account pushes, the takeover guard) come and go, and
+        would be counted as agents arriving or leaving."""
         if self.broker is None:
             return []
         counts: list[int | None] = []
         for launch in self.broker.cluster.launches:
-            varz = _monitor_json(f"{launch.monitor_url}/varz") if launch.monitor_url else None
-            counts.append(int(varz["connections"]) if varz and "connections" in varz else None)
+            url = launch.monitor_url
+            connz = _monitor_json(f"{url}/connz?limit={CONNZ_LIMIT}") if url else None
+            listed = connz.get("connections") if connz else None
+            mqtt = sum(1 for c in listed if c.get("mqtt_client")) if isinstance(listed, list) else None
+            counts.append(mqtt)
         return counts
 
     @property
