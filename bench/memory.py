@@ -109,7 +109,7 @@ def _measure(stack: Stack, agents: int, *, bare: bool) -> dict[str, Any]:
     stack.wait_quiet()
     broker_before = rss_bytes(stack.broker_pid)
     nodes_before = [rss_bytes(pid or 0) for pid in stack.broker_pids]
-    connections_before = stack.node_connections()
+    connections_before = stack.node_mqtt_connections()
     manager_before = rss_bytes(os.getpid())
     try:
         ready = fleet.launch()
@@ -117,7 +117,7 @@ def _measure(stack: Stack, agents: int, *, bare: bool) -> dict[str, Any]:
         collected = fleet.control.request("collect")
         broker_after = rss_bytes(stack.broker_pid)
         nodes_after = [rss_bytes(pid or 0) for pid in stack.broker_pids]
-        connections_after = stack.node_connections()
+        connections_after = stack.node_mqtt_connections()
         manager_after = rss_bytes(os.getpid())
         summary = fleet.control.request("summary", refresh=False)
     finally:
@@ -159,15 +159,17 @@ def _nodes(
     stack: Stack,
     before: list[int],
     after: list[int],
-    connections_before: list[int | None],
-    connections_after: list[int | None],
+    connections_before: list[set[int] | None],
+    connections_after: list[set[int] | None],
 ) -> list[dict[str, Any]]:
-    """Each node's RSS before and with the fleet, and its growth per connection it took."""
+    """Each node's RSS before and with the fleet, and its growth per connection it took (the MQTT
+    connections there with the fleet that were not there before: one that closed meanwhile, such as
+    a probe's, takes nothing from the count)."""
     nodes = []
     for index, (rss_before, rss_after) in enumerate(zip(before, after, strict=True)):
         then = connections_before[index] if index < len(connections_before) else None
         now = connections_after[index] if index < len(connections_after) else None
-        added = (now - then) if now is not None and then is not None else None
+        added = len(now - then) if now is not None and then is not None else None
         nodes.append(
             {
                 "node": index,

@@ -258,6 +258,22 @@ def run_node_kill(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _everyone_back(fleet: SimulatorProcess, *, killed: float, moved: int | None) -> bool:
+    """Whether every agent has a session again after a node was killed at `killed` holding `moved`
+    agents (polled for the end only; the times come from each agent's own session timestamp)."""
+    if time.time() - killed < 1.0:
+        return False
+    sessions = fleet.control.request("summary", refresh=False)["push_sessions"]
+    if sessions < fleet.agents:
+        return False
+    if not moved:
+        return True
+    # A fleet that has not noticed the kill yet still counts every session as up: until as many came
+    # up again as the killed node held, not everyone is back.
+    back = fleet.control.request("wait_sessions", since=killed, timeout_s=0)["back"]
+    return bool(back >= moved)
+
+
 def _node_kill(stack: Stack, fleet: SimulatorProcess, node: int, *, policy_id: int | None) -> dict[str, Any]:
     bare = policy_id is None
     agents = fleet.agents
@@ -284,12 +300,10 @@ def _node_kill(stack: Stack, fleet: SimulatorProcess, node: int, *, policy_id: i
         changed_at, _ = stack.change_policy(policy_id)
     limit = min(BACK_TIMEOUT_S, 60 + agents / 20)
 
+    moved = per_node_before[node] if node < len(per_node_before) else None
+
     def everyone_connected() -> bool:
-        # polled for the end only; the times come from each agent's own session timestamp
-        if time.time() - killed < 1.0:
-            return False
-        sessions = fleet.control.request("summary", refresh=False)["push_sessions"]
-        return bool(sessions >= agents)
+        return _everyone_back(fleet, killed=killed, moved=moved)
 
     try:
         wait_until(everyone_connected, timeout=limit, what="every agent connected again", interval=POLL_S)

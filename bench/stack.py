@@ -51,7 +51,7 @@ from broker_bridge.broker import BrokerLink, Publication
 from broker_bridge.engine import BrokerEngine, engine_for
 from broker_bridge.mosquitto import bulk
 from broker_bridge.mosquitto.engine import MosquittoEngine
-from broker_bridge.service import BridgeThread
+from broker_bridge.service import BRIDGE_CLIENT_ID_PREFIX, BridgeThread
 from fabric_core.settings import Settings
 from fabric_core.signing import load_signing_key
 from fabric_core.tls import CA_FILE, client_context
@@ -349,20 +349,24 @@ class Stack:
         return [node.pid for node in self.broker.cluster.nodes] if self.broker is not None else []
 
     def node_connections(self) -> list[int | None]:
-        """The MQTT connections each node holds (NATS: its monitoring endpoint's `/connz`; None for a
-        node that does not answer, and for Mosquitto, which has no such endpoint). Only MQTT: the
-        manager's NATS-protocol connections (account pushes, the takeover guard) come and go, and
-        would be counted as agents arriving or leaving."""
+        """How many MQTT connections each node holds (see `node_mqtt_connections`)."""
+        return [None if ids is None else len(ids) for ids in self.node_mqtt_connections()]
+
+    def node_mqtt_connections(self) -> list[set[int] | None]:
+        """The ids of the agents' MQTT connections each node holds (NATS: its monitoring endpoint's
+        `/connz`; None for a node that does not answer, and for Mosquitto, which has no such
+        endpoint). Not the manager's: its NATS-protocol connections (account pushes, the takeover
+        guard) come and go, and its bridge links are not agents."""
         if self.broker is None:
             return []
-        counts: list[int | None] = []
+        nodes: list[set[int] | None] = []
         for launch in self.broker.cluster.launches:
             url = launch.monitor_url
             connz = _monitor_json(f"{url}/connz?limit={CONNZ_LIMIT}") if url else None
             listed = connz.get("connections") if connz else None
-            mqtt = sum(1 for c in listed if c.get("mqtt_client")) if isinstance(listed, list) else None
-            counts.append(mqtt)
-        return counts
+            mqtt = [c for c in listed if _agents_mqtt(c)] if isinstance(listed, list) else None
+            nodes.append(None if mqtt is None else {int(c["cid"]) for c in mqtt})
+        return nodes
 
     @property
     def broker_engine(self) -> BrokerEngine:
@@ -393,6 +397,17 @@ class Stack:
         )
         link.connect(timeout)
         return link
+
+
+NOT_AGENTS = (BRIDGE_CLIENT_ID_PREFIX, "bench-")
+"""Client ids of MQTT connections that are not agents: the bridge's, the benchmarks' own
+(`publisher`, the observer)."""
+
+
+def _agents_mqtt(connection: dict[str, Any]) -> bool:
+    """Whether a `/connz` entry is an agent's MQTT connection."""
+    client_id = connection.get("mqtt_client")
+    return bool(client_id) and not str(client_id).startswith(NOT_AGENTS)
 
 
 def _monitor_json(url: str) -> dict[str, Any] | None:

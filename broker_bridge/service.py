@@ -46,10 +46,13 @@ def bridge_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+BRIDGE_CLIENT_ID_PREFIX = "policycast-bridge-"
+
+
 def bridge_client_id() -> str:
     """An MQTT client id nobody can guess (agents' ids are bound to their accounts; this one is not,
     so it must not be takeable by knowing it)."""
-    return f"policycast-bridge-{secrets.token_hex(16)}"
+    return f"{BRIDGE_CLIENT_ID_PREFIX}{secrets.token_hex(16)}"
 
 
 def connect_link(settings: Settings, broker: BrokerEngine, *, client_id: str | None = None) -> BrokerLink:
