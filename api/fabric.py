@@ -85,6 +85,7 @@ def open_fabric(
     with session_scope(engine) as session:
         change = Change(session=session, actor="system", signing_key=signing_key)
         ensure_root(change)
+        change.commit()
     tls = manager_tls(settings) if settings.tls_enabled else None
     if tls is not None:
         _trust_own_ca(engine, signing_key, tls)
@@ -113,5 +114,6 @@ def _trust_own_ca(engine: Engine, signing_key: SigningKey, tls: ManagerTls) -> N
             with session_scope(engine) as session:
                 change = Change(session=session, actor="system", signing_key=signing_key)
                 trust_ca(change, pem=certificate)
+                change.commit()
         except IntegrityError:
             continue  # another replica added it first

@@ -98,7 +98,9 @@ def retire(sha256: Annotated[str, typer.Argument(help="the CA's hash, sha256:…
 
     def apply() -> None:
         with session_scope(make_engine(settings.resolved_database_url)) as session:
-            trust.retire_ca(_cli_change(settings, session), sha256=sha256)
+            change = _cli_change(settings, session)
+            trust.retire_ca(change, sha256=sha256)
+            change.commit()
 
     guarded(apply, "retiring the CA")
     stdout.print(f"retired {sha256}")
@@ -114,7 +116,9 @@ def _issuing(settings: Settings) -> str | None:
 
 def _trust(settings: Settings, pem: bytes) -> str:
     with session_scope(make_engine(settings.resolved_database_url)) as session:
-        trust.trust_ca(_cli_change(settings, session), pem=pem)
+        change = _cli_change(settings, session)
+        trust.trust_ca(change, pem=pem)
+        change.commit()
     return ca_hash(pem)
 
 

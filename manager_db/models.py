@@ -102,6 +102,9 @@ class Agent(SQLModel, table=True):
     location_id: int | None = Field(default=None)
     mode: str = Field(default="pull", max_length=8)
     serial: int = Field(default=0, sa_type=BigInteger)
+    serial_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    """When the agent first reported the serial it holds (`manager_db.sightings`): with the commit time
+    of the change that issued that serial (`ChangeRecord`), how long the change took to reach it."""
     secret_hash: str = Field(max_length=64, unique=True)
     facts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     status: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
@@ -248,6 +251,8 @@ class AuditEntry(SQLModel, table=True):
     action: str = Field(max_length=64)
     target: str = Field(max_length=128)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    generation: int | None = Field(default=None, sa_type=BigInteger, index=True)
+    """The change (`ChangeRecord.generation`) this row was written by; None for rows older than it."""
 
 
 class ApiKey(SQLModel, table=True):
@@ -275,6 +280,28 @@ class BootstrapKeyRetirement(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     retired_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     retired_by: str = Field(max_length=128)
+
+
+class ChangeRecord(SQLModel, table=True):
+    """One row per committed change, written in the change's own transaction (`api.services.change`):
+    when it committed and which serials it issued. Serials are allocated under the change lock, so a
+    change's serials are consecutive (`first_serial`..`last_serial`) and later changes have higher ones.
+    The convergence SLO is measured from `committed_at` to each agent's report of its new serial."""
+
+    __tablename__ = "changes"
+
+    generation: int = Field(
+        primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False}
+    )
+    """`FabricCounters.generation` as the change's `begin_change` made it."""
+    committed_at: datetime = Field(sa_type=DateTime(timezone=True))
+    """Set just before the commit, on the clock of the process that made the change."""
+    actor: str = Field(max_length=128)
+    first_serial: int | None = Field(default=None, sa_type=BigInteger)
+    last_serial: int | None = Field(default=None, sa_type=BigInteger, index=True)
+    """None (and `first_serial` too) when the change recomputed no document."""
+    documents: int = Field(default=0)
+    """How many documents got a new serial."""
 
 
 class FabricCounters(SQLModel, table=True):

@@ -28,7 +28,7 @@ POSTGRES_URL = os.environ.get("POLICYCAST_TEST_POSTGRES_URL", "postgresql://post
 TABLES = (
     "blobs, content_revisions, agent_commands, bridge_leases, outbox, effective_configs, log_entries, "
     "log_batches, audit_log, bootstrap_key_retirement, api_keys, enrollment_tokens, assignments, agents, "
-    "policies, locations, groups, trusted_cas, fabric_counters"
+    "policies, locations, groups, trusted_cas, changes, fabric_counters"
 )
 
 
