@@ -4,13 +4,15 @@ Last seen, serial held, location, mode and status are recorded per agent and wri
 `heartbeat_flush_s` with the one "agent seen" statement (`manager_db.sightings`), so no heartbeat
 writes to the database (except for log uploads, which are the point of those requests). Agents send
 `status` only when it changed: a heartbeat without one keeps the status recorded before it, in memory
-and in the database.
+and in the database. The agents a flush found on a new serial go to `on_advances` once it committed
+(the convergence SLO, `manager_db.metrics.ConvergenceObserver`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -19,7 +21,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from manager_db.models import utcnow
-from manager_db.sightings import record_sightings, sighting
+from manager_db.sightings import Advance, record_sightings, sighting
 
 log = logging.getLogger(__name__)
 _DATA_ERRORS = (DBAPIError, OverflowError, ValueError, TypeError)
@@ -59,7 +61,9 @@ class Sighting:
 class HeartbeatLedger:
     """Heartbeat bookkeeping, held in memory and written in batches."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_advances: Callable[[list[Advance]], None] | None = None) -> None:
+        self.on_advances = on_advances
+        """Hears the advances of each committed flush (`manager_db.sightings.record_sightings`)."""
         self._pending: dict[str, Sighting] = {}
         self._unwritten: dict[str, Sighting] = {}
         """Sightings of a flush that failed, merged into the next one. Touched only by `flush` (under
@@ -103,7 +107,7 @@ class HeartbeatLedger:
             rows = [seen.row(agent_id) for agent_id, seen in pending.items()]
             try:
                 with engine.begin() as connection:
-                    record_sightings(connection, rows)
+                    advances = record_sightings(connection, rows)
             except OperationalError:
                 # The database is away: keep every sighting for the next flush, where newer ones win
                 # but keep what they do not override (a status sent only before the outage).
@@ -115,16 +119,25 @@ class HeartbeatLedger:
             except _DATA_ERRORS:
                 # One bad row must not stall everyone's bookkeeping: write them one by one, drop the bad.
                 return self._write_one_by_one(engine, rows)
+            self._advanced(advances)
             return len(rows)
 
-    @staticmethod
-    def _write_one_by_one(engine: Engine, rows: list[dict[str, Any]]) -> int:
+    def _write_one_by_one(self, engine: Engine, rows: list[dict[str, Any]]) -> int:
         written = 0
+        advances: list[Advance] = []
         for row in rows:
             try:
                 with engine.begin() as connection:
-                    record_sightings(connection, [row])
+                    advances += record_sightings(connection, [row])
                 written += 1
             except _DATA_ERRORS as exc:
                 log.error("dropped the heartbeat bookkeeping of agent %s: %s", row["id"], exc)
+        self._advanced(advances)
         return written
+
+    def _advanced(self, advances: list[Advance]) -> None:
+        if advances and self.on_advances is not None:
+            try:
+                self.on_advances(advances)
+            except Exception:  # the bookkeeping is written; a listener's failure must not undo the flush
+                log.exception("a listener of %d advance(s) failed", len(advances))
