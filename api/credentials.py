@@ -104,6 +104,7 @@ class Credentials:
             else:
                 scope[AGENT] = await agent_caller(fabric, authorization)
         except ServiceError as refused:
+            (fabric.metrics.admin_auth_failures if admin else fabric.metrics.agent_auth_failures).inc()
             headers = {"WWW-Authenticate": "Bearer"} if refused.status_code == 401 else None
             response = JSONResponse({"detail": refused.detail}, refused.status_code, headers=headers)
             await response(scope, receive, send)

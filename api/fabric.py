@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from api.heartbeat.ledger import HeartbeatLedger
 from api.heartbeat.view import FabricView
 from api.key_cache import ApiKeyCache
+from api.metrics import ApiMetrics
 from api.services.change import Change
 from api.services.groups import ensure_root
 from api.services.trust import trust_ca
@@ -67,6 +68,8 @@ class Fabric:
     ledger: HeartbeatLedger
     keys: ApiKeyCache
     """The API keys, in memory, reloaded with the view (`FabricView.refresh`)."""
+    metrics: ApiMetrics
+    """What `/metrics` serves: counted by the heartbeat, enrolment and credentials, read from SQL."""
     broker: BrokerAccess | None = None
     """None: push is off (`mqtt_enabled` false, or no broker engine composed in)."""
     tls: ManagerTls | None = None
@@ -93,13 +96,15 @@ def open_fabric(
     keys = ApiKeyCache(engine, bootstrap.get_secret_value() if bootstrap else None)
     view = FabricView(engine, followers=[keys.reload])
     view.refresh()
+    metrics = ApiMetrics(engine, jitter=settings.heartbeat_jitter, cache_s=settings.metrics_cache_s)
     return Fabric(
         settings=settings,
         engine=engine,
         signing_key=signing_key,
         view=view,
-        ledger=HeartbeatLedger(),
+        ledger=HeartbeatLedger(on_advances=metrics.convergence.observe),
         keys=keys,
+        metrics=metrics,
         tls=tls,
         broker=broker(settings, signing_key) if broker is not None and settings.mqtt_enabled else None,
     )

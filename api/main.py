@@ -30,6 +30,7 @@ from api.routes import (
     groups,
     heartbeat,
     locations,
+    metrics,
     policies,
     trust,
 )
@@ -118,6 +119,7 @@ def create_app(
     app.include_router(heartbeat.router)
     app.include_router(content.agent_router)
     app.include_router(trust.agent_router)
+    app.include_router(metrics.router)  # outside both prefixes: no credentials (docs/operations.md)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import Engine, update
+from sqlalchemy import select as columns_of  # sqlmodel's `select` takes four columns at most
 from sqlmodel import Session, col, select
 
 from broker_bridge.broker import Publication
@@ -43,18 +44,21 @@ def relay_outbox(
     batch: int,
     timeout: float,
     on_published: Callable[[list[tuple[int, int]]], None] | None = None,
+    on_acknowledged: Callable[[list[float]], None] | None = None,
 ) -> int:
     """Publish the oldest pending documents; return how many outbox rows were settled.
 
     `on_published` hears which (group, location) topics went out (anti-entropy times its grace from
-    then)."""
+    then); `on_acknowledged` how many seconds after its row was made the broker acknowledged each
+    document published (the metrics' publish latency; a superseded row was not published)."""
     with Session(engine) as session:
-        rows = session.exec(  # plain rows, not ORM objects: a fleet-wide change has thousands
-            select(
+        rows = session.execute(  # plain rows, not ORM objects: a fleet-wide change has thousands
+            columns_of(
                 col(OutboxEntry.id),
                 col(OutboxEntry.group_id),
                 col(OutboxEntry.location_id),
-                OutboxEntry.envelope,
+                col(OutboxEntry.envelope),
+                col(OutboxEntry.created_at),
             )
             .where(col(OutboxEntry.published_at).is_(None))
             .order_by(col(OutboxEntry.id))
@@ -62,16 +66,19 @@ def relay_outbox(
         ).all()
     if not rows:
         return 0
-    newest: dict[tuple[int, int], tuple[int, bytes]] = {}
-    for row_id, group_id, location_id, envelope in rows:  # ascending id is ascending serial: the last wins
-        newest[(group_id, location_id)] = (int(row_id or 0), bytes(envelope))
+    newest: dict[tuple[int, int], tuple[int, bytes, datetime]] = {}
+    for row_id, group_id, location_id, envelope, created_at in rows:  # ascending id: the last wins
+        newest[(group_id, location_id)] = (int(row_id or 0), bytes(envelope), created_at)
     messages = [
         Publication(config_topic(prefix, group_id, location_id), envelope, qos=1, retain=True)
-        for (group_id, location_id), (_, envelope) in sorted(newest.items(), key=lambda item: item[1][0])
+        for (group_id, location_id), (_, envelope, _) in sorted(newest.items(), key=lambda item: item[1][0])
     ]
     publisher.publish_many(messages, timeout=timeout)
+    acknowledged = utcnow()
     if on_published is not None:
         on_published(list(newest))
+    if on_acknowledged is not None:
+        on_acknowledged([(acknowledged - as_utc(made)).total_seconds() for _, _, made in newest.values()])
     _mark(engine, OutboxEntry, [int(row_id) for row_id, *_ in rows if row_id is not None])
     log.debug("published %d document(s), settled %d outbox row(s)", len(messages), len(rows))
     return len(rows)

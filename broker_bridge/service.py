@@ -5,6 +5,8 @@ changed), then relay documents and commands, and every `anti_entropy_s` repair t
 message left behind and send again the commands nobody acted on (`broker_bridge.anti_entropy`). A
 broker or database that is away is retried with exponential back-off and full jitter; the outbox
 keeps what waits meanwhile. A broker that comes back ends the back-off at once.
+
+While it runs, a bridge serves its Prometheus metrics on `bridge_metrics_port` (`broker_bridge.metrics`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from broker_bridge.broker import BrokerLink
 from broker_bridge.engine import BrokerEngine
 from broker_bridge.errors import BrokerError
 from broker_bridge.ingest import StateIngest
+from broker_bridge.metrics import BridgeMetrics
 from broker_bridge.reconcile import reconcile_accounts
 from broker_bridge.relay import relay_commands, relay_outbox, republish_current, resend_commands
 from fabric_core.settings import Settings
@@ -79,7 +82,12 @@ class Bridge:
         self.broker = broker
         self.link = link
         self.holder = bridge_holder()
-        self.ingest = StateIngest(prefix=settings.mqtt_prefix)
+        self.metrics = BridgeMetrics(engine, cache_s=settings.metrics_cache_s)
+        self.ingest = StateIngest(
+            prefix=settings.mqtt_prefix,
+            on_advances=self.metrics.convergence.observe,
+            on_message=self.metrics.state_message,
+        )
         self._lease_until = 0.0
         self._reconciled_generation = -1
         self._reconciled_at = 0.0
@@ -90,6 +98,8 @@ class Bridge:
 
     def run(self, stop: threading.Event) -> None:
         self.link.subscribe(all_states_filter(self.settings.mqtt_prefix), self.ingest.handle)
+        if self.settings.bridge_metrics_port is not None:
+            self.metrics.serve(self.settings.bridge_metrics_host, self.settings.bridge_metrics_port)
         failures = 0
         try:
             while not stop.is_set():
@@ -108,6 +118,7 @@ class Bridge:
                     stop.wait(self.settings.bridge_poll_s)
         finally:
             self._release()
+            self.metrics.stop()
 
     def _pause(self, delay: float, stop: threading.Event) -> None:
         """Back off after a failed round, but resume as soon as a lost broker connection is back.
@@ -148,6 +159,7 @@ class Bridge:
             batch=batch,
             timeout=PUBLISH_TIMEOUT_S,
             on_published=self.repair.note_published,
+            on_acknowledged=self.metrics.published,
         )
         commands = relay_commands(
             self.engine, self.link, prefix=prefix, batch=batch, timeout=PUBLISH_TIMEOUT_S

@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fabric_core.topics import DEFAULT_PREFIX
 
 DEFAULT_HEARTBEAT_S = 300
 """SEPM's default heartbeat: five minutes."""
+DEFAULT_BRIDGE_METRICS_PORT = 9465
+"""Next to the OpenTelemetry exporters' 9464 in Prometheus's list of exporter ports."""
+_OFF = frozenset({"", "off", "none", "false", "no"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,22 @@ class Settings(BaseSettings):
     command_resend_s: float = Field(
         default=5.0, gt=0, description="how long before an unanswered command is sent again"
     )
+    bridge_metrics_port: int | None = Field(
+        default=DEFAULT_BRIDGE_METRICS_PORT,
+        ge=0,
+        le=65535,
+        description="where the bridge serves Prometheus metrics (/metrics); 0: a free port, logged; "
+        "off: not served",
+    )
+    bridge_metrics_host: str = Field(
+        default="127.0.0.1", description="the address the bridge's metrics listen on (0.0.0.0: every one)"
+    )
+    metrics_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="how long a metric read from SQL (agents, outbox) is kept: a storm of scrapes "
+        "costs one query per this",
+    )
     heartbeat_jitter: float = Field(default=0.1, ge=0.0, le=0.5, description="+/- fraction of heartbeat_s")
     heartbeat_flush_s: float = Field(
         default=2.0, gt=0, description="how often heartbeat bookkeeping is written"
@@ -164,6 +183,12 @@ class Settings(BaseSettings):
     @property
     def tls_name_list(self) -> list[str]:
         return [name.strip() for name in self.tls_names.split(",") if name.strip()]
+
+    @field_validator("bridge_metrics_port", mode="before")
+    @classmethod
+    def _off_is_none(cls, value: object) -> object:
+        """`POLICYCAST_BRIDGE_METRICS_PORT=off` turns the bridge's metrics off."""
+        return None if isinstance(value, str) and value.strip().lower() in _OFF else value
 
     @model_validator(mode="after")
     def _operator_certificates_come_in_threes(self) -> Settings:

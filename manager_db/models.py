@@ -290,9 +290,7 @@ class ChangeRecord(SQLModel, table=True):
 
     __tablename__ = "changes"
 
-    generation: int = Field(
-        primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False}
-    )
+    generation: int = Field(primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False})
     """`FabricCounters.generation` as the change's `begin_change` made it."""
     committed_at: datetime = Field(sa_type=DateTime(timezone=True))
     """Set just before the commit, on the clock of the process that made the change."""

@@ -109,8 +109,8 @@ def sighting(
 
 def record_sightings(connection: Connection, rows: list[dict[str, Any]]) -> list[Advance]:
     """Write many sightings (rows from `sighting`, one per agent): one advance statement per
-    `ADVANCE_CHUNK` rows and one executemany. Returns the advances this transaction recorded; count them only once it commits
-    (a flush that fails is written again, and would count them again)."""
+    `ADVANCE_CHUNK` rows and one executemany. Returns the advances this transaction recorded; count
+    them only once it commits (a flush that fails is written again, and would count them again)."""
     if not rows:
         return []
     # In id order, in every process: PostgreSQL locks the rows in the order it updates them, and the

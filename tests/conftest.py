@@ -24,6 +24,11 @@ from tests.support.clients import ADMIN_KEY
 
 pytest_plugins = ["tests.support.broker"]
 
+# Bridges made in-process (`Settings()` reads the environment) serve their metrics on a free port,
+# never the fixed default one: tests run side by side. `tests.support.processes` does the same for
+# child processes.
+os.environ.setdefault("POLICYCAST_BRIDGE_METRICS_PORT", "0")
+
 POSTGRES_URL = os.environ.get("POLICYCAST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = (
     "blobs, content_revisions, agent_commands, bridge_leases, outbox, effective_configs, log_entries, "

@@ -47,6 +47,7 @@ def answer_heartbeat(
     changed = document.serial != serial or served_update
     if served_update:
         fabric.view.served_update(secret_hash)
+    fabric.metrics.heartbeat_answered(changed=changed)
     fabric.ledger.record(
         agent.id,
         serial=serial,

@@ -6,13 +6,16 @@ log batch. The layer parses it with orjson, checks it against the request model'
 cost several times the work of the heartbeat itself (docs/performance.md). Anything it is not sure
 about goes to the route untouched (the body it read is replayed), so every 4xx comes from one place,
 with the same words. The answer itself is written by `answer.answer_heartbeat`, as the route's is.
+
+Metrics (`api.metrics`): a heartbeat it answers counts as a fast-path hit; one it hands to the app
+counts by the status the app answers when that is an error (the 200s count in `answer_heartbeat`).
 """
 
 from __future__ import annotations
 
 import orjson
 from starlette.datastructures import State
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.asgi_replay import replay
 from api.fabric import Fabric
@@ -53,29 +56,31 @@ class HeartbeatFastPath:
                 authorization = value
             elif name == b"content-type" and content_type is None:
                 content_type = value
+        if fabric is None:
+            await self.app(scope, receive, send)
+            return
         if (
-            fabric is None
-            or authorization is None
+            authorization is None
             or content_type is None
             or content_type.split(b";", 1)[0].strip().lower() != b"application/json"
             or length is None
             or not length.isdigit()
             or not 0 < int(length) <= FAST_BODY_LIMIT
         ):
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _counting(fabric, send))
             return
         body = b""
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
-                await self.app(scope, replay(body, message, receive), send)
+                await self.app(scope, replay(body, message, receive), _counting(fabric, send))
                 return
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
         payload = fast_heartbeat(fabric, authorization, body)
         if payload is None:
-            await self.app(scope, replay(body, None, receive), send)
+            await self.app(scope, replay(body, None, receive), _counting(fabric, send))
             return
         headers = [(b"content-length", b"%d" % len(payload)), *_JSON_HEADERS]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -100,7 +105,7 @@ def fast_heartbeat(fabric: Fabric, authorization: bytes, body: bytes) -> bytes |
     found = fabric.view.document_for(agent.group_id, request.get("location_id"))
     if found is None:
         return None
-    return answer_heartbeat(
+    answer = answer_heartbeat(
         fabric,
         agent,
         secret_hash=secret_hash,
@@ -110,3 +115,17 @@ def fast_heartbeat(fabric: Fabric, authorization: bytes, body: bytes) -> bytes |
         found=found,
         mqtt_expires_at=request.get("mqtt_expires_at"),
     )
+    fabric.metrics.fast_path_hits.inc()
+    return answer
+
+
+def _counting(fabric: Fabric, send: Send) -> Send:
+    """`send`, counting the heartbeat by its status when the app refuses it (a heartbeat the fast
+    path answers itself is a 200 and never an error)."""
+
+    async def counted(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            fabric.metrics.heartbeat_refused(message["status"])
+        await send(message)
+
+    return counted

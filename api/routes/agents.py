@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, status
@@ -13,28 +12,27 @@ from api.openapi import errors
 from api.params import GroupFilter, Limit, Offset, RowId
 from api.schemas import AgentOut, AgentUpdate, LogOut, TokenCreate, TokenOut
 from api.services import agents, groups, logs
+from api.services.fleet import presence
 from fabric_core.tls import join_token
 from fabric_core.wire import LogLevel, Moment
 from manager_db.models import Agent, LogRecord, as_utc, utcnow
 
 router = APIRouter(tags=["agents"])
 
-ONLINE_GRACE_S = 30
-
 
 def _agent_out(agent: Agent, current_serial: int | None, fabric: FabricDep) -> AgentOut:
     last_seen = as_utc(agent.last_seen)
     cached = fabric.view.document_for(agent.group_id, agent.location_id)
     heartbeat_s = cached[1].heartbeat_s if cached else 300
-    if agent.mode == "push" and agent.online is not None:
-        online = agent.online and agent.revoked_at is None  # presence from the broker (last will)
-    else:
-        online = (
-            last_seen is not None
-            and agent.revoked_at is None
-            and utcnow() - last_seen
-            <= timedelta(seconds=heartbeat_s * (1 + fabric.settings.heartbeat_jitter) + ONLINE_GRACE_S)
-        )
+    online = presence(
+        mode=agent.mode,
+        online=agent.online,
+        last_seen=last_seen,
+        revoked=agent.revoked_at is not None,
+        heartbeat_s=heartbeat_s,
+        jitter=fabric.settings.heartbeat_jitter,
+        now=utcnow(),
+    )
     return AgentOut(
         id=agent.id,
         hostname=agent.hostname,

@@ -31,6 +31,7 @@ def enroll(body: EnrollRequest, fabric: FabricDep) -> EnrollResponse:
             access_granted=fabric.broker is not None and fabric.broker.access_in_credentials,
         )
         change.commit()
+    fabric.metrics.enrolments.inc()
     verify_key = fabric.signing_key.verify_key
     # The broker engine answers for the broker's side: with Mosquitto the account appears within a
     # bridge round (it provisions from the agents table); until then the agent's connects are refused

@@ -13,8 +13,9 @@ from api.errors import Conflict, Invalid, NotFound, Unauthorized
 from api.resolution import load_tree
 from api.security import hash_secret, new_secret
 from api.services.change import Change
+from api.services.fleet import CURRENT_SERIAL, with_current_document
 from api.services.groups import get_group
-from manager_db.models import Agent, AgentCommandEntry, EffectiveConfig, EnrollmentToken, as_utc, utcnow
+from manager_db.models import Agent, AgentCommandEntry, EnrollmentToken, as_utc, utcnow
 
 
 def create_enrollment_token(
@@ -86,15 +87,14 @@ def get_agent(session: Session, *, agent_id: str) -> Agent:
 
 
 def current_serials(session: Session, agents: list[Agent]) -> dict[str, int | None]:
-    """The serial each agent should hold: its (group, location) document, or its group's Default."""
-    group_ids = {agent.group_id for agent in agents}
-    rows = session.exec(select(EffectiveConfig).where(col(EffectiveConfig.group_id).in_(group_ids))).all()
-    by_key = {(row.group_id, row.location_id): row.serial for row in rows}
-    defaults = {row.group_id: row.serial for row in rows if row.is_default}
-    return {
-        agent.id: by_key.get((agent.group_id, agent.location_id or -1), defaults.get(agent.group_id))
-        for agent in agents
-    }
+    """The serial each agent should hold: its (group, location) document, or its group's Default
+    (`api.services.fleet.with_current_document`, the rule the metrics count by too)."""
+    found: dict[str, int | None] = {}
+    ids = [agent.id for agent in agents]
+    for start in range(0, len(ids), 500):
+        query = select(col(Agent.id), CURRENT_SERIAL).where(col(Agent.id).in_(ids[start : start + 500]))
+        found.update(session.exec(with_current_document(query)).all())
+    return {agent.id: found.get(agent.id) for agent in agents}
 
 
 def move_agent(change: Change, *, agent_id: str, group_id: int) -> Agent:

@@ -169,3 +169,17 @@ def test_agent_settings_reject_non_positive_durations(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
         AgentSettings()
+
+
+def test_the_bridge_serves_metrics_on_its_port_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings()
+    assert (settings.bridge_metrics_host, settings.bridge_metrics_port) == ("127.0.0.1", 9465)
+    assert settings.metrics_cache_s == 5.0
+    for off in ("off", "OFF", "none", ""):
+        monkeypatch.setenv("POLICYCAST_BRIDGE_METRICS_PORT", off)
+        assert Settings().bridge_metrics_port is None
+    monkeypatch.setenv("POLICYCAST_BRIDGE_METRICS_PORT", "0")  # a free port, logged
+    assert Settings().bridge_metrics_port == 0
+    monkeypatch.setenv("POLICYCAST_BRIDGE_METRICS_PORT", "65536")
+    with pytest.raises(ValidationError):
+        Settings()

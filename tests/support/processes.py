@@ -78,6 +78,9 @@ class Process:
 
 def python_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYCAST_")}
+    # A bridge started by a test serves its metrics on a free port, never the fixed default one
+    # (tests run side by side); a test that scrapes them gives a port of its own.
+    env["POLICYCAST_BRIDGE_METRICS_PORT"] = "0"
     env.update(overrides)
     return env
 
