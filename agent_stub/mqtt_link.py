@@ -25,9 +25,14 @@ maps a CONNACK refusal (4 bad user name or password, 5 not authorised) to the MQ
 0x87), a SUBACK 0x80 is a failure as in MQTT 5, and an UNSUBACK or PUBACK carries no code (success).
 
 A broker may have several nodes (`LinkOptions.addresses`): every connect picks one at random (with
-`LinkOptions.rng`, the agent's), never one that failed or dropped the connection since the last good
-session while another remains, so that the agents of a dead node spread over the others; the caller's
-back-off paces the attempts. Each node is verified with the same `ssl_context` and its own host name.
+`LinkOptions.rng`, the agent's) among those that failed least since the last good session, never the
+one tried last while another is as good, so that the agents of a dead node spread over the others. A
+node that could not be reached at all (the TCP connection refused or timed out) or that dropped the
+session counts two failures, one that took the connection but not the session (TLS, CONNACK) one: when
+every node has failed, the agents of a dead node keep to the live ones and try the dead one again only
+once each live one has failed twice. `fails_over` tells the caller that a node failed and another
+has not since the last good session: the push loop fails over to it at once (with jitter), and backs
+off only when none is left. Each node is verified with the same `ssl_context` and its own host name.
 """
 
 from __future__ import annotations
@@ -59,6 +64,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")
+
+_UNANSWERED = 1
+"""The weight of a node's failure once it took the TCP connection (TLS, CONNACK: it may be busy)."""
+_UNREACHABLE = 2
+"""The weight of a node that refused the TCP connection, did not take it in time, or dropped the session."""
 
 _SHARED_RNG = random.Random()
 """Picks a broker node for links given no rng of their own (one generator for all: each is 2.5 KB)."""
@@ -128,6 +138,12 @@ class Link(Protocol):
         """Set while there is no connection (before the first connect and after any loss)."""
         ...
 
+    @property
+    def fails_over(self) -> bool:
+        """Whether the next connect goes to another node than one that just failed: a node failed or
+        dropped the session since the last good connect, and another has not failed since."""
+        ...
+
     async def connect(self) -> bool:
         """Open the session; returns whether the broker still had it (MQTT 5 session present)."""
         ...
@@ -170,8 +186,11 @@ class MqttLink:
         self._on_message = on_message
         self._address = options.address
         """The node of the current (or last) connection."""
-        self._failed: set[MqttAddress] = set()
-        """Nodes that failed a connect or dropped the session since the last good connect."""
+        self._strikes: dict[MqttAddress, int] = {}
+        """Failures of each node since the last good connect (`_UNREACHABLE` for one not reached or
+        that dropped the session, `_UNANSWERED` for one that took the connection but not the session)."""
+        self._reached = False
+        """The current connect got its TCP connection (a failure from then on is the session's)."""
         self._closing = False
         """This side ends the connection (`close`, `abort`): not the node's failure."""
         self._client = self._make_client()
@@ -199,6 +218,15 @@ class MqttLink:
         """The broker node of the current connection (or of the last attempt)."""
         return self._address
 
+    @property
+    def untried(self) -> int:
+        """Broker nodes that have not failed (nor dropped the session) since the last good connect."""
+        return sum(1 for node in self.options.nodes if not self._strikes.get(node))
+
+    @property
+    def fails_over(self) -> bool:
+        return bool(self._strikes) and self.untried > 0
+
     # --- operations --------------------------------------------------------------------------------
 
     async def connect(self) -> bool:
@@ -207,6 +235,7 @@ class MqttLink:
             return self.session_present
         self._loop = asyncio.get_running_loop()
         self._closing = False
+        self._reached = False
         address = self._address = self._pick_node()
         try:
             async with asyncio.timeout(self.options.timeout_s):
@@ -215,17 +244,17 @@ class MqttLink:
                 self._start_session(sock, address)
                 self.session_present = await self._connack
         except TimeoutError:
-            self._failed.add(address)
+            self._strike(address)
             self.abort()
             raise LinkUnavailable(
                 f"{address.url} did not accept a session within {self.options.timeout_s:g} s"
             ) from None
         except OSError as exc:
-            self._failed.add(address)
+            self._strike(address)
             self.abort()
             raise LinkUnavailable(f"cannot connect to {address.url}: {exc}") from exc
         except LinkError:
-            self._failed.add(address)
+            self._strike(address)
             self.abort()
             raise
         except asyncio.CancelledError:
@@ -233,20 +262,27 @@ class MqttLink:
             raise
         finally:
             self._connack = None
-        self._failed.clear()
+        self._strikes.clear()
         return self.session_present
 
+    def _strike(self, address: MqttAddress, *, weight: int | None = None) -> None:
+        """Count a failure of `address`: double if it could not even be reached."""
+        if weight is None:
+            weight = _UNANSWERED if self._reached else _UNREACHABLE
+        self._strikes[address] = self._strikes.get(address, 0) + weight
+
     def _pick_node(self) -> MqttAddress:
-        """The node to connect to: at random among those that have not failed since the last good
-        session; when all have, a new round, on another node than the last one tried."""
+        """The node to connect to: at random among those that failed least since the last good session,
+        not the last one tried while another is as good (`_strike` weighs each failure)."""
         nodes = self.options.nodes
         if len(nodes) == 1:
             return nodes[0]
-        fresh = [node for node in nodes if node not in self._failed]
-        if not fresh:
-            self._failed = {self._address}
-            fresh = [node for node in nodes if node != self._address] or list(nodes)
-        return (self.options.rng or _SHARED_RNG).choice(fresh)
+        others = [node for node in nodes if node != self._address] if self._strikes else list(nodes)
+        least = min(self._strikes.get(node, 0) for node in others)
+        best = [node for node in others if self._strikes.get(node, 0) == least]
+        if self._strikes.get(self._address, 0) < least:  # the last one tried failed less than any other
+            best = [self._address]
+        return (self.options.rng or _SHARED_RNG).choice(best)
 
     async def subscribe(self, topic: str, qos: int = 1) -> int:
         """Subscribe and wait for SUBACK; returns the granted QoS."""
@@ -387,6 +423,7 @@ class MqttLink:
             try:
                 sock.setblocking(False)
                 await self._running_loop().sock_connect(sock, sockaddr)
+                self._reached = True
             except OSError as exc:
                 sock.close()
                 last_error = exc
@@ -518,8 +555,8 @@ class MqttLink:
         if self._connected:
             level = logging.DEBUG if reason.value == 0 else logging.INFO
             log.log(level, "%s: disconnected from %s: %s", self.options.client_id, self._address.url, reason)
-            if not self._closing:
-                self._failed.add(self._address)  # the node went away: the next connect tries another
+            if not self._closing:  # the node went away: the next connects try the others first
+                self._strike(self._address, weight=_UNREACHABLE)
         self._lost(str(reason))
 
     def _on_suback(

@@ -16,7 +16,11 @@ session expiry 0), and its subscriptions at `delivery.qos` (`link_options`):
   from an earlier session or location;
 - it forwards valid commands to `on_command`; malformed ones are logged and dropped;
 - it publishes its state, retained, after connecting and after each applied document;
-- it reconnects with exponential back-off and full jitter, between reconnect_min_s and reconnect_max_s;
+- it reconnects with jittered back-off: when a node of the broker failed (or dropped the session) and
+  another has not failed since the last good session, it fails over to that one within
+  `uniform(0, reconnect_min_s)`, so that a dead node's agents move to the others within about a second
+  and not all at the same instant; once every node has failed, with exponential back-off and full
+  jitter between reconnect_min_s and reconnect_max_s, doubling with each such retry (`backoff_s`);
 - over mqtts:// it trusts exactly the identity's CAs (`agent_stub.trust`); when a document changed
   them, the next connection is a new link that trusts the new ones;
 - it speaks the MQTT version of the broker engine (`delivery.protocol`: 5 for Mosquitto, 3.1.1 for NATS)
@@ -151,6 +155,8 @@ class PushLoop:
         self._reported: tuple[int, int, int | None] | None = None
         self._recent_commands: deque[str] = deque(maxlen=_RECENT_COMMANDS)
         self._failures = 0
+        self._backoffs = 0
+        """Retries since the last good session with no untried node left: the back-off's exponent."""
         self._last_error: str | None = None
         self._asked_about: tuple[MqttCredentials | None, str] | None = None
         """The credentials and config topic a refusal already made the agent ask the manager about."""
@@ -177,7 +183,7 @@ class PushLoop:
         detach = self._core.add_listener(self._on_applied)
         detach_credentials = self._core.add_credentials_listener(self._on_credentials)
         stopped = asyncio.ensure_future(stop.wait())
-        self._failures = 0
+        self._failures = self._backoffs = 0
         try:
             while not stopped.done() and self.wanted:
                 failure = await self._session(stopped)
@@ -302,7 +308,7 @@ class PushLoop:
         await self._follow_subscription(link)
         if self._failures:
             log.info("push session up again after %d failed attempt(s)", self._failures)
-        self._failures = 0
+        self._failures = self._backoffs = 0
         self._last_error = None
         self.sessions += 1
         # Up before the report goes out: whoever sees the agent online sees it on push.
@@ -398,10 +404,18 @@ class PushLoop:
             await _first_of(stopped, self._changed, limit_s=remaining)
 
     def _failed(self, error: str, level: int = logging.WARNING) -> float:
+        """The pause before the next attempt: a failover soon (jittered), else a back-off."""
         self._failures += 1
-        delay = backoff_s(
-            self._failures, self._settings.reconnect_min_s, self._settings.reconnect_max_s, self._rng
-        )
+        low, high = self._settings.reconnect_min_s, self._settings.reconnect_max_s
+        link = self._link
+        if link is not None and link.fails_over:
+            # The node failed, another has not: that one is no reason to wait. Jittered from 0, since
+            # a dead node's agents all lost it at the same instant (a 3-node NATS cluster).
+            delay = self._rng.uniform(0.0, low)
+        else:
+            # Every node failed since the last good session (or a connected node refused something).
+            self._backoffs += 1
+            delay = backoff_s(self._backoffs, low, high, self._rng)
         # Said once per distinct error, not every retry, so a long outage does not flood the log.
         level = level if error != self._last_error else logging.DEBUG
         log.log(level, "%s; reconnecting in %.1f s (heartbeats go on meanwhile)", error, delay)

@@ -34,6 +34,8 @@ class Broker:
         self.connected_with: list[str | None] = []
         """The password of every successful connect, in order."""
         self.session_present = False
+        self.fails_over = False
+        """What every link says of its next connect (`Link.fails_over`): True, another node is untried."""
 
     def factory(self, options: LinkOptions, on_message: MessageHandler) -> FakeLink:
         link = FakeLink(self, options, on_message)
@@ -67,6 +69,10 @@ class FakeLink:
     @property
     def disconnected(self) -> asyncio.Event:
         return self._disconnected
+
+    @property
+    def fails_over(self) -> bool:
+        return self.broker.fails_over
 
     async def connect(self) -> bool:
         self.broker.calls.append(("connect",))

@@ -176,7 +176,13 @@ class Agent:
     """The whole agent (runtime: pull over a fake manager, push over real links), its identity on disk."""
 
     def __init__(
-        self, key: SigningKey, settings: AgentSettings, credentials: MqttCredentials, ca: ManagerCA, seed: int
+        self,
+        key: SigningKey,
+        settings: AgentSettings,
+        credentials: MqttCredentials,
+        ca: ManagerCA,
+        seed: int,
+        rng: random.Random | None = None,
     ) -> None:
         identity = make_identity(key).model_copy(
             update={
@@ -188,7 +194,9 @@ class Agent:
         self.store.save_identity(identity)
         self.core = AgentCore(identity=identity, store=self.store)
         self.manager = FakeManager(key.sign_envelope(make_doc(serial=1, mode="push")))
-        self.runtime = AgentRuntime(self.core, self.manager, settings, MqttLink, rng=random.Random(seed))
+        self.runtime = AgentRuntime(
+            self.core, self.manager, settings, MqttLink, rng=rng or random.Random(seed)
+        )
 
     @property
     def port(self) -> int | None:
@@ -214,6 +222,41 @@ def test_the_agent_fails_over_to_another_node_when_its_node_dies(
     ca = two_brokers[0].ca
     assert ca is not None
     agent = Agent(key, push_settings, _credentials(two_brokers, password), ca, seed=11)
+
+    async def scenario() -> None:
+        async with running(agent.runtime.run, stop_within=10):
+            push = agent.runtime.push
+            await wait_for_async(
+                lambda: push.connected and agent.port is not None, timeout=WAIT_S, what="a push session"
+            )
+            first = next(b for b in two_brokers if b.port == agent.port)
+            other = next(b for b in two_brokers if b is not first)
+            first.stop()
+            await agent.on(other, sessions=2)
+
+    _run(scenario)
+
+
+class _LowestRandom(random.Random):
+    """Every jittered delay at its lowest: what the agent waits for at least."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+def test_the_agents_of_a_dead_node_fail_over_without_waiting_out_the_back_off(
+    key: SigningKey, two_brokers: tuple[Broker, Broker], push_settings: AgentSettings
+) -> None:
+    """The node went away, another has not failed: the pause before trying it is jittered from 0 (at
+    most reconnect_min_s), not the back-off's floor of reconnect_min_s (30 s here: longer than the wait)."""
+    password = secrets.token_urlsafe(12)
+    for broker in two_brokers:
+        _provision(broker, password)
+    ca = two_brokers[0].ca
+    assert ca is not None
+    settings = push_settings.model_copy(update={"reconnect_min_s": 30.0, "reconnect_max_s": 60.0})
+    credentials = _credentials(two_brokers, password)
+    agent = Agent(key, settings, credentials, ca, seed=5, rng=_LowestRandom(5))
 
     async def scenario() -> None:
         async with running(agent.runtime.run, stop_within=10):

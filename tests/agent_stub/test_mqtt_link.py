@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import secrets
 import socket
 import ssl
@@ -235,6 +236,70 @@ def test_a_silent_server_times_out_without_blocking_the_loop() -> None:
         elapsed, ticks = _run(scenario)
     assert 0.25 < elapsed < 1.0
     assert ticks > 10  # the loop kept running other work while waiting
+
+
+# --- several nodes --------------------------------------------------------------------------------------
+
+
+class _FirstChoice(random.Random):
+    """Picks the first of the candidate nodes (in the order of the list): the order becomes visible."""
+
+    def choice(self, seq: Any) -> Any:
+        return seq[0]
+
+
+async def _tried(link: MqttLink, attempts: int) -> list[tuple[int, bool]]:
+    """The port of each of `attempts` failing connects, and whether the link fails over after it."""
+    tried = []
+    for _ in range(attempts):
+        with pytest.raises(LinkUnavailable):
+            await link.connect()
+        tried.append((link.address.port, link.fails_over))
+    return tried
+
+
+def test_after_a_node_drops_the_session_the_live_nodes_are_tried_first(mosquitto: Broker) -> None:
+    """The agents of a node that went away keep to the others (which may be busy for a while, as a NATS
+    cluster electing a leader): the node that dropped the session counts two failures, one that took
+    the connection but not the session one, so it is tried again only after each of those failed twice."""
+    with socket.create_server(("127.0.0.1", 0)) as busy_a, socket.create_server(("127.0.0.1", 0)) as busy_b:
+        a, b = (MqttAddress("127.0.0.1", server.getsockname()[1]) for server in (busy_a, busy_b))
+
+        async def scenario() -> list[tuple[int, bool]]:
+            link = _agent(mosquitto, addresses=(mosquitto.address, a, b), rng=_FirstChoice(), timeout_s=0.3)
+            await link.connect()
+            assert link.address == mosquitto.address and not link.fails_over
+            mosquitto.stop()
+            await asyncio.wait_for(link.disconnected.wait(), timeout=WAIT_S)
+            assert link.fails_over and link.untried == 2  # the node went away: two others to go to
+            return await _tried(link, 5)
+
+        try:
+            tried = _run(scenario)
+        finally:
+            mosquitto.start()
+    dead = mosquitto.address.port
+    assert tried == [(a.port, True), (b.port, False), (a.port, False), (b.port, False), (dead, False)]
+
+
+def test_a_node_that_refuses_the_connection_is_tried_after_one_that_took_it() -> None:
+    """Refused at the TCP level (nothing listens) weighs double; the node tried last is tried again when
+    it failed less than any other."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        refusing = MqttAddress("127.0.0.1", free_port())
+        taking = MqttAddress("127.0.0.1", busy.getsockname()[1])
+
+        async def scenario() -> list[tuple[int, bool]]:
+            link = _link(refusing, addresses=(refusing, taking), rng=_FirstChoice(), timeout_s=0.3)
+            return await _tried(link, 4)
+
+        tried = _run(scenario)
+    assert tried == [
+        (refusing.port, True),
+        (taking.port, False),
+        (taking.port, False),
+        (refusing.port, False),
+    ]
 
 
 def test_the_will_is_published_on_abort_and_not_on_close(mosquitto: Broker) -> None:

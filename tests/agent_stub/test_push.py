@@ -305,6 +305,59 @@ def test_backoff_doubles_up_to_the_cap_with_jitter_in_bounds() -> None:
     assert len(set(delays[5:])) > 20  # jittered: a fleet does not reconnect in step
 
 
+class MinRandom(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+def _pauses(harness: Harness, fails_over: list[bool], rng: random.Random) -> list[float]:
+    """The pauses the push loop takes after failures, the link failing over (True) or not after each."""
+    settings = AgentSettings(reconnect_min_s=1.0, reconnect_max_s=60.0)
+    push = PushLoop(harness.core, harness.broker.factory, settings, harness.commands.append, rng=rng)
+    link = push._new_link()
+    assert isinstance(link, FakeLink)
+    pauses = []
+    for over in fails_over:
+        harness.broker.fails_over = over
+        pauses.append(push._failed("push session: lost"))
+    return pauses
+
+
+def test_a_failover_to_an_untried_node_is_jittered_from_zero_up_to_reconnect_min(harness: Harness) -> None:
+    """A dead node's agents all lost it at the same instant: they move to the other nodes within
+    reconnect_min_s, spread over it, not all at once after it."""
+    pauses = _pauses(harness, [True] * 200, random.Random(7))
+    assert all(0.0 <= p <= 1.0 for p in pauses)
+    assert min(pauses) < 0.1 and max(pauses) > 0.9 and len(set(pauses)) == len(pauses)
+    assert _pauses(harness, [True] * 5, MaxRandom()) == [1.0] * 5  # a failover never grows the back-off
+
+
+def test_the_back_off_grows_only_once_no_untried_node_is_left(harness: Harness) -> None:
+    # Lost, failed over to the second node (failed), then to the third (failed): every node failed.
+    assert _pauses(harness, [True, True, False, False, False], MaxRandom()) == [1.0, 1.0, 1.0, 2.0, 4.0]
+    assert _pauses(harness, [True, True, False, False, False], MinRandom()) == [0.0, 0.0, 1.0, 1.0, 1.0]
+    # One node (Mosquitto), or a refusal on a connected node: the back-off from the first failure on.
+    assert _pauses(harness, [False] * 4, MaxRandom()) == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_a_lost_session_fails_over_at_once_when_another_node_is_untried(
+    core: AgentCore, key: SigningKey, push_settings: AgentSettings
+) -> None:
+    # A back-off floor far beyond the wait: only a failover comes back within it.
+    settings = push_settings.model_copy(update={"reconnect_min_s": 30.0, "reconnect_max_s": 60.0})
+    harness = Harness(core, key, settings)
+    harness.push._rng = MinRandom(1)
+    harness.broker.fails_over = True
+
+    async def scenario(h: Harness) -> None:
+        await wait_for_async(lambda: h.push.sessions == 1, timeout=WAIT_S, what="the first session")
+        h.broker.link.drop()  # the node died
+        await wait_for_async(lambda: h.push.sessions == 2, timeout=WAIT_S, what="a session on another node")
+
+    harness.run(scenario)
+    assert harness.connection[:3] == [True, False, True]
+
+
 def test_connect_failures_back_off_and_log_once(
     harness: Harness, push_settings: AgentSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
