@@ -15,7 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from tests.support.engines import ENGINES, PushBroker, start_push_broker
-from tests.support.processes import AgentProcess, Manager, Process, enrolled_agent
+from tests.support.processes import AgentProcess, Manager, Process, enrolled_agent, free_port
 from tests.support.waiting import wait_for
 
 
@@ -29,6 +29,8 @@ class PushStack:
     broker: PushBroker
     bridge: Process
     tmp: Path
+    bridge_metrics_url: str = ""
+    """Where the bridge process serves its Prometheus metrics."""
 
     def agent(self, name: str, group_id: int, **settings: str) -> AgentProcess:
         """Enrol and start an agent; `settings` become POLICYCAST_AGENT_* variables of its process."""
@@ -79,10 +81,11 @@ def push_stack(tmp_path: Path, push_broker: PushBroker) -> Iterator[PushStack]:
         "anti_entropy_s": "0.5",
     }
     manager = Manager(tmp_path / "manager", tmp_path, admin_key="pck_e2e-push", **broker_settings).start()
-    env = dict(manager.process.env)
+    metrics_port = free_port()
+    env = {**manager.process.env, "POLICYCAST_BRIDGE_METRICS_PORT": str(metrics_port)}
     bridge_argv = [sys.executable, "-m", "local_stack", "bridge"]
     bridge = Process("bridge", bridge_argv, env=env, log_dir=tmp_path).start()
-    stack = PushStack(manager, push_broker, bridge, tmp_path)
+    stack = PushStack(manager, push_broker, bridge, tmp_path, f"http://127.0.0.1:{metrics_port}/metrics")
     try:
         yield stack
     finally:
