@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fmt bench clean mosquitto wrk
+.PHONY: run test lint fmt bench clean mosquitto chromium wrk
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,9 @@ run: $(STAMP)
 	$(BIN)/policycast up
 
 ## Run the whole suite (SQLite, a throw-away PostgreSQL database, Mosquitto brokers and NATS clusters
-## started by the tests), on two workers: most tests wait on brokers and processes, not on the CPU.
+## started by the tests, the console in Debian's Chromium), on two workers: most tests wait on brokers and processes, not on the CPU.
 TEST_WORKERS ?= 2
-test: $(STAMP) mosquitto
+test: $(STAMP) mosquitto chromium
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The tests start their own Mosquitto 2 brokers (never the system one): install it if we can.
@@ -31,6 +31,21 @@ mosquitto:
 		else \
 			echo "error: Policycast's tests need Mosquitto 2 (the broker binary and its dynamic security plugin)."; \
 			echo "       Install it, e.g. 'sudo apt-get install -y mosquitto', then run make test again."; \
+			exit 1; \
+		fi; \
+	fi
+
+# The console's tests drive Debian's Chromium through Playwright (Playwright's own browsers are never
+# downloaded): install it if we can.
+chromium:
+	@if [ ! -x "$${POLICYCAST_TEST_CHROMIUM:-/usr/bin/chromium}" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium (apt-get)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "error: the console's tests need Chromium at /usr/bin/chromium (Debian's package)."; \
+			echo "       Install it, e.g. 'sudo apt-get install -y chromium', or set POLICYCAST_TEST_CHROMIUM,"; \
+			echo "       then run make test again."; \
 			exit 1; \
 		fi; \
 	fi

@@ -125,11 +125,15 @@ class ApiKeyCache:
         revoked or expired key and for the bootstrap key once retired."""
         if key is None:
             raise Unauthorized(MISSING)
-        if self._bootstrap_key is not None and same_secret(key, self._bootstrap_key):
+        return self.authenticate_hash(hash_secret(key), load=load)
+
+    def authenticate_hash(self, key_hash: str, *, load: bool) -> Principal | None:
+        """`authenticate` for a key known by its hash: a console session holds the hash of the key it
+        was opened with, never the key, and is checked against it on every request."""
+        if self._bootstrap_key is not None and same_secret(key_hash, hash_secret(self._bootstrap_key)):
             if self._bootstrap_retired:
                 raise Unauthorized(RETIRED)
             return BOOTSTRAP
-        key_hash = hash_secret(key)
         known = self._keys.get(key_hash)
         if known is None:
             if not load:

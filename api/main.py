@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.body_limit import BodyLimit
+from api.console import install_console
 from api.credentials import Credentials
 from api.error_responses import install_error_handlers
 from api.errors import ServiceError
@@ -125,6 +126,7 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    install_console(app)
     install_openapi(app)
 
     # Inside the body limit: a JSON body must be one orjson accepts (no lone surrogates, NaN, Infinity).

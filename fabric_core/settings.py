@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     bootstrap_admin_key: SecretStr | None = Field(
         default=None, description="An admin API key accepted from the first start"
     )
+    console_session_ttl_s: int = Field(
+        default=8 * 3600,
+        ge=60,
+        le=30 * 86400,
+        description="how long a console sign-in lasts (the API key's expiry or revocation ends it sooner)",
+    )
     signing_key: SecretStr | None = Field(
         default=None,
         description="Base64 Ed25519 seed; default: data_dir/signing_key (created on first start). "

@@ -177,6 +177,7 @@ def _banner(
 ) -> Panel:
     return Panel.fit(
         f"manager   {manager.url}   (API docs: {manager.url}/docs)\n"
+        f"console   {manager.url}/console   (sign in with the admin key)\n"
         f"CA        {settings.tls_dir / 'ca.pem' if manager.ca_hash else 'none: plain HTTP'}\n"
         f"admin key {key}\n"
         f"database  {settings.resolved_database_url}\n"

@@ -331,3 +331,19 @@ class TrustedCa(SQLModel, table=True):
     """`sha256:<hex>` of the certificate's DER bytes (what agents pin)."""
     pem: str
     added_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class ConsoleSession(SQLModel, table=True):
+    """A signed-in operator of the console (`api.console.sessions`). The cookie holds a random id; this
+    row holds its hash, the API key it was opened with (so that revoking the key ends the session on
+    every replica) and the session's CSRF token. Signing out ends it here, not only in the browser."""
+
+    __tablename__ = "console_sessions"
+
+    id_hash: str = Field(primary_key=True, max_length=64)
+    key_hash: str = Field(max_length=64)
+    """SHA-256 of the API key that opened the session."""
+    csrf_token: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    expires_at: datetime = Field(sa_type=DateTime(timezone=True), index=True)
+    ended_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))

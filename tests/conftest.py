@@ -17,8 +17,10 @@ import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlmodel import SQLModel
 
 from fabric_core.settings import Settings
+from manager_db import models as _models  # noqa: F401 - registers the tables in SQLModel.metadata
 from manager_db.database import make_engine, migrate
 from tests.support.clients import ADMIN_KEY
 
@@ -30,11 +32,9 @@ pytest_plugins = ["tests.support.broker"]
 os.environ.setdefault("POLICYCAST_BRIDGE_METRICS_PORT", "0")
 
 POSTGRES_URL = os.environ.get("POLICYCAST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-TABLES = (
-    "blobs, content_revisions, agent_commands, bridge_leases, outbox, effective_configs, log_entries, "
-    "log_batches, audit_log, bootstrap_key_retirement, api_keys, enrollment_tokens, assignments, agents, "
-    "policies, locations, groups, trusted_cas, changes, fabric_counters"
-)
+TABLES = ", ".join(table.name for table in SQLModel.metadata.sorted_tables)
+"""Every table of the schema (the models', which the migrations test keeps equal to the migrated one):
+emptied between PostgreSQL tests, so that a new table cannot be forgotten here."""
 
 
 def _psycopg_dsn(url: str) -> str:

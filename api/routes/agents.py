@@ -12,7 +12,6 @@ from api.openapi import errors
 from api.params import GroupFilter, Limit, Offset, RowId
 from api.schemas import AgentOut, AgentUpdate, LogOut, TokenCreate, TokenOut
 from api.services import agents, groups, logs
-from api.services.fleet import presence
 from fabric_core.tls import join_token
 from fabric_core.wire import LogLevel, Moment
 from manager_db.models import Agent, LogRecord, as_utc, utcnow
@@ -24,11 +23,8 @@ def _agent_out(agent: Agent, current_serial: int | None, fabric: FabricDep) -> A
     last_seen = as_utc(agent.last_seen)
     cached = fabric.view.document_for(agent.group_id, agent.location_id)
     heartbeat_s = cached[1].heartbeat_s if cached else 300
-    online = presence(
-        mode=agent.mode,
-        online=agent.online,
-        last_seen=last_seen,
-        revoked=agent.revoked_at is not None,
+    online = agents.is_online(
+        agent,
         heartbeat_s=heartbeat_s,
         jitter=fabric.settings.heartbeat_jitter,
         now=utcnow(),

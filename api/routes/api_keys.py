@@ -61,21 +61,15 @@ class BootstrapKeyOut(BaseModel):
 
 def _out(row: ApiKey, fabric: FabricDep) -> ApiKeyOut:
     assert row.id is not None
-    last_used = as_utc(row.last_used_at)
-    pending = fabric.keys.pending_use(row.id)  # used through this replica, not written yet
-    if pending is not None and (last_used is None or pending > last_used):
-        last_used = pending
-    expires_at = as_utc(row.expires_at)
-    revoked_at = as_utc(row.revoked_at)
     return ApiKeyOut(
         id=row.id,
         name=row.name,
         role=row.role,
         created_at=as_utc(row.created_at),
-        last_used_at=last_used,
-        expires_at=expires_at,
-        revoked_at=revoked_at,
-        active=revoked_at is None and (expires_at is None or expires_at > utcnow()),
+        last_used_at=api_keys.last_used(row, fabric.keys.pending_use(row.id)),
+        expires_at=as_utc(row.expires_at),
+        revoked_at=as_utc(row.revoked_at),
+        active=api_keys.is_active(row, utcnow()),
     )
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from api.errors import Conflict, Invalid, NotFound, Unauthorized
 from api.resolution import load_tree
 from api.security import hash_secret, new_secret
 from api.services.change import Change
-from api.services.fleet import CURRENT_SERIAL, with_current_document
+from api.services.fleet import CURRENT_SERIAL, ONLINE_GRACE_S, presence, with_current_document
 from api.services.groups import get_group
 from manager_db.models import Agent, AgentCommandEntry, EnrollmentToken, as_utc, utcnow
 
@@ -79,6 +79,12 @@ def list_agents(session: Session, *, group_id: int | None, limit: int, offset: i
     return list(session.exec(query).all())
 
 
+def count_agents(session: Session, *, group_id: int) -> int:
+    """The group's agents that are not revoked."""
+    query = select(func.count()).select_from(Agent)
+    return session.exec(query.where(col(Agent.group_id) == group_id, col(Agent.revoked_at).is_(None))).one()
+
+
 def get_agent(session: Session, *, agent_id: str) -> Agent:
     agent = None if "\x00" in agent_id else session.get(Agent, agent_id)
     if agent is None:
@@ -95,6 +101,23 @@ def current_serials(session: Session, agents: list[Agent]) -> dict[str, int | No
         query = select(col(Agent.id), CURRENT_SERIAL).where(col(Agent.id).in_(ids[start : start + 500]))
         found.update(session.exec(with_current_document(query)).all())
     return {agent.id: found.get(agent.id) for agent in agents}
+
+
+def is_online(
+    agent: Agent, *, heartbeat_s: int, jitter: float, now: datetime, grace_s: int = ONLINE_GRACE_S
+) -> bool:
+    """Push agents are online while the broker says so (their last will says when not); pull agents
+    while their last heartbeat is no older than their interval, its jitter and a grace."""
+    return presence(
+        mode=agent.mode,
+        online=agent.online,
+        last_seen=agent.last_seen,
+        revoked=agent.revoked_at is not None,
+        heartbeat_s=heartbeat_s,
+        jitter=jitter,
+        now=now,
+        grace_s=grace_s,
+    )
 
 
 def move_agent(change: Change, *, agent_id: str, group_id: int) -> Agent:

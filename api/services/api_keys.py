@@ -7,14 +7,14 @@ calling is answered by the cache, not here.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, or_, select
 
 from api.errors import Conflict, NotFound
 from api.security import Role, hash_secret, new_secret
 from api.services.change import Change
-from manager_db.models import ApiKey, BootstrapKeyRetirement, utcnow
+from manager_db.models import ApiKey, BootstrapKeyRetirement, as_utc, utcnow
 
 BOOTSTRAP_TARGET = "api_key:bootstrap"
 
@@ -40,6 +40,19 @@ def create_key(
 
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.exec(select(ApiKey).order_by(col(ApiKey.id))).all())
+
+
+def last_used(row: ApiKey, pending: datetime | None) -> datetime | None:
+    """When the key last authenticated a request: its row's time, or a later one this process has not
+    written yet (`ApiKeyCache.pending_use`: the row is written in batches)."""
+    written = as_utc(row.last_used_at)
+    return pending if pending is not None and (written is None or pending > written) else written
+
+
+def is_active(row: ApiKey, now: datetime) -> bool:
+    """Neither revoked nor expired."""
+    expires_at = as_utc(row.expires_at)
+    return row.revoked_at is None and (expires_at is None or expires_at > now)
 
 
 def revoke_key(change: Change, *, key_id: int) -> ApiKey:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from sqlmodel import Session, col, delete, select
 
-from api.errors import Conflict, NotFound
+from api.errors import Conflict, Invalid, NotFound
 from api.resolution import load_tree
 from api.services.change import Change
 from api.services.groups import get_group
 from fabric_core.text import name_key
+from fabric_core.wire import Condition
 from manager_db.models import Assignment, Group, Location
+
+_CONDITIONS = TypeAdapter(list[Condition])
 
 
 def owner_of(session: Session, *, group_id: int) -> Group:
@@ -48,6 +52,22 @@ def get_location(session: Session, *, group_id: int, location_id: int) -> Locati
     if location is None or location.group_id != owner.id:
         raise NotFound(f"location {location_id} is not a location of group {group_id}")
     return location
+
+
+def check_conditions(value: object) -> list[dict[str, Any]]:
+    """Conditions as the admin API takes them (`api.schemas.LocationCreate`: `fabric_core.wire.Condition`,
+    strict), ready to store; `Invalid` naming the first refused condition and field otherwise. For callers
+    that get conditions as parsed JSON rather than through the request model (the console)."""
+    try:
+        conditions = _CONDITIONS.validate_python(value, strict=True)
+    except ValidationError as refused:
+        first = refused.errors()[0]
+        where = [str(part) for part in first["loc"]]
+        if where and where[0].isdigit():
+            where[0] = f"condition {int(where[0]) + 1}"
+        reason = str(first["msg"]).removeprefix("Value error, ")
+        raise Invalid(f"{', '.join(where) or 'conditions'}: {reason}") from refused
+    return [condition.model_dump(exclude_none=True) for condition in conditions]
 
 
 def create_location(

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, or_, select
 
 from fabric_core.wire import LogBatch
-from manager_db.models import LogBatchReceipt, LogRecord
+from manager_db.models import Agent, LogBatchReceipt, LogRecord
 
 
 def _utc(moment: datetime) -> datetime:
@@ -50,12 +50,21 @@ def query_logs(
     level: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    category: str | None = None,
+    client: str | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> list[LogRecord]:
+    """Log records, newest first. `client`: an agent id or a host name (host names need not be unique:
+    the logs of every agent by that name)."""
     query = select(LogRecord)
     if agent_id is not None:
         query = query.where(col(LogRecord.agent_id) == agent_id)
+    if client is not None:
+        named = select(Agent.id).where(col(Agent.hostname) == client)
+        query = query.where(or_(col(LogRecord.agent_id) == client, col(LogRecord.agent_id).in_(named)))
+    if category is not None:
+        query = query.where(col(LogRecord.category) == category)
     if group_id is not None:
         query = query.where(col(LogRecord.group_id) == group_id)
     if level is not None:
@@ -66,3 +75,11 @@ def query_logs(
         query = query.where(col(LogRecord.ts) < _utc(until))
     query = query.order_by(col(LogRecord.ts).desc(), col(LogRecord.id).desc()).limit(limit).offset(offset)
     return list(session.exec(query).all())
+
+
+def hostnames(session: Session, *, agent_ids: set[str]) -> dict[str, str]:
+    """The host name of each of these agents (revoked ones too: their logs stay)."""
+    if not agent_ids:
+        return {}
+    rows = session.exec(select(Agent.id, Agent.hostname).where(col(Agent.id).in_(sorted(agent_ids)))).all()
+    return dict(rows)

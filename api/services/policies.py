@@ -8,7 +8,7 @@ from sqlmodel import Session, col, select
 
 from api.errors import Conflict, Invalid, NotFound
 from api.services.change import Change
-from api.services.locations import get_location, require_own_state
+from api.services.locations import get_location, owner_of, require_own_state
 from fabric_core.canonical import PLAIN_JSON, canonical_json, is_plain_json
 from manager_db.models import Assignment, Policy, utcnow
 
@@ -73,6 +73,18 @@ def delete_policy(change: Change, *, policy_id: int) -> None:
 def groups_using(session: Session, *, policy_id: int) -> list[int]:
     rows = session.exec(select(Assignment.group_id).where(col(Assignment.policy_id) == policy_id)).all()
     return sorted(set(rows))
+
+
+def assignments_of(session: Session, *, group_id: int) -> list[Assignment]:
+    """The assignments that apply to `group_id`: its own, or its owner's when it inherits."""
+    owner = owner_of(session, group_id=group_id)
+    return list(
+        session.exec(
+            select(Assignment)
+            .where(col(Assignment.group_id) == owner.id)
+            .order_by(col(Assignment.policy_type))
+        ).all()
+    )
 
 
 def assign_policy(

@@ -214,14 +214,26 @@ def enrolled_agent(
     manager: Manager, directory: Path, name: str, *, group_id: int | None = None, **settings: str
 ) -> AgentProcess:
     """Enrol an agent in the group (the root when not given) with `policycast-agent enroll`; return
-    its `run` process, not started. `settings` become POLICYCAST_AGENT_* variables of that process."""
+    its `run` process, not started; it reports `name` as its hostname. `settings` become
+    POLICYCAST_AGENT_* variables of that process."""
     group = group_id if group_id is not None else manager.root()
     # Over HTTPS the join token pins the manager's CA; over plain HTTP the agent must be told it is fine.
     token = manager.admin.join_token(group) if manager.tls else manager.admin.enrollment_token(group)
     state_dir = directory / name
     plain = [] if manager.tls else ["--insecure-http"]
     enrol = subprocess.run(
-        agent_cli("enroll", "--server", manager.url, "--token", token, "--state-dir", str(state_dir), *plain),
+        agent_cli(
+            "enroll",
+            "--server",
+            manager.url,
+            "--token",
+            token,
+            "--state-dir",
+            str(state_dir),
+            "--hostname",
+            name,
+            *plain,
+        ),
         env=python_env(),
         capture_output=True,
         text=True,
