@@ -172,3 +172,91 @@ def test_the_clients_list_follows_a_change_until_every_client_holds_it(
     finally:
         for agent in agents:
             assert agent.stop() == 0, agent.output()
+
+
+def test_a_policy_made_in_the_console_and_assigned_per_location_reaches_the_agent(
+    push_stack: PushStack, browser: Browser
+) -> None:
+    admin = push_stack.manager.admin
+    root = push_stack.manager.root()
+    agent = push_stack.agent("kiosk-1", root)
+    try:
+        push_stack.wait_transport(agent, "push")
+        page = signed_in_page(browser, push_stack.manager.url, push_stack.manager.admin_key)
+
+        # Policies → Add a policy; a body that is not JSON is refused at its field, and nothing is made.
+        page.get_by_role("navigation", name="Console").get_by_role("link", name="Policies").click()
+        page.get_by_label("Policy name").fill("Kiosk firewall")
+        page.get_by_label("Policy type").fill("firewall")
+        body = page.get_by_label("Policy body (JSON object)")
+        body.fill('{"default": "deny",}')
+        page.get_by_role("button", name="Add Policy").click()
+        body = page.get_by_label("Policy body (JSON object)")
+        expect(body).to_have_attribute("aria-invalid", "true")
+        expect(page.get_by_role("alert")).to_contain_text("line 1")
+        assert admin.get("/policies") == []
+        body.fill('{"default": "deny"}')
+        page.get_by_role("button", name="Add Policy").click()
+        expect(page.get_by_role("link", name="Kiosk firewall")).to_be_visible()
+        screenshot(page, "policies")
+        (policy,) = admin.get("/policies")
+        assert (policy["name"], policy["type"], policy["body"]) == (
+            "Kiosk firewall",
+            "firewall",
+            {"default": "deny"},
+        )
+
+        # Clients → My Company → Policies → the Default location's firewall policy → Assign.
+        _open_group(page, "My Company", "Policies")
+        default = page.get_by_role("article", name="Location: Default")
+        default.get_by_label("firewall policy of Default", exact=True).select_option(label="Kiosk firewall")
+        default.get_by_role("button", name="Assign the firewall policy of Default").click()
+        expect(page.get_by_text("firewall policy assignment saved.")).to_be_visible()
+        doc = _document(agent, lambda d: "firewall" in d["policies"], "the assigned policy")
+        assert doc["policies"]["firewall"]["body"] == {"default": "deny"}
+        assert doc["policies"]["firewall"]["scope"] != "group"
+
+        # Edit it: every agent using it gets the new body.
+        page.get_by_role("navigation", name="Console").get_by_role("link", name="Policies").click()
+        page.get_by_role("link", name="Kiosk firewall").click()
+        page.get_by_label("Policy body (JSON object)").fill('{"default": "allow"}')
+        page.get_by_role("button", name="Save Policy").click()
+        expect(page.get_by_text("Policy saved.")).to_be_visible()
+        doc = _document(
+            agent, lambda d: d["policies"].get("firewall", {}).get("body") == {"default": "allow"}, "the edit"
+        )
+        assert doc["policies"]["firewall"]["version"] == 2
+    finally:
+        assert agent.stop() == 0, agent.output()
+
+
+def test_a_viewer_reads_every_page_and_is_offered_no_change(push_stack: PushStack, browser: Browser) -> None:
+    admin = push_stack.manager.admin
+    root = push_stack.manager.root()
+    admin.patch(f"/groups/{admin.group('Branch', root)['id']}", {"inherit": False})
+    viewer = admin.post("/api-keys", {"name": "helpdesk", "role": "viewer"})
+    page = signed_in_page(browser, push_stack.manager.url, viewer["key"])
+    expect(page.get_by_text("viewer", exact=True)).to_be_visible()
+    _open_group(page, "Branch", "Policies")
+    expect(
+        page.get_by_text('Does not inherit policies and settings from the parent group "My Company"')
+    ).to_be_visible()
+    pages = ["Clients", "Policies", "Content", "Logs", "Audit"]
+    for name in pages:
+        page.get_by_role("navigation", name="Console").get_by_role("link", name=name, exact=True).click()
+        main = page.get_by_role("main")
+        expect(main).to_be_visible()
+        # Read-only: the only buttons are filters and navigation, never one that changes state.
+        for button in main.get_by_role("button").all():
+            assert button.inner_text() in ("Show Logs", "Show Audit Trail"), (
+                name,
+                button.inner_text(),
+            )
+        assert main.get_by_role("checkbox").count() == 0 and main.locator("textarea").count() == 0
+        if name == "Logs":
+            screenshot(page, "logs")
+        if name == "Audit":
+            screenshot(page, "audit")
+    expect(page.get_by_role("navigation", name="Console").get_by_role("link", name="API Keys")).to_have_count(
+        0
+    )
