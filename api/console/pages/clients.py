@@ -8,18 +8,21 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 from sqlmodel import Session
 
-from api.console.deps import ChangeDep, OperatorDep
+from api.console.deps import ChangeDep, FormDep, OperatorDep
+from api.console.forms import Fields
 from api.console.group_view import group_context, selected_group
 from api.console.pages.group_policies import policies_context
-from api.console.rendering import render
+from api.console.rendering import SECURITY_HEADERS, render
+from api.console.sessions import Operator
 from api.deps import FabricDep, SessionDep
+from api.errors import Conflict
 from api.fabric import Fabric
 from api.params import RowId
 from api.services import agents, convergence, groups, locations
-from manager_db.models import Agent, as_utc, utcnow
+from manager_db.models import Agent, Group, as_utc, utcnow
 
 router = APIRouter(prefix="/console")
 CLIENTS_SHOWN = 1000
@@ -114,6 +117,57 @@ def clients_table(
     changes = convergence.recent_changes(session, limit=RECENT_CHANGES)
     context = {"operator": operator, "group": group, "clients": rows, "total": total, "changes": changes}
     return render(request, "_clients_table.html", context)
+
+
+@router.post("/groups/{group_id}/subgroups", include_in_schema=False)
+def add_group(
+    request: Request,
+    group_id: RowId,
+    form: FormDep,
+    change: ChangeDep,
+    operator: OperatorDep,
+    session: SessionDep,
+    fabric: FabricDep,
+) -> Response:
+    """Add Group: a subgroup of the selected one, inheriting from it (SEPM's default)."""
+    parent = groups.get_group(session, group_id=group_id)
+    fields = Fields(form)
+    name = fields.name("name")
+    if name is None:
+        return _with_group_error(request, operator, session, fabric, parent, fields)
+    try:
+        made = groups.create_group(change, name=name, parent_id=group_id)
+    except Conflict as clash:
+        fields.refuse("name", clash.detail)
+        return _with_group_error(request, operator, session, fabric, parent, fields, status_code=409)
+    change.commit()
+    return RedirectResponse(f"/console/clients?group={made.id}", status_code=303, headers=SECURITY_HEADERS)
+
+
+def _with_group_error(
+    request: Request,
+    operator: Operator,
+    session: Session,
+    fabric: Fabric,
+    parent: Group,
+    fields: Fields,
+    *,
+    status_code: int = 422,
+) -> Response:
+    """The Clients page again, the name typed kept and the reason shown at its field."""
+    session.rollback()
+    rows, total = client_rows(session, fabric, group_id=parent.id or 0)
+    context = {
+        "operator": operator,
+        "tab": "clients",
+        **group_context(session, fabric, parent),
+        "clients": rows,
+        "total": total,
+        "changes": convergence.recent_changes(session, limit=RECENT_CHANGES),
+        "new_group": fields.values.get("name", ""),
+        "new_group_error": fields.errors.get("name"),
+    }
+    return render(request, "clients.html", context, status_code=status_code)
 
 
 @router.post("/agents/{agent_id}/update-now", include_in_schema=False)
