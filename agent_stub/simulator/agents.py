@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -42,17 +43,35 @@ APPLIED_KEPT = 8
 """Applied serials remembered per agent (for latencies): the last few are all a benchmark needs."""
 
 
+WINDOW_S = 0.1
+"""The pacer counts the connects it let go per window of this length (the loop's clock)."""
+BURST = 2.0
+"""At most this many times `rate` connects go in one window, however late their waiters woke."""
+
+
 class Pacer:
-    """Hands out start slots `1/rate` apart, in arrival order, each with a little random jitter."""
+    """Hands out start slots `1/rate` apart, in arrival order, each with a little random jitter.
+
+    A slot is a time to wake at, and a stalled loop wakes late: every waiter whose slot passed during a
+    stall (a fleet of agents verifying a document at once) wakes in the same turn of the loop, and a
+    thousand connects starting together overflow what the pace protects, the broker's listen backlog and
+    TLS handshake timeout (and the loop itself, which then stalls again on their handshakes). So at most
+    `BURST` times the rate go per `WINDOW_S`: a waiter woken beyond that takes the next free slot, in turn.
+    """
 
     def __init__(self, rate: float, *, jitter_s: float = 0.0, rng: random.Random | None = None) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.interval = 1.0 / rate
         self.jitter_s = jitter_s
+        self.per_window = max(1, math.ceil(rate * WINDOW_S * BURST))
         self._rng = rng or random.Random()
         self._next = 0.0
+        self._window = (0.0, 0)
+        """(start, connects let go) of the current window."""
         self.granted = 0
+        self.reslotted = 0
+        """Waiters that woke in a window already full, and took another slot."""
 
     def delay(self, now: float) -> float:
         """Reserve the next slot; returns how long to wait for it from `now`."""
@@ -61,10 +80,25 @@ class Pacer:
         self.granted += 1
         return slot - now + (self._rng.uniform(0, self.jitter_s) if self.jitter_s else 0.0)
 
+    def admit(self, now: float) -> bool:
+        """Whether a waiter woken at `now` may go: its window has room (then it counts there)."""
+        start, count = self._window
+        if now - start >= WINDOW_S:
+            start, count = now, 0
+        if count >= self.per_window:
+            return False
+        self._window = (start, count + 1)
+        return True
+
     async def wait(self) -> None:
-        delay = self.delay(asyncio.get_running_loop().time())
-        if delay > 0:
-            await asyncio.sleep(delay)
+        loop = asyncio.get_running_loop()
+        while True:
+            delay = self.delay(loop.time())
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if self.admit(loop.time()):
+                return
+            self.reslotted += 1
 
 
 class _ObservedStore(MemoryStateStore):
@@ -233,8 +267,9 @@ class BareAgent(Timestamps):
     """A baseline: the agent's broker account and topics on the same `MqttLink`, without the agent.
 
     It connects (through the same pacer, on the session its broker engine asks for), subscribes to its
-    cmd topic and its (group, location) config topic at the engine's QoS, and reconnects with the push
-    loop's back-off when the connection drops. No document is
+    cmd topic and its (group, location) config topic at the engine's QoS, reconnects at once when the
+    connection drops and with `backoff_s` after each failed attempt (on the same link, so it picks the
+    broker's nodes as the agent does). No document is
     verified or applied, no state is reported, no heartbeat is sent: what is left is the MQTT floor.
     """
 
