@@ -24,15 +24,11 @@ session lasts until a clean connect ends it), and the 3.1.1 return codes land on
 maps a CONNACK refusal (4 bad user name or password, 5 not authorised) to the MQTT 5 reason (0x86,
 0x87), a SUBACK 0x80 is a failure as in MQTT 5, and an UNSUBACK or PUBACK carries no code (success).
 
-A broker may have several nodes (`LinkOptions.addresses`): every connect picks one at random (with
-`LinkOptions.rng`, the agent's) among those that failed least since the last good session, never the
-one tried last while another is as good, so that the agents of a dead node spread over the others. A
-node that could not be reached at all (the TCP connection refused or timed out) or that dropped the
-session counts two failures, one that took the connection but not the session (TLS, CONNACK) one: when
-every node has failed, the agents of a dead node keep to the live ones and try the dead one again only
-once each live one has failed twice. `fails_over` tells the caller that a node failed and another
-has not since the last good session: the push loop fails over to it at once (with jitter), and backs
-off only when none is left. Each node is verified with the same `ssl_context` and its own host name.
+A broker may have several nodes (`LinkOptions.addresses`): every connect picks one
+(`agent_stub.node_choice`, with the agent's `LinkOptions.rng`) so that the agents of a dead node spread
+over the live ones. `fails_over` tells the caller that a node failed and another has not since the last
+good session: the push loop fails over to it at once (with jitter), and backs off only when none is
+left. Each node is verified with the same `ssl_context` and its own host name.
 """
 
 from __future__ import annotations
@@ -41,12 +37,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import random
 import socket
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -56,110 +49,21 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent_stub.errors import LinkDisconnected, LinkError, LinkRefused, LinkUnavailable
+from agent_stub.link import Link, LinkFactory, LinkOptions, Message, MessageHandler
+from agent_stub.node_choice import UNANSWERED, UNREACHABLE, NodeChoice
 from fabric_core.settings import MqttAddress
-from fabric_core.wire import MqttProtocol
 
 if TYPE_CHECKING:
     from paho.mqtt.client import SocketLike
 
+__all__ = ["Link", "LinkFactory", "LinkOptions", "Message", "MessageHandler", "MqttLink"]
+"""What a broker connection is (`agent_stub.link`) is imported from here too, beside its implementation."""
+
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")
 
-_UNANSWERED = 1
-"""The weight of a node's failure once it took the TCP connection (TLS, CONNACK: it may be busy)."""
-_UNREACHABLE = 2
-"""The weight of a node that refused the TCP connection, did not take it in time, or dropped the session."""
-
-_SHARED_RNG = random.Random()
-"""Picks a broker node for links given no rng of their own (one generator for all: each is 2.5 KB)."""
-
 if not callable(getattr(mqtt.Client, "_create_socket", None)):  # pragma: no cover - a paho upgrade
     raise ImportError("paho-mqtt no longer has Client._create_socket: agent_stub.mqtt_link must be adapted")
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One MQTT application message, the agent's only shape of one: what a link publishes, what it hands
-    to its handler, and the will the broker publishes when the connection ends without DISCONNECT."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-
-
-MessageHandler = Callable[[Message], None]
-"""Receives each message, inside the loop's read callback: must not block."""
-
-
-@dataclass(frozen=True, slots=True)
-class LinkOptions:
-    """Everything a link needs to open a session; built once per agent."""
-
-    address: MqttAddress
-    client_id: str
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    keepalive_s: int = 60
-    session_expiry_s: int = 0
-    """How long the broker keeps the session (subscriptions, queued QoS 1 messages) once disconnected."""
-    clean_start: bool = False
-    will: Message | None = None
-    """Published by the broker, as it is, if the connection ends without DISCONNECT."""
-    timeout_s: float = 10.0
-    """Limit of the connection (TCP, TLS and CONNACK) and of each acknowledgement."""
-    ssl_context: ssl.SSLContext | None = None
-    """For mqtts:// addresses; default: the system's trust store, with host name checking."""
-    protocol: MqttProtocol = "5"
-    """"5" (Mosquitto) or "3.1.1" (NATS): clean session from `clean_start`, no properties."""
-    addresses: tuple[MqttAddress, ...] = ()
-    """Every node of the broker, `address` among them; empty: `address` alone."""
-    rng: random.Random | None = field(default=None, compare=False, repr=False)
-    """Picks the node of each connect (the agent's generator); None: a shared one."""
-
-    @property
-    def nodes(self) -> tuple[MqttAddress, ...]:
-        """The broker nodes to connect to: `addresses`, else `address` alone."""
-        return self.addresses or (self.address,)
-
-    @property
-    def mqtt5(self) -> bool:
-        return self.protocol == "5"
-
-
-class Link(Protocol):
-    """What the push loop needs from a broker connection (`MqttLink`, or a fake in tests)."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    @property
-    def disconnected(self) -> asyncio.Event:
-        """Set while there is no connection (before the first connect and after any loss)."""
-        ...
-
-    @property
-    def fails_over(self) -> bool:
-        """Whether the next connect goes to another node than one that just failed: a node failed or
-        dropped the session since the last good connect, and another has not failed since."""
-        ...
-
-    async def connect(self) -> bool:
-        """Open the session; returns whether the broker still had it (MQTT 5 session present)."""
-        ...
-
-    async def subscribe(self, topic: str, qos: int = 1) -> int: ...
-
-    async def unsubscribe(self, topic: str) -> None: ...
-
-    async def publish(self, message: Message) -> None: ...
-
-    async def close(self, *, end_session: bool = False) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-LinkFactory = Callable[[LinkOptions, MessageHandler], Link]
 
 
 def _properties(packet_type: int) -> Properties:
@@ -186,9 +90,7 @@ class MqttLink:
         self._on_message = on_message
         self._address = options.address
         """The node of the current (or last) connection."""
-        self._strikes: dict[MqttAddress, int] = {}
-        """Failures of each node since the last good connect (`_UNREACHABLE` for one not reached or
-        that dropped the session, `_UNANSWERED` for one that took the connection but not the session)."""
+        self._nodes = NodeChoice(options.nodes, options.rng)
         self._reached = False
         """The current connect got its TCP connection (a failure from then on is the session's)."""
         self._closing = False
@@ -221,11 +123,11 @@ class MqttLink:
     @property
     def untried(self) -> int:
         """Broker nodes that have not failed (nor dropped the session) since the last good connect."""
-        return sum(1 for node in self.options.nodes if not self._strikes.get(node))
+        return self._nodes.untried
 
     @property
     def fails_over(self) -> bool:
-        return bool(self._strikes) and self.untried > 0
+        return self._nodes.fails_over
 
     # --- operations --------------------------------------------------------------------------------
 
@@ -236,7 +138,7 @@ class MqttLink:
         self._loop = asyncio.get_running_loop()
         self._closing = False
         self._reached = False
-        address = self._address = self._pick_node()
+        address = self._address = self._nodes.pick(self._address)
         try:
             async with asyncio.timeout(self.options.timeout_s):
                 sock = await self._open_socket(address)
@@ -262,27 +164,14 @@ class MqttLink:
             raise
         finally:
             self._connack = None
-        self._strikes.clear()
+        self._nodes.succeeded()
         return self.session_present
 
     def _strike(self, address: MqttAddress, *, weight: int | None = None) -> None:
         """Count a failure of `address`: double if it could not even be reached."""
         if weight is None:
-            weight = _UNANSWERED if self._reached else _UNREACHABLE
-        self._strikes[address] = self._strikes.get(address, 0) + weight
-
-    def _pick_node(self) -> MqttAddress:
-        """The node to connect to: at random among those that failed least since the last good session,
-        not the last one tried while another is as good (`_strike` weighs each failure)."""
-        nodes = self.options.nodes
-        if len(nodes) == 1:
-            return nodes[0]
-        others = [node for node in nodes if node != self._address] if self._strikes else list(nodes)
-        least = min(self._strikes.get(node, 0) for node in others)
-        best = [node for node in others if self._strikes.get(node, 0) == least]
-        if self._strikes.get(self._address, 0) < least:  # the last one tried failed less than any other
-            best = [self._address]
-        return (self.options.rng or _SHARED_RNG).choice(best)
+            weight = UNANSWERED if self._reached else UNREACHABLE
+        self._nodes.strike(address, weight)
 
     async def subscribe(self, topic: str, qos: int = 1) -> int:
         """Subscribe and wait for SUBACK; returns the granted QoS."""
@@ -556,7 +445,7 @@ class MqttLink:
             level = logging.DEBUG if reason.value == 0 else logging.INFO
             log.log(level, "%s: disconnected from %s: %s", self.options.client_id, self._address.url, reason)
             if not self._closing:  # the node went away: the next connects try the others first
-                self._strike(self._address, weight=_UNREACHABLE)
+                self._strike(self._address, weight=UNREACHABLE)
         self._lost(str(reason))
 
     def _on_suback(
