@@ -16,7 +16,6 @@ makes and starts the one a parameter names.
 
 from __future__ import annotations
 
-import functools
 import secrets
 import ssl
 from datetime import UTC, datetime
@@ -28,7 +27,6 @@ from pydantic import SecretStr
 
 from agent_stub.mqtt_link import LinkOptions
 from broker_bridge.broker import BrokerLink
-from broker_bridge.errors import BrokerRefused
 from broker_bridge.mosquitto import accounts
 from broker_bridge.nats.engine import NatsEngine
 from fabric_core.canonical import canonical_json
@@ -37,7 +35,6 @@ from fabric_core.topics import cmd_topic
 from fabric_core.wire import AgentCommand, MqttCredentials, MqttDelivery
 from tests.support.broker import Broker, MqttClient, Received, require_mosquitto
 from tests.support.nats import NatsCluster
-from tests.support.waiting import wait_for
 
 ENGINES = ["mosquitto", pytest.param("nats", marks=pytest.mark.cluster)]
 """Parameters of a fixture that runs push tests on both engines."""
@@ -254,25 +251,8 @@ class NatsBroker:
     def start(self) -> NatsBroker:
         """Start every node; return once each takes the bridge's MQTT connection (a node can close
         the first ones for a moment after the cluster formed)."""
-        self.nats.start()
-        for node in range(self.nodes):
-            wait_for(
-                functools.partial(self._takes_the_bridge, node),
-                timeout=30,
-                what=f"node {node} taking the bridge's MQTT connection",
-                interval=0.2,
-            )
+        self.nats.start()  # returns once every node takes the bridge's MQTT connection
         return self
-
-    def _takes_the_bridge(self, node: int) -> bool:
-        """Whether `node` takes the bridge's connection now. `BrokerLink.connect` retries a closed
-        connection itself; a refusal it gives up on, but a loaded node has refused the bridge's
-        account ("Not authorized") for a moment after the cluster formed: ask again."""
-        try:
-            self.nats.link(node=node).close()
-        except BrokerRefused:
-            return False
-        return True
 
     def close(self) -> None:
         self.nats.close()

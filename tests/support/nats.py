@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from sqlmodel import Session
 
 from broker_bridge.broker import BrokerLink
 from broker_bridge.engine import ClusterNode, ClusterTls
-from broker_bridge.errors import BrokerUnavailable
+from broker_bridge.errors import BrokerRefused, BrokerUnavailable
 from broker_bridge.nats.engine import NatsEngine
 from fabric_core.settings import MqttAddress, Settings
 from fabric_core.tls import CA_FILE, ManagerCA, client_context
@@ -34,6 +35,7 @@ from local_stack.broker_cluster import BrokerCluster
 from manager_db.models import Agent
 from tests.support.broker import MqttClient, Received
 from tests.support.processes import free_port
+from tests.support.waiting import wait_for
 
 NAMES = ("localhost", "127.0.0.1")
 
@@ -99,8 +101,25 @@ class NatsCluster:
                 if not first or attempt == 2 or "address already in use" not in str(exc):
                     raise
                 self._lay_out()
+        for node in range(len(self.nodes)):
+            wait_for(
+                functools.partial(self._takes_the_bridge, node),
+                timeout=30,
+                what=f"node {node} taking the bridge's MQTT connection",
+                interval=0.2,
+            )
         self.started_in_s = time.monotonic() - began
         return self
+
+    def _takes_the_bridge(self, node: int) -> bool:
+        """Whether `node` takes the bridge's MQTT connection now. `BrokerLink.connect` retries a closed
+        connection itself, but gives up on a refusal: a loaded node has refused the account ("Not
+        authorized", to the bridge and to agents alike) for a moment after the cluster formed."""
+        try:
+            self.link(node=node).close()
+        except BrokerRefused:
+            return False
+        return True
 
     def address(self, node: int = 0) -> MqttAddress:
         return MqttAddress("127.0.0.1", self.nodes[node].mqtt_port, tls=True)
