@@ -174,6 +174,11 @@ class BrokerLink:
         self._started = False
         self._closing = threading.Event()
         self._refused: BrokerRefused | None = None
+        """Set once every node refused the credentials before the link was ever up: it gives up."""
+        self._refused_by: set[str] = set()
+        """The nodes that refused the credentials since the link was last up. A cluster's node can
+        refuse an account it has not loaded yet for a moment after the cluster formed, so one node's
+        refusal sends the link to the next one; only every node's is final."""
         self._last_failure: str | None = None
         """Why the last attempt to connect failed (for the error `connect` raises)."""
         self._supervisor: threading.Thread | None = None
@@ -206,7 +211,7 @@ class BrokerLink:
     def connect(self, timeout: float = 10.0) -> None:
         """Start the link and wait until it is up.
 
-        Raises `BrokerRefused` (and gives up) when the broker rejects the credentials, and
+        Raises `BrokerRefused` (and gives up) when every node of the broker rejects the credentials, and
         `BrokerUnavailable` when it is not up within `timeout`; the link then keeps trying in the
         background until `close()`.
         """
@@ -290,7 +295,9 @@ class BrokerLink:
         if refusal is not None:
             message = f"the broker at {self.address.url} refused {self._username!r}: {refusal}"
             if refusal.value in _FATAL_CONNACK:
-                self._refused = BrokerRefused(message, refusal.value)
+                self._refused_by.add(self.address.url)
+                if len(self._refused_by) >= len(self.addresses):
+                    self._refused = BrokerRefused(message, refusal.value)
             log.error("%s", message)
         elif not connection.connack.is_set():
             log.warning("no CONNACK from %s within %.0fs", self.address.url, _CONNACK_TIMEOUT_S)
@@ -303,6 +310,7 @@ class BrokerLink:
             self._current = connection
             subscriptions = dict(self._subscriptions)
         self._refused = None
+        self._refused_by.clear()
         self._was_connected = True
         log.info("connected to %s as %s", self.address.url, self.client_id)
         for topic_filter, (_, qos) in subscriptions.items():

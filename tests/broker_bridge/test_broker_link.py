@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -178,3 +179,34 @@ def test_the_bridge_refuses_a_broker_whose_certificate_another_ca_issued(mosquit
             link.connect(timeout=1)
     finally:
         link.close()
+
+
+def test_a_node_that_refuses_the_bridge_sends_it_to_the_next_and_only_every_refusal_is_final(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    """A cluster's node can refuse the bridge's account for a moment after the cluster formed: the
+    bridge goes on to the next node instead of giving up; wrong credentials still fail fast."""
+    # The same CA, its own bridge password: it refuses the first broker's.
+    other = Broker(tmp_path / "other", ca=mosquitto.ca).start()
+    try:
+        link = BrokerLink(
+            [other.address, mosquitto.address],
+            username="policycast-bridge",
+            password=mosquitto.bridge_password,
+            client_id="b-failover",
+            ssl_context=mosquitto.ssl_context,
+        )
+        link.connect(timeout=10)
+        assert link.address == mosquitto.address
+        link.close()
+        wrong = BrokerLink(
+            [other.address, mosquitto.address],
+            username="policycast-bridge",
+            password="wrong",
+            client_id="b-wrong",
+            ssl_context=mosquitto.ssl_context,
+        )
+        with pytest.raises(BrokerRefused, match="Not authorized"):
+            wrong.connect(timeout=10)
+    finally:
+        other.close()
