@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from api.console.sessions import COOKIE, SIGNIN_COOKIE, csrf_matches, end_sessio
 from api.deps import FabricDep
 from api.errors import ServiceError
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 HOME = "/console/clients"
 
@@ -78,6 +80,10 @@ async def sign_in(
             )
         )
     except ServiceError as refused:
+        # Counted and logged as the admin API's refusals are; never the key that was typed.
+        fabric.metrics.admin_auth_failures.inc()
+        client = request.client.host if request.client else "unknown"
+        log.warning("console sign-in refused from %s: %s", client, refused.detail)
         return _signin_page(request, next_path=_safe_next(next), error=refused.detail, status_code=401)
     response = RedirectResponse(_safe_next(next), status_code=303, headers=SECURITY_HEADERS)
     response.set_cookie(

@@ -90,6 +90,8 @@ def test_a_wrong_key_is_refused_in_the_page_and_opens_nothing(browser: TestClien
     assert "unknown or revoked API key" in answer.text and 'aria-invalid="true"' in answer.text
     assert "policycast_session" not in answer.headers.get("set-cookie", "")
     assert _sessions(browser) == []
+    metrics = browser.get("/metrics").text
+    assert 'policycast_auth_failures_total{api="admin"} 1.0' in metrics
 
 
 def test_a_sign_in_posted_from_elsewhere_is_refused(browser: TestClient) -> None:
