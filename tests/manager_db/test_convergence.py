@@ -6,17 +6,15 @@ at once), and `CommitTimes` finds a serial's change in `changes` with one query 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, text
 from sqlmodel import Session
 
 from manager_db.convergence import CommitTimes
 from manager_db.database import make_engine
-from manager_db.models import Agent, ChangeRecord, Group, as_utc
+from manager_db.models import Agent, ChangeRecord, as_utc
 from manager_db.sightings import ADVANCE_CHUNK, Advance, record_sightings, sighting
 from tests.support.waiting import wait_for
 
@@ -25,21 +23,6 @@ T0 = datetime(2026, 5, 1, 8, 0, 0, tzinfo=UTC)
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    with Session(engine) as session:
-        group = Group(name="My Company", parent_id=None, inherit=False)
-        session.add(group)
-        session.commit()
-        assert group.id is not None
-        for name in ("a1", "a2", "revoked"):
-            session.add(Agent(id=name, hostname=name, group_id=group.id, secret_hash=f"hash-{name}"))
-        session.commit()
-    yield engine
-    engine.dispose()
 
 
 def see(engine: Engine, *rows: dict[str, Any]) -> list[Advance]:

@@ -4,34 +4,16 @@ was reported), a revoked agent is not updated, None keeps a column."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from manager_db.database import make_engine
-from manager_db.models import Agent, Group, as_utc
+from manager_db.models import Agent, as_utc
 from manager_db.sightings import record_sightings, sighting
 
 T0 = datetime(2026, 5, 1, 8, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    with Session(engine) as session:
-        group = Group(name="My Company", parent_id=None, inherit=False)
-        session.add(group)
-        session.commit()
-        assert group.id is not None
-        for name in ("a1", "a2", "revoked"):
-            session.add(Agent(id=name, hostname=name, group_id=group.id, secret_hash=f"hash-{name}"))
-        session.commit()
-    yield engine
-    engine.dispose()
 
 
 def see(engine: Engine, *rows: dict[str, Any]) -> None:
