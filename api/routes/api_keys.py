@@ -5,6 +5,7 @@ A key's secret is shown once, in the answer that creates it; the list never show
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any, Literal
 
@@ -61,16 +62,8 @@ class BootstrapKeyOut(BaseModel):
 
 def _out(row: ApiKey, fabric: FabricDep) -> ApiKeyOut:
     assert row.id is not None
-    return ApiKeyOut(
-        id=row.id,
-        name=row.name,
-        role=row.role,
-        created_at=as_utc(row.created_at),
-        last_used_at=api_keys.last_used(row, fabric.keys.pending_use(row.id)),
-        expires_at=as_utc(row.expires_at),
-        revoked_at=as_utc(row.revoked_at),
-        active=api_keys.is_active(row, utcnow()),
-    )
+    view = api_keys.key_view(row, pending_use=fabric.keys.pending_use(row.id), now=utcnow())
+    return ApiKeyOut(**asdict(view))
 
 
 @router.get("", response_model=list[ApiKeyOut], responses=_REFUSED)

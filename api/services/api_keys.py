@@ -7,6 +7,7 @@ calling is answered by the cache, not here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, or_, select
@@ -53,6 +54,41 @@ def is_active(row: ApiKey, now: datetime) -> bool:
     """Neither revoked nor expired."""
     expires_at = as_utc(row.expires_at)
     return row.revoked_at is None and (expires_at is None or expires_at > now)
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """An API key as operators see it (the admin API's `ApiKeyOut`, the console's list): never a secret."""
+
+    id: int
+    name: str
+    role: str
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    active: bool
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at is not None:
+            return "Revoked"
+        return "Active" if self.active else "Expired"
+
+
+def key_view(row: ApiKey, *, pending_use: datetime | None, now: datetime) -> KeyView:
+    """`row` as operators see it; `pending_use` is this process's unwritten use (`last_used`)."""
+    assert row.id is not None
+    return KeyView(
+        id=row.id,
+        name=row.name,
+        role=row.role,
+        created_at=as_utc(row.created_at),
+        last_used_at=last_used(row, pending_use),
+        expires_at=as_utc(row.expires_at),
+        revoked_at=as_utc(row.revoked_at),
+        active=is_active(row, now),
+    )
 
 
 def revoke_key(change: Change, *, key_id: int) -> ApiKey:

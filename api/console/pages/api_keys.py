@@ -4,8 +4,6 @@ key's state with **Retire the bootstrap key**. Viewers see the list only; a secr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -32,42 +30,12 @@ DONE = {"revoked": "API key revoked.", "retired": "The bootstrap key is retired:
 """What a redirect after a change says (a fixed word in the query, never text of the operator's)."""
 
 
-@dataclass(frozen=True)
-class KeyRow:
-    id: int
-    name: str
-    role: str
-    created_at: datetime | None
-    last_used_at: datetime | None
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    active: bool
-
-    @property
-    def state(self) -> str:
-        if self.revoked_at is not None:
-            return "Revoked"
-        return "Active" if self.active else "Expired"
-
-
-def _rows(session: Session, fabric: Fabric) -> list[KeyRow]:
+def _rows(session: Session, fabric: Fabric) -> list[api_keys.KeyView]:
     now = utcnow()
-    rows = []
-    for row in api_keys.list_keys(session):
-        assert row.id is not None
-        rows.append(
-            KeyRow(
-                id=row.id,
-                name=row.name,
-                role=row.role,
-                created_at=as_utc(row.created_at),
-                last_used_at=api_keys.last_used(row, fabric.keys.pending_use(row.id)),
-                expires_at=as_utc(row.expires_at),
-                revoked_at=as_utc(row.revoked_at),
-                active=api_keys.is_active(row, now),
-            )
-        )
-    return rows
+    return [
+        api_keys.key_view(row, pending_use=fabric.keys.pending_use(row.id or 0), now=now)
+        for row in api_keys.list_keys(session)
+    ]
 
 
 def _page(
