@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy import Engine
@@ -20,14 +21,16 @@ from api.heartbeat.ledger import HeartbeatLedger
 from api.heartbeat.view import FabricView
 from api.key_cache import ApiKeyCache
 from api.metrics import ApiMetrics
+from api.services.agents import is_online
 from api.services.change import Change
 from api.services.groups import ensure_root
 from api.services.trust import trust_ca
-from fabric_core.settings import Settings
+from fabric_core.settings import DEFAULT_HEARTBEAT_S, Settings
 from fabric_core.signing import SigningKey, load_signing_key
 from fabric_core.tls import ManagerTls, manager_tls, split_certificates
 from fabric_core.wire import MqttCredentials
 from manager_db.database import make_engine, migrate, session_scope
+from manager_db.models import Agent
 
 
 class BrokerAccess(Protocol):
@@ -75,6 +78,13 @@ class Fabric:
     tls: ManagerTls | None = None
     """The CA and certificate this manager serves with; None when it serves plain HTTP
     (`tls_enabled` false, behind a TLS-terminating proxy)."""
+
+    def agent_online(self, agent: Agent, *, now: datetime) -> bool:
+        """Whether operators see `agent` online (`services.agents.is_online`), a pull agent's heartbeat
+        judged by the interval of the document it should hold (the default before there is one)."""
+        cached = self.view.document_for(agent.group_id, agent.location_id)
+        heartbeat_s = cached[1].heartbeat_s if cached else DEFAULT_HEARTBEAT_S
+        return is_online(agent, heartbeat_s=heartbeat_s, jitter=self.settings.heartbeat_jitter, now=now)
 
 
 def open_fabric(

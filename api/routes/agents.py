@@ -21,14 +21,7 @@ router = APIRouter(tags=["agents"])
 
 def _agent_out(agent: Agent, current_serial: int | None, fabric: FabricDep) -> AgentOut:
     last_seen = as_utc(agent.last_seen)
-    cached = fabric.view.document_for(agent.group_id, agent.location_id)
-    heartbeat_s = cached[1].heartbeat_s if cached else 300
-    online = agents.is_online(
-        agent,
-        heartbeat_s=heartbeat_s,
-        jitter=fabric.settings.heartbeat_jitter,
-        now=utcnow(),
-    )
+    online = fabric.agent_online(agent, now=utcnow())
     return AgentOut(
         id=agent.id,
         hostname=agent.hostname,

@@ -22,7 +22,7 @@ from api.errors import Conflict
 from api.fabric import Fabric
 from api.params import RowId
 from api.services import agents, convergence, groups, locations
-from manager_db.models import Agent, Group, as_utc, utcnow
+from manager_db.models import Group, as_utc, utcnow
 
 router = APIRouter(prefix="/console")
 CLIENTS_SHOWN = 1000
@@ -64,12 +64,7 @@ def client_rows(session: Session, fabric: Fabric, *, group_id: int) -> tuple[lis
             ClientRow(
                 id=agent.id,
                 hostname=agent.hostname,
-                online=agents.is_online(
-                    agent,
-                    heartbeat_s=_heartbeat_s(fabric, agent),
-                    jitter=fabric.settings.heartbeat_jitter,
-                    now=now,
-                ),
+                online=fabric.agent_online(agent, now=now),
                 mode=agent.mode,
                 location=names.get(agent.location_id or -1, "Default"),
                 serial=agent.serial,
@@ -79,11 +74,6 @@ def client_rows(session: Session, fabric: Fabric, *, group_id: int) -> tuple[lis
         )
     total = agents.count_agents(session, group_id=group_id)
     return rows, total
-
-
-def _heartbeat_s(fabric: Fabric, agent: Agent) -> int:
-    cached = fabric.view.document_for(agent.group_id, agent.location_id)
-    return cached[1].heartbeat_s if cached else 300
 
 
 @router.get("/clients", include_in_schema=False)
